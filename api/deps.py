@@ -1,0 +1,52 @@
+"""Dependencies the routes declare: the session, the caller, settings, the task sender."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from celery import Celery
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from api.errors import Forbidden, Unauthorized
+from db.settings import Settings
+from db.tenants import Principal, authenticate
+
+
+def get_settings_dep(request: Request) -> Settings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    with request.app.state.sessions() as session:
+        yield session
+
+
+def get_sender(request: Request) -> Celery:
+    return request.app.state.sender  # type: ignore[no-any-return]
+
+
+def get_principal(request: Request) -> Principal:
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key")
+    with request.app.state.sessions() as session:
+        principal = authenticate(session, key=key.strip())
+    if principal is None:
+        raise Unauthorized("invalid or revoked API key", code="invalid_api_key")
+    return principal
+
+
+def require_admin(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
+    if not principal.is_admin:
+        raise Forbidden("this needs an admin key", code="admin_required")
+    return principal
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+SessionDep = Annotated[Session, Depends(get_session)]
+SenderDep = Annotated[Celery, Depends(get_sender)]
+CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
+AdminPrincipal = Annotated[Principal, Depends(require_admin)]

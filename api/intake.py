@@ -1,0 +1,129 @@
+"""Refusing bad jobs at the door: model, capability, params, items and limits are checked before any row
+is written. Each refusal names the field at fault."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from api.errors import BadRequest, NotFound, PayloadTooLarge, TooManyRequests
+from db.jobs import ACTIVE_JOB_STATES
+from db.models import Job, ModelVersion, StoredFile
+from db.registry import InvalidModelRef, resolve
+from db.settings import Settings
+from workers.engines.params import PARAMS_BY_KIND, parse_item
+
+# Model tasks whose classify mode is zero-shot, so they need candidate labels.
+ZERO_SHOT_TASKS = ("encoder", "causal-lm")
+
+
+def resolve_model(session: Session, *, ref: str, kind: str) -> ModelVersion:
+    try:
+        version = resolve(session, ref)
+    except InvalidModelRef as error:
+        raise BadRequest(str(error), param="model", code="invalid_model_ref") from error
+    if version is None:
+        raise NotFound(
+            f"no model {ref!r} in the registry (GET /v1/models lists them)", param="model", code="model_not_found"
+        )
+    if kind not in version.kinds:
+        raise BadRequest(
+            f"model {ref!r} cannot do {kind!r} jobs; it can do {', '.join(version.kinds)}",
+            param="model",
+            code="model_incapable",
+        )
+    return version
+
+
+def validate_params(*, kind: str, params: dict[str, Any], version: ModelVersion, settings: Settings) -> dict[str, Any]:
+    try:
+        parsed = PARAMS_BY_KIND[kind].model_validate(params)
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = ".".join(str(part) for part in first["loc"])
+        raise BadRequest(f"params.{field}: {first['msg']}", param=f"params.{field}", code="invalid_params") from error
+    clean = parsed.model_dump()
+    if kind == "generate" and clean["max_new_tokens"] > settings.max_new_tokens_cap:
+        raise BadRequest(f"params.max_new_tokens: at most {settings.max_new_tokens_cap}", param="params.max_new_tokens")
+    if kind == "classify" and version.task in ZERO_SHOT_TASKS and not clean.get("labels"):
+        raise BadRequest(
+            f"model {version.name}@{version.version} classifies zero-shot: give params.labels",
+            param="params.labels",
+            code="labels_required",
+        )
+    return clean
+
+
+def _shard_item(kind: str, raw: Any, where: str) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise BadRequest(f"{where}: an item must be a JSON object", param=where, code="invalid_item")
+    try:
+        item = parse_item(kind, raw)
+    except ValueError as error:
+        raise BadRequest(f"{where}: {error}", param=where, code="invalid_item") from error
+    custom_id = item.pop("custom_id", None)
+    return {"custom_id": custom_id, "input": item}
+
+
+def items_from_request(kind: str, inputs: list[dict[str, Any]], settings: Settings) -> list[dict[str, Any]]:
+    if not inputs:
+        raise BadRequest("inputs: give at least one item", param="inputs", code="empty_inputs")
+    _check_count(len(inputs), settings, param="inputs")
+    return [_shard_item(kind, raw, f"inputs[{i}]") for i, raw in enumerate(inputs)]
+
+
+def items_from_file(kind: str, stored: StoredFile, settings: Settings) -> list[dict[str, Any]]:
+    """Read a JSONL input file line by line; a bad line is refused with its (1-based) line number."""
+    items = []
+    for number, line in _lines(Path(stored.storage_path)):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise BadRequest(
+                f"input_file_id: line {number} is not valid JSON ({error})", param="input_file_id"
+            ) from error
+        items.append(_shard_item(kind, raw, f"input_file_id: line {number}"))
+        _check_count(len(items), settings, param="input_file_id")
+    if not items:
+        raise BadRequest("input_file_id: the file holds no items", param="input_file_id", code="empty_inputs")
+    return items
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise BadRequest(f"input_file_id: line {number} is not UTF-8", param="input_file_id") from error
+
+
+def _check_count(count: int, settings: Settings, *, param: str) -> None:
+    if count > settings.max_inputs_per_job:
+        raise PayloadTooLarge(
+            f"{param}: more than the limit of {settings.max_inputs_per_job} items per job",
+            param=param,
+            code="too_many_inputs",
+        )
+
+
+def check_tenant_quota(session: Session, *, tenant_id: int, adding: int, settings: Settings) -> None:
+    queued = session.scalar(
+        select(func.coalesce(func.sum(Job.total - Job.succeeded - Job.failed), 0)).where(
+            Job.tenant_id == tenant_id, Job.status.in_(ACTIVE_JOB_STATES)
+        )
+    )
+    limit = settings.max_queued_items_per_tenant
+    if int(queued or 0) + adding > limit:
+        raise TooManyRequests(
+            f"this tenant would have more than {limit} items queued ({queued} already); wait for jobs to finish",
+            code="queued_items_limit",
+        )

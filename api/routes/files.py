@@ -1,0 +1,126 @@
+"""/v1/files: uploaded JSONL inputs (and produced outputs), one tenant's at a time."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Form, Query, UploadFile
+from fastapi.responses import FileResponse
+
+from api.deps import CurrentPrincipal, SessionDep, SettingsDep
+from api.errors import BadRequest, NotFound, PayloadTooLarge
+from api.schemas import FileDeleted, FileList, FilePublic, FilePurpose
+from db import files as file_repo
+from db.models import StoredFile, new_id
+
+router = APIRouter(tags=["files"])
+
+CHUNK = 1024 * 1024
+
+
+@router.post("/files", response_model=FilePublic)
+def upload_file(
+    file: UploadFile,
+    purpose: Annotated[FilePurpose, Form()],
+    principal: CurrentPrincipal,
+    session: SessionDep,
+    settings: SettingsDep,
+) -> FilePublic:
+    settings.files_dir.mkdir(parents=True, exist_ok=True)
+    file_id = new_id("file")
+    target = settings.files_dir / file_id
+    size, lines, digest = _store(file, target, max_bytes=settings.max_request_bytes)
+    if size == 0:
+        target.unlink(missing_ok=True)
+        raise BadRequest("the file is empty", param="file", code="empty_file")
+    row = StoredFile(
+        id=file_id,
+        tenant_id=principal.tenant_id,
+        filename=(file.filename or "upload.jsonl")[:255],
+        purpose=purpose,
+        bytes=size,
+        sha256=digest,
+        line_count=lines,
+        storage_path=str(target.resolve()),
+    )
+    session.add(row)
+    session.commit()
+    return FilePublic.of(row)
+
+
+def _store(upload: UploadFile, target: Path, *, max_bytes: int) -> tuple[int, int, str]:
+    """Stream the upload to disk (never whole in memory) and move it into place only when complete,
+    so a crash leaves at most an unreferenced temp file."""
+    digest = hashlib.sha256()
+    size = lines = 0
+    last = b"\n"
+    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".upload-", delete=False) as out:
+        try:
+            while chunk := upload.file.read(CHUNK):
+                size += len(chunk)
+                if size > max_bytes:
+                    raise PayloadTooLarge(
+                        f"file over the limit of {max_bytes} bytes", param="file", code="file_too_large"
+                    )
+                digest.update(chunk)
+                lines += chunk.count(b"\n")
+                last = chunk[-1:]
+                out.write(chunk)
+        except BaseException:
+            out.close()
+            os.unlink(out.name)
+            raise
+    if last != b"\n":
+        lines += 1
+    os.replace(out.name, target)
+    return size, lines, digest.hexdigest()
+
+
+@router.get("/files", response_model=FileList)
+def list_files(
+    principal: CurrentPrincipal,
+    session: SessionDep,
+    purpose: str | None = None,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+) -> FileList:
+    rows = file_repo.list_files(session, tenant_id=principal.tenant_id, purpose=purpose, after=after, limit=limit + 1)
+    data = [FilePublic.of(row) for row in rows[:limit]]
+    return FileList(
+        data=data,
+        has_more=len(rows) > limit,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+    )
+
+
+def owned_file(session: SessionDep, principal: CurrentPrincipal, file_id: str) -> StoredFile:
+    row = file_repo.get_file(session, tenant_id=principal.tenant_id, file_id=file_id)
+    if row is None:
+        raise NotFound(f"no file {file_id!r}", param="file_id", code="file_not_found")
+    return row
+
+
+@router.get("/files/{file_id}", response_model=FilePublic)
+def get_file(file_id: str, principal: CurrentPrincipal, session: SessionDep) -> FilePublic:
+    return FilePublic.of(owned_file(session, principal, file_id))
+
+
+@router.get("/files/{file_id}/content")
+def get_file_content(file_id: str, principal: CurrentPrincipal, session: SessionDep) -> FileResponse:
+    row = owned_file(session, principal, file_id)
+    return FileResponse(row.storage_path, media_type="application/jsonl", filename=row.filename)
+
+
+@router.delete("/files/{file_id}", response_model=FileDeleted)
+def delete_file(file_id: str, principal: CurrentPrincipal, session: SessionDep) -> FileDeleted:
+    row = owned_file(session, principal, file_id)
+    file_repo.mark_deleted(session, file=row)
+    session.commit()
+    # The row is kept (jobs may name it); the bytes go.
+    Path(row.storage_path).unlink(missing_ok=True)
+    return FileDeleted(id=row.id)

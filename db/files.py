@@ -1,0 +1,37 @@
+"""Uploaded inputs and produced outputs. Content lives on disk under settings.files_dir; rows here."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from db.models import StoredFile, utcnow
+
+
+def get_file(session: Session, *, tenant_id: int, file_id: str) -> StoredFile | None:
+    """A tenant's live file; another tenant's id looks exactly like a missing one."""
+    return session.scalar(
+        select(StoredFile).where(
+            StoredFile.id == file_id, StoredFile.tenant_id == tenant_id, StoredFile.deleted_at.is_(None)
+        )
+    )
+
+
+def list_files(
+    session: Session, *, tenant_id: int, purpose: str | None = None, after: str | None = None, limit: int = 100
+) -> list[StoredFile]:
+    query = select(StoredFile).where(StoredFile.tenant_id == tenant_id, StoredFile.deleted_at.is_(None))
+    if purpose:
+        query = query.where(StoredFile.purpose == purpose)
+    if after:
+        anchor = get_file(session, tenant_id=tenant_id, file_id=after)
+        if anchor is not None:
+            query = query.where(
+                (StoredFile.created_at < anchor.created_at)
+                | ((StoredFile.created_at == anchor.created_at) & (StoredFile.id < anchor.id))
+            )
+    return list(session.scalars(query.order_by(StoredFile.created_at.desc(), StoredFile.id.desc()).limit(limit)))
+
+
+def mark_deleted(session: Session, *, file: StoredFile) -> None:
+    file.deleted_at = utcnow()

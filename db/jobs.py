@@ -1,0 +1,283 @@
+"""Jobs and shards: creation, and every state transition as one compare-and-set statement.
+
+A transition names the states it may start from in its WHERE clause; the row count says whether it
+happened. Two workers racing for one shard therefore cannot both win, whatever the database.
+
+    job:   queued → running → succeeded | failed
+           queued | running → cancelling → cancelled      (cancelled at once when nothing runs)
+    shard: queued → running → succeeded | failed | cancelled
+           running (lease expired) → running (another worker)     queued | running → queued (retry)
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import and_, exists, func, insert, or_, select, update
+from sqlalchemy.orm import Session
+
+from db.models import Job, Shard, new_id, utcnow
+
+ACTIVE_JOB_STATES = ("queued", "running", "cancelling")
+TERMINAL_JOB_STATES = ("succeeded", "failed", "cancelled")
+OPEN_SHARD_STATES = ("queued", "running")
+
+
+class Claim(enum.StrEnum):
+    CLAIMED = "claimed"
+    BUSY = "busy"  # running under another worker's live lease
+    FINISHED = "finished"  # succeeded, failed or cancelled already
+    MISSING = "missing"
+
+
+@dataclass(frozen=True)
+class NewJob:
+    job: Job
+    shard_ids: list[int]
+
+
+def create_job(
+    session: Session,
+    *,
+    tenant_id: int,
+    kind: str,
+    model_ref: str,
+    model_version_id: int,
+    params: dict[str, Any],
+    items: Sequence[dict[str, Any]],
+    shard_size: int,
+    input_file_id: str | None = None,
+    priority: int = 0,
+    metadata: dict[str, Any] | None = None,
+    job_id: str | None = None,
+) -> NewJob:
+    """Write the job and all its shards in the caller's transaction; enqueue only after commit."""
+    job = Job(
+        id=job_id or new_id("job"),
+        tenant_id=tenant_id,
+        kind=kind,
+        status="queued",
+        model_ref=model_ref,
+        model_version_id=model_version_id,
+        params=params,
+        input_file_id=input_file_id,
+        priority=priority,
+        total=len(items),
+        shard_count=-(-len(items) // shard_size) if items else 1,
+        metadata_=metadata or {},
+    )
+    session.add(job)
+    session.flush()
+    now = utcnow()
+    rows = [
+        {
+            "job_id": job.id,
+            "index": shard_index,
+            "start": start,
+            "end": min(start + shard_size, len(items)),
+            "items": list(items[start : start + shard_size]),
+            "status": "queued",
+            "enqueued_at": now,
+        }
+        for shard_index, start in enumerate(range(0, max(len(items), 1), shard_size))
+    ]
+    shard_ids = list(session.scalars(insert(Shard).returning(Shard.id), rows))
+    return NewJob(job=job, shard_ids=shard_ids)
+
+
+def claim_shard(session: Session, *, shard_id: int, worker: str, lease_seconds: float) -> Claim:
+    """queued → running, or take over a running shard whose worker died (lease expired, or it was us)."""
+    now = utcnow()
+    claimed = session.execute(
+        update(Shard)
+        .where(
+            Shard.id == shard_id,
+            or_(
+                Shard.status == "queued",
+                and_(Shard.status == "running", Shard.lease_expires_at < now),
+                # A worker node runs one task at a time: if it is starting this shard while holding its
+                # lease, the pool process that held it died, and waiting for the lease helps no one.
+                and_(Shard.status == "running", Shard.lease_owner == worker),
+            ),
+        )
+        .values(
+            status="running",
+            lease_owner=worker,
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
+            heartbeat_at=now,
+            attempts=Shard.attempts + 1,
+            started_at=now,
+            progress=0,
+        )
+    ).rowcount
+    if claimed:
+        job_id = session.scalar(select(Shard.job_id).where(Shard.id == shard_id))
+        session.execute(
+            update(Job).where(Job.id == job_id, Job.status == "queued").values(status="running", started_at=now)
+        )
+        return Claim.CLAIMED
+    status = session.scalar(select(Shard.status).where(Shard.id == shard_id))
+    if status is None:
+        return Claim.MISSING
+    return Claim.BUSY if status in OPEN_SHARD_STATES else Claim.FINISHED
+
+
+def renew_lease(session: Session, *, shard_id: int, worker: str, lease_seconds: float, progress: int) -> bool:
+    """Heartbeat: extend the lease while this worker still owns the shard. False: it was taken away."""
+    now = utcnow()
+    return bool(
+        session.execute(
+            update(Shard)
+            .where(Shard.id == shard_id, Shard.status == "running", Shard.lease_owner == worker)
+            .values(lease_expires_at=now + timedelta(seconds=lease_seconds), heartbeat_at=now, progress=progress)
+        ).rowcount
+    )
+
+
+def finish_shard(
+    session: Session,
+    *,
+    shard_id: int,
+    worker: str,
+    status: str,
+    succeeded: int,
+    failed: int,
+    prompt_tokens: int = 0,
+    completion_tokens: int = 0,
+    error: dict[str, Any] | None = None,
+) -> bool:
+    """running → succeeded | failed | cancelled, adding the shard's counts to its job exactly once."""
+    assert status in ("succeeded", "failed", "cancelled"), status
+    won = session.execute(
+        update(Shard)
+        .where(Shard.id == shard_id, Shard.status == "running", Shard.lease_owner == worker)
+        .values(
+            status=status,
+            finished_at=utcnow(),
+            succeeded=succeeded,
+            failed=failed,
+            progress=succeeded + failed,
+            error=error,
+        )
+    ).rowcount
+    if not won:
+        return False
+    job_id = session.scalar(select(Shard.job_id).where(Shard.id == shard_id))
+    values: dict[str, Any] = {
+        "succeeded": Job.succeeded + succeeded,
+        "failed": Job.failed + failed,
+        "prompt_tokens": Job.prompt_tokens + prompt_tokens,
+        "completion_tokens": Job.completion_tokens + completion_tokens,
+        "shards_done": Job.shards_done + 1,
+    }
+    session.execute(update(Job).where(Job.id == job_id).values(**values))
+    if error is not None:
+        # The job keeps the first shard error it saw: later ones are usually the same cause.
+        session.execute(update(Job).where(Job.id == job_id, Job.error.is_(None)).values(error=error))
+    finish_job_if_done(session, job_id=job_id)
+    return True
+
+
+def requeue_shard(session: Session, *, shard_id: int, worker: str | None, max_attempts: int) -> bool:
+    """running → queued for another try, while attempts remain. The caller enqueues after commit."""
+    conditions = [Shard.id == shard_id, Shard.status == "running", Shard.attempts < max_attempts]
+    if worker is not None:
+        conditions.append(Shard.lease_owner == worker)
+    return bool(
+        session.execute(
+            update(Shard)
+            .where(*conditions)
+            .values(status="queued", lease_owner=None, lease_expires_at=None, enqueued_at=utcnow(), progress=0)
+        ).rowcount
+    )
+
+
+def finish_job_if_done(session: Session, *, job_id: str) -> str | None:
+    """Close the job once no shard is open. Exactly one caller wins and learns the final status."""
+    job = session.execute(
+        select(Job.status, Job.kind, Job.total, Job.succeeded, Job.error).where(Job.id == job_id)
+    ).one_or_none()
+    if job is None or job.status not in ACTIVE_JOB_STATES:
+        return None
+    if job.status == "cancelling":
+        final = "cancelled"
+    elif job.kind == "finetune":
+        final = "failed" if job.error else "succeeded"
+    else:
+        # Bad items alone do not fail a job (they are counted in `failed`); a job none of whose items
+        # succeeded (a model that cannot load, say) did fail.
+        final = "failed" if job.succeeded == 0 and job.total > 0 else "succeeded"
+    open_shards = exists().where(Shard.job_id == job_id, Shard.status.in_(OPEN_SHARD_STATES))
+    done = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == job.status, ~open_shards)
+        .values(status=final, finished_at=utcnow())
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    return final if done else None
+
+
+def cancel_job(session: Session, *, job_id: str) -> str | None:
+    """queued | running → cancelling; queued shards never run. Returns the job's status after the call."""
+    now = utcnow()
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(("queued", "running")))
+        .values(status="cancelling", cancelled_at=now)
+    )
+    session.execute(
+        update(Shard)
+        .where(Shard.job_id == job_id, Shard.status == "queued")
+        .values(status="cancelled", finished_at=now)
+    )
+    finish_job_if_done(session, job_id=job_id)
+    return session.scalar(select(Job.status).where(Job.id == job_id))
+
+
+def job_status(session: Session, *, job_id: str) -> str | None:
+    return session.scalar(select(Job.status).where(Job.id == job_id))
+
+
+def due_shards(session: Session, *, requeue_after: timedelta, limit: int = 1000) -> list[tuple[int, str, str]]:
+    """(shard id, job kind, shard status) of shards whose lease expired or that were queued long ago."""
+    now = utcnow()
+    rows = session.execute(
+        select(Shard.id, Job.kind, Shard.status)
+        .join(Job, Job.id == Shard.job_id)
+        .where(
+            or_(
+                and_(Shard.status == "running", Shard.lease_expires_at < now),
+                Shard.status == "queued",
+            ),
+            # Not re-sent within the last interval, so a backlog is not sent again at every sweep.
+            or_(Shard.enqueued_at.is_(None), Shard.enqueued_at < now - requeue_after),
+        )
+        .order_by(Shard.id)
+        .limit(limit)
+    ).all()
+    return [(shard_id, kind, status) for shard_id, kind, status in rows]
+
+
+def mark_enqueued(session: Session, *, shard_ids: Iterable[int]) -> None:
+    session.execute(update(Shard).where(Shard.id.in_(list(shard_ids))).values(enqueued_at=utcnow()))
+
+
+def running_progress(session: Session, *, job_id: str) -> int:
+    """Items done by shards still running (their counts reach the job only when they finish)."""
+    return int(
+        session.scalar(
+            select(func.coalesce(func.sum(Shard.progress), 0)).where(Shard.job_id == job_id, Shard.status == "running")
+        )
+        or 0
+    )
+
+
+def shard_status_counts(session: Session, *, job_id: str) -> dict[str, int]:
+    rows = session.execute(
+        select(Shard.status, func.count()).where(Shard.job_id == job_id).group_by(Shard.status)
+    ).all()
+    return {status: count for status, count in rows}

@@ -1,0 +1,70 @@
+"""Per-item results, keyed by (job, index): a re-run shard overwrites its rows, never duplicates them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from db.models import ItemResult
+
+RESULT_COLUMNS = ("custom_id", "output", "error", "prompt_tokens", "completion_tokens")
+
+
+def upsert_results(session: Session, *, job_id: str, rows: Sequence[dict[str, Any]]) -> None:
+    """Write a batch of results in one statement. Each row: index, custom_id, output, error, tokens."""
+    if not rows:
+        return
+    dialect = session.get_bind().dialect.name
+    insert_fn = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    values = [
+        {
+            "job_id": job_id,
+            "index": row["index"],
+            "custom_id": row.get("custom_id"),
+            "output": row.get("output"),
+            "error": row.get("error"),
+            "prompt_tokens": row.get("prompt_tokens", 0),
+            "completion_tokens": row.get("completion_tokens", 0),
+        }
+        for row in rows
+    ]
+    statement = insert_fn(ItemResult).values(values)
+    statement = statement.on_conflict_do_update(
+        index_elements=[ItemResult.job_id, ItemResult.index],
+        set_={name: statement.excluded[name] for name in RESULT_COLUMNS},
+    )
+    session.execute(statement)
+
+
+def result_page(session: Session, *, job_id: str, offset: int, limit: int) -> list[ItemResult]:
+    return list(
+        session.scalars(
+            select(ItemResult)
+            .where(ItemResult.job_id == job_id, ItemResult.index >= offset)
+            .order_by(ItemResult.index)
+            .limit(limit)
+        )
+    )
+
+
+def iter_results(session: Session, *, job_id: str, chunk: int = 1000) -> Iterator[ItemResult]:
+    """All results in input order, read in keyset chunks so a million rows never sit in memory."""
+    next_index = 0
+    while True:
+        page = result_page(session, job_id=job_id, offset=next_index, limit=chunk)
+        if not page:
+            return
+        yield from page
+        next_index = page[-1].index + 1
+
+
+def count_results(session: Session, *, job_id: str) -> int:
+    return int(session.scalar(select(func.count()).where(ItemResult.job_id == job_id)) or 0)
+
+
+def public_result(row: ItemResult) -> dict[str, Any]:
+    return {"index": row.index, "custom_id": row.custom_id, "output": row.output, "error": row.error}

@@ -1,0 +1,73 @@
+"""Engines and sessions: one engine per process, made after fork.
+
+A SQLAlchemy engine holds sockets; a forked child that inherits its parent's pool shares connections
+with it and corrupts both. Workers therefore build their engine in ``worker_process_init`` and the API
+in its lifespan, never at import time.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.settings import Settings
+
+# SQLite: WAL lets readers (the API) run beside one writer (a worker); the busy timeout makes a second
+# writer wait for the lock instead of failing at once with "database is locked".
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def make_engine(settings: Settings, **overrides: Any) -> Engine:
+    settings.ensure_dirs()
+    if settings.is_sqlite:
+        engine = create_engine(
+            settings.database_url,
+            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
+            **overrides,
+        )
+        event.listen(engine, "connect", _configure_sqlite)
+        event.listen(engine, "begin", _begin_immediate)
+        return engine
+    # pool_pre_ping: after a PostgreSQL restart, stale pooled connections are replaced instead of
+    # failing the first request or task that picks them up.
+    return create_engine(settings.database_url, pool_pre_ping=True, **overrides)
+
+
+def _configure_sqlite(dbapi_connection: sqlite3.Connection, _record: object) -> None:
+    # Let SQLAlchemy (not the driver) issue BEGIN, so each transaction can take the write lock up
+    # front (see _begin_immediate).
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def _begin_immediate(connection: Any) -> None:
+    # A deferred transaction that reads and then writes can fail with SQLITE_BUSY without waiting
+    # (the busy timeout does not apply to lock upgrades). BEGIN IMMEDIATE takes the write lock first.
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def make_session_factory(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+@contextmanager
+def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """One unit of work: commit on success, roll back on any exception."""
+    with factory() as session, session.begin():
+        yield session
+
+
+def ping(engine: Engine) -> None:
+    """Raise if the database does not answer."""
+    with engine.connect() as connection:
+        connection.execute(text("SELECT 1"))

@@ -1,0 +1,91 @@
+"""The one settings object of lmbatch.
+
+Every environment variable lmbatch reads is declared here once, with a type and a reason. Nothing else
+reads ``os.environ`` for configuration: the API, the workers, ``celeryconfig.py`` and the CLI each build
+``Settings()`` once and hand it to what needs it.
+
+It lives in ``db/`` because ``db`` is the one package that both the API and the workers import.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+JobKind = Literal["generate", "classify", "embed", "finetune"]
+ALL_KINDS: tuple[str, ...] = ("generate", "classify", "embed", "finetune")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LMBATCH_", env_file=".env", extra="ignore")
+
+    # Where state lives. The default SQLite file needs nothing installed; WAL mode and a busy timeout
+    # (db/session.py) let the API and several worker processes share it.
+    database_url: str = "sqlite:///./var/lmbatch.db"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    var_dir: Path = Path("./var")
+    model_store: Path = Path("./var/models")
+    files_dir: Path = Path("./var/files")
+    # Directories from which `POST /v1/models` may import a model; nothing outside them or the store loads.
+    model_import_roots: list[Path] = Field(default_factory=list)
+
+    # Jobs.
+    shard_size: int = Field(64, ge=1, le=100_000)
+    max_inputs_per_job: int = Field(1_000_000, ge=1)
+    max_request_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+    max_queued_items_per_tenant: int = Field(5_000_000, ge=1)
+    batch_size: int = Field(32, ge=1, le=4096)
+    max_new_tokens_cap: int = Field(4096, ge=1)
+
+    # Workers.
+    model_cache_bytes: int = Field(8 * 1024**3, ge=0)
+    worker_kinds: list[str] = Field(default_factory=lambda: list(ALL_KINDS))
+    # A shard's lease: a worker renews it every heartbeat; a lease not renewed for this long means the
+    # worker is gone and the sweeper hands the shard to another.
+    lease_seconds: int = Field(60, ge=2)
+    heartbeat_seconds: float = Field(10.0, gt=0)
+    max_shard_attempts: int = Field(3, ge=1)
+    sweep_interval_seconds: float = Field(15.0, gt=0)
+    sweeper_enabled: bool = True
+    # Celery's Redis visibility timeout must outlast the longest task, or a long fine-tune runs twice.
+    visibility_timeout_seconds: int = Field(12 * 3600, ge=60)
+    worker_max_memory_kb: int = Field(0, ge=0)  # 0: no per-child memory cap
+    torch_threads: int = Field(0, ge=0)  # 0: torch's default (all cores the process may use)
+
+    # Monitoring.
+    flower_user: str = "admin"
+    flower_password: str = ""  # empty: `lmbatch up` generates one and prints it
+    flower_state_file: Path = Path("./var/flower.db")
+
+    # API.
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+
+    @field_validator("worker_kinds")
+    @classmethod
+    def _known_kinds(cls, kinds: list[str]) -> list[str]:
+        unknown = sorted(set(kinds) - set(ALL_KINDS))
+        if unknown:
+            raise ValueError(f"unknown job kinds {unknown}; known: {list(ALL_KINDS)}")
+        return kinds
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    def ensure_dirs(self) -> None:
+        for directory in (self.var_dir, self.model_store, self.files_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+        if self.is_sqlite and ":memory:" not in self.database_url:
+            path = self.database_url.split("///", 1)[-1]
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, built once. Tests build their own ``Settings(...)`` instead."""
+    return Settings()

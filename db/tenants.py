@@ -1,0 +1,74 @@
+"""Tenants and API keys. Only a sha256 of each key is stored; the key itself is shown once."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from db.models import ApiKey, Tenant, utcnow
+
+KEY_PREFIX = "lmb_"
+SCOPES = ("tenant", "admin")
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the tenant a key belongs to, and what the key may do."""
+
+    tenant_id: int
+    tenant_name: str
+    scope: str
+
+    @property
+    def is_admin(self) -> bool:
+        return self.scope == "admin"
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def get_or_create_tenant(session: Session, *, name: str) -> Tenant:
+    tenant = session.scalar(select(Tenant).where(Tenant.name == name))
+    if tenant is None:
+        tenant = Tenant(name=name)
+        session.add(tenant)
+        session.flush()
+    return tenant
+
+
+def create_key(session: Session, *, tenant_name: str, scope: str = "tenant") -> str:
+    """Make a new key for the tenant (created if new) and return it; only its hash is kept."""
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, not {scope!r}")
+    tenant = get_or_create_tenant(session, name=tenant_name)
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    session.add(ApiKey(tenant_id=tenant.id, key_hash=hash_key(key), prefix=key[:10], scope=scope))
+    session.flush()
+    return key
+
+
+def revoke_key(session: Session, *, key: str) -> bool:
+    """Revoke a key; False when no live key matches."""
+    return bool(
+        session.execute(
+            update(ApiKey)
+            .where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None))
+            .values(revoked_at=utcnow())
+        ).rowcount
+    )
+
+
+def authenticate(session: Session, *, key: str) -> Principal | None:
+    row = session.execute(
+        select(ApiKey.scope, Tenant.id, Tenant.name)
+        .join(Tenant, Tenant.id == ApiKey.tenant_id)
+        .where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None))
+    ).one_or_none()
+    if row is None:
+        return None
+    return Principal(tenant_id=row.id, tenant_name=row.name, scope=row.scope)

@@ -1,0 +1,173 @@
+"""Test helpers for the real stack: settings for a test database, a real Celery worker process, polling.
+
+Imported by tests/conftest.py, integration tests and benchmarks; no pytest fixtures here.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import redis
+from sqlalchemy import create_engine, text
+
+from db.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+# Built-in models are converted once per clone and shared by every test run (SmolLM2 takes ~15 s).
+MODEL_CACHE = REPO / "var" / "test-cache" / "models"
+POSTGRES_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+INFERENCE_QUEUES = "generate,classify,embed,maintenance"
+
+
+def postgres_url(database: str) -> str:
+    base = os.environ.get("LMBATCH_TEST_POSTGRES_URL", POSTGRES_ADMIN_URL)
+    return base.rsplit("/", 1)[0] + "/" + database
+
+
+def create_postgres_database(database: str) -> str:
+    """A fresh, empty database for this run (dropped first if a previous run left it)."""
+    admin = create_engine(os.environ.get("LMBATCH_TEST_POSTGRES_URL", POSTGRES_ADMIN_URL), isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+        connection.execute(text(f'CREATE DATABASE "{database}"'))
+    admin.dispose()
+    return postgres_url(database)
+
+
+def make_test_settings(database_url: str, redis_url: str, var_dir: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "redis_url": redis_url,
+        "var_dir": var_dir,
+        "files_dir": var_dir / "files",
+        "model_store": MODEL_CACHE,
+        # Short leases and sweeps, so reliability tests never wait minutes for a dead worker.
+        "lease_seconds": 6,
+        "heartbeat_seconds": 1.0,
+        "sweep_interval_seconds": 2.0,
+        "shard_size": 16,
+        "batch_size": 16,
+        "torch_threads": 2,
+        "flower_password": "test-password",
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that makes a child process build the same Settings."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("LMBATCH_")}
+    for name, value in settings.model_dump().items():
+        if isinstance(value, list):
+            import json
+
+            rendered = json.dumps([str(v) for v in value])
+        else:
+            rendered = str(value)
+        env[f"LMBATCH_{name.upper()}"] = rendered
+    env["HF_HUB_OFFLINE"] = "1"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class WorkerProcess:
+    """A real `celery worker` process (prefork, one pool process), like production runs it."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        log_path: Path,
+        *,
+        name: str = "test",
+        queues: str = INFERENCE_QUEUES,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.name = f"{name}@lmbatch-test"
+        self.log_path = log_path
+        env = settings_env(settings)
+        env.update(extra_env or {})
+        self._log = log_path.open("ab")
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "workers.app",
+                "worker",
+                "-P",
+                "prefork",
+                "-c",
+                "1",
+                "-n",
+                self.name,
+                "-Q",
+                queues,
+                "-E",
+                "--loglevel",
+                "INFO",
+                "--without-mingle",
+                "--without-gossip",
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.process.returncode}:\n{self.log_tail()}")
+            if b"ready." in self.log_path.read_bytes():
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"worker not ready after {timeout} s:\n{self.log_tail()}")
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log_path.read_bytes()[-chars:].decode(errors="replace")
+
+    def pool_pids(self) -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True).stdout
+        return [int(pid) for pid in out.split()]
+
+    def signal(self, signum: int) -> None:
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signum)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.process.poll() is None:
+            self.signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+        self._log.close()
+
+
+def wait_for(predicate: Callable[[], Any], *, timeout: float, interval: float = 0.2, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"{what} not reached within {timeout} s")
+
+
+def redis_available(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
+    except redis.RedisError:
+        return False

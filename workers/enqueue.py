@@ -1,0 +1,31 @@
+"""Sending shard ids to their queues: the only place that knows a shard task's name and routing."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from celery import Celery
+
+RUN_SHARD = "lmbatch.run_shard"
+
+
+def queue_for(kind: str) -> str:
+    return kind
+
+
+def enqueue_shards(celery: Celery, *, kind: str, shard_ids: Iterable[int], priority: int = 0) -> int:
+    """Send one message per shard, carrying only its id. Returns how many were sent."""
+    sent = 0
+    with celery.producer_or_acquire() as producer:
+        for shard_id in shard_ids:
+            celery.send_task(RUN_SHARD, args=[shard_id], queue=queue_for(kind), producer=producer)
+            sent += 1
+    return sent
+
+
+def make_sender(broker_url: str) -> Celery:
+    """A Celery app that only sends (the API's): no tasks imported, so no torch in the API process."""
+    sender = Celery("lmbatch-sender")
+    sender.config_from_object("celeryconfig")
+    sender.conf.broker_url = broker_url
+    return sender

@@ -1,0 +1,78 @@
+"""Worker signal handlers: heavy resources come from lifecycle hooks, never from import time."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import Any
+
+from celery.signals import (
+    celeryd_init,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutdown,
+)
+from sqlalchemy.pool import NullPool
+
+from db.session import make_engine, make_session_factory
+from db.settings import Settings
+from workers.runtime import build_runtime, get_runtime, set_runtime
+from workers.sweeper import SweeperThread
+
+log = logging.getLogger("lmbatch.worker")
+
+# The Celery node name (gpu0@host), learned in the parent before the pool forks; children inherit it.
+_node_name = f"worker@{socket.gethostname()}"
+_sweeper: SweeperThread | None = None
+
+
+@celeryd_init.connect
+def _remember_node_name(sender: str | None = None, **_: Any) -> None:
+    global _node_name
+    if sender:
+        _node_name = sender
+
+
+@worker_process_init.connect
+def _open_runtime(**_: Any) -> None:
+    # Runs inside each pool process after fork: CUDA, the database pool and models are made here so
+    # that none is inherited from the parent ("Cannot re-initialize CUDA in forked subprocess").
+    import torch
+
+    settings = Settings()
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    runtime = build_runtime(settings, worker_name=_node_name)
+    set_runtime(runtime)
+    log.info("worker process ready on %s as %s", runtime.device, runtime.worker_name)
+
+
+@worker_process_shutdown.connect
+def _close_runtime(**_: Any) -> None:
+    try:
+        runtime = get_runtime()
+    except RuntimeError:
+        return
+    runtime.models.clear()
+    runtime.engine.dispose()
+    set_runtime(None)
+
+
+@worker_ready.connect
+def _start_sweeper(sender: Any = None, **_: Any) -> None:
+    # In the worker's main process, after the pool has forked. NullPool: no pooled connection lingers
+    # to be inherited by a pool process that is re-forked later.
+    global _sweeper
+    settings = Settings()
+    if not settings.sweeper_enabled or sender is None:
+        return
+    sessions = make_session_factory(make_engine(settings, poolclass=NullPool))
+    _sweeper = SweeperThread(settings, sessions, sender.app, _node_name)
+    _sweeper.start()
+
+
+@worker_shutdown.connect
+def _stop_sweeper(**_: Any) -> None:
+    if _sweeper is not None:
+        _sweeper.stop()

@@ -1,0 +1,267 @@
+"""Running one shard: claim it, run its engine batch by batch, write results, finish it exactly once.
+
+Plain Python over a Runtime: the Celery task (workers/tasks/shards.py) is a thin wrapper around
+`run_shard`, and tests or a REPL can call it directly.
+
+What a SIGKILL leaves at each point: before the claim commits, nothing; after it, a running shard whose
+lease expires (or which this node reclaims at once) and is run again; mid-run, results of finished
+batches, overwritten by the re-run; after finish commits, a done shard whose redelivery does nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
+
+from db import jobs
+from db.models import Job, ModelVersion, Shard
+from db.results import upsert_results
+from db.session import transaction
+from workers.engines.params import PARAMS_BY_KIND
+from workers.engines.types import EngineItem, ItemResult
+from workers.errors import PermanentJobError, RetryableJobError
+from workers.runtime import Runtime
+from workers.versions import VersionInfo, load_version
+
+log = logging.getLogger("lmbatch.shard")
+
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class ShardOutcome:
+    """What happened; `retry_in` (seconds) is set when the task should try again later."""
+
+    status: str  # succeeded | failed | cancelled | busy | finished | missing | lost | retry
+    retry_in: float | None = None
+    done: int = 0
+
+
+@dataclass
+class _ShardWork:
+    shard_id: int
+    job_id: str
+    kind: str
+    params: dict[str, Any]
+    attempts: int
+    items: list[EngineItem]
+    version: VersionInfo
+
+
+@dataclass
+class _Tally:
+    succeeded: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    indexes: set[int] = field(default_factory=set)
+
+    def add(self, results: Sequence[ItemResult]) -> None:
+        for result in results:
+            if result.index in self.indexes:
+                continue
+            self.indexes.add(result.index)
+            if result.error is None:
+                self.succeeded += 1
+            else:
+                self.failed += 1
+            self.prompt_tokens += result.prompt_tokens
+            self.completion_tokens += result.completion_tokens
+
+    @property
+    def done(self) -> int:
+        return self.succeeded + self.failed
+
+
+def run_shard(runtime: Runtime, shard_id: int, *, on_progress: ProgressCallback | None = None) -> ShardOutcome:
+    settings = runtime.settings
+    with transaction(runtime.sessions) as session:
+        claim = jobs.claim_shard(
+            session, shard_id=shard_id, worker=runtime.worker_name, lease_seconds=settings.lease_seconds
+        )
+        if claim is not jobs.Claim.CLAIMED:
+            return _not_claimed(session, shard_id, claim)
+        work = _load_work(session, shard_id)
+
+    if work.attempts > settings.max_shard_attempts:
+        reason = f"gave up after {work.attempts - 1} attempts (the worker died or failed each time)"
+        return _fail(runtime, work, PermanentJobError(reason), _Tally())
+
+    keeper = _LeaseKeeper(runtime, shard_id)
+    keeper.start()
+    tally = _Tally()
+    try:
+        model = load_version(runtime, work.version)
+        engine = _engine_for(work.kind)
+        params = PARAMS_BY_KIND[work.kind].model_validate(work.params)
+
+        def on_batch(results: list[ItemResult]) -> None:
+            with transaction(runtime.sessions) as session:
+                upsert_results(session, job_id=work.job_id, rows=[_result_row(r) for r in results])
+            tally.add(results)
+            keeper.progress = tally.done
+            if on_progress is not None:
+                on_progress(tally.done, len(work.items))
+
+        def should_stop() -> bool:
+            return keeper.lost or _job_is_stopping(runtime, work.job_id)
+
+        engine(model, work.items, params, batch_size=settings.batch_size, should_stop=should_stop, on_batch=on_batch)
+    except PermanentJobError as error:
+        keeper.stop()
+        return _fail(runtime, work, error, tally)
+    except (RetryableJobError, OperationalError) as error:
+        keeper.stop()
+        return _retry(runtime, work, error, tally)
+    except Exception as error:  # a bug or an unforeseen library error: retried within the attempts cap
+        log.exception("shard %s failed unexpectedly", shard_id)
+        keeper.stop()
+        return _retry(runtime, work, error, tally)
+    keeper.stop()
+    if keeper.lost:
+        return ShardOutcome("lost", done=tally.done)
+    status = "succeeded" if tally.done >= len(work.items) else "cancelled"
+    _finish(runtime, work, status, tally)
+    return ShardOutcome(status, done=tally.done)
+
+
+def _engine_for(kind: str) -> Callable[..., list[ItemResult]]:
+    # Imported here: each engine pulls in torch and transformers, which only a worker needs.
+    if kind == "generate":
+        from workers.engines.generate import generate
+
+        return generate
+    if kind == "classify":
+        from workers.engines.classify import classify
+
+        return classify
+    if kind == "embed":
+        from workers.engines.embed import embed
+
+        return embed
+    raise PermanentJobError(f"no engine runs {kind!r} shards")
+
+
+def _not_claimed(session: Any, shard_id: int, claim: jobs.Claim) -> ShardOutcome:
+    if claim is jobs.Claim.BUSY:
+        expires = session.scalar(select(Shard.lease_expires_at).where(Shard.id == shard_id))
+        wait = (expires - datetime.now(UTC)).total_seconds() if expires else 1.0
+        return ShardOutcome("busy", retry_in=max(1.0, wait + 0.5))
+    return ShardOutcome(claim.value)
+
+
+def _load_work(session: Any, shard_id: int) -> _ShardWork:
+    shard = session.get(Shard, shard_id)
+    job = session.get(Job, shard.job_id)
+    version = session.get(ModelVersion, job.model_version_id)
+    items = [
+        EngineItem(index=shard.start + offset, custom_id=item.get("custom_id"), input=item["input"])
+        for offset, item in enumerate(shard.items)
+    ]
+    return _ShardWork(shard.id, job.id, job.kind, dict(job.params), shard.attempts, items, VersionInfo.of(version))
+
+
+def _job_is_stopping(runtime: Runtime, job_id: str) -> bool:
+    with runtime.sessions() as session:
+        return jobs.job_status(session, job_id=job_id) in ("cancelling", "cancelled")
+
+
+def _result_row(result: ItemResult) -> dict[str, Any]:
+    return {
+        "index": result.index,
+        "custom_id": result.custom_id,
+        "output": result.output,
+        "error": result.error,
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+    }
+
+
+def _finish(
+    runtime: Runtime, work: _ShardWork, status: str, tally: _Tally, error: dict[str, Any] | None = None
+) -> None:
+    with transaction(runtime.sessions) as session:
+        won = jobs.finish_shard(
+            session,
+            shard_id=work.shard_id,
+            worker=runtime.worker_name,
+            status=status,
+            succeeded=tally.succeeded,
+            failed=tally.failed,
+            prompt_tokens=tally.prompt_tokens,
+            completion_tokens=tally.completion_tokens,
+            error=error,
+        )
+    if not won:
+        log.warning("shard %s was taken over before it finished here; its results were overwritten", work.shard_id)
+
+
+def _fail(runtime: Runtime, work: _ShardWork, error: Exception, tally: _Tally) -> ShardOutcome:
+    """Every item without a result gets the shard's error, so each input still has one result line."""
+    detail = {"code": getattr(error, "code", "engine_error"), "message": str(error)}
+    missing = [item for item in work.items if item.index not in tally.indexes]
+    rows = [{"index": item.index, "custom_id": item.custom_id, "error": detail} for item in missing]
+    with transaction(runtime.sessions) as session:
+        upsert_results(session, job_id=work.job_id, rows=rows)
+    tally.failed += len(missing)
+    _finish(runtime, work, "failed", tally, error=detail)
+    log.error("shard %s failed: %s", work.shard_id, error)
+    return ShardOutcome("failed", done=tally.done)
+
+
+def _retry(runtime: Runtime, work: _ShardWork, error: Exception, tally: _Tally) -> ShardOutcome:
+    if work.attempts >= runtime.settings.max_shard_attempts:
+        return _fail(runtime, work, PermanentJobError(f"{type(error).__name__}: {error}"), tally)
+    try:
+        with transaction(runtime.sessions) as session:
+            jobs.requeue_shard(
+                session,
+                shard_id=work.shard_id,
+                worker=runtime.worker_name,
+                max_attempts=runtime.settings.max_shard_attempts,
+            )
+    except OperationalError:
+        # The database itself is away: the lease will lapse and the shard comes back either way.
+        log.warning("shard %s: database unreachable, leaving the lease to lapse", work.shard_id)
+    return ShardOutcome("retry", retry_in=min(30.0, 2.0 * work.attempts), done=tally.done)
+
+
+class _LeaseKeeper(threading.Thread):
+    """Renews the shard's lease every heartbeat; notices when another worker has taken the shard."""
+
+    def __init__(self, runtime: Runtime, shard_id: int) -> None:
+        super().__init__(name=f"lease-{shard_id}", daemon=True)
+        self._runtime = runtime
+        self._shard_id = shard_id
+        self._stopped = threading.Event()
+        self.lost = False
+        self.progress = 0
+
+    def run(self) -> None:
+        settings = self._runtime.settings
+        while not self._stopped.wait(settings.heartbeat_seconds):
+            try:
+                with transaction(self._runtime.sessions) as session:
+                    kept = jobs.renew_lease(
+                        session,
+                        shard_id=self._shard_id,
+                        worker=self._runtime.worker_name,
+                        lease_seconds=settings.lease_seconds,
+                        progress=self.progress,
+                    )
+            except OperationalError:
+                log.warning("shard %s: could not renew its lease (database unreachable)", self._shard_id)
+                continue
+            if not kept:
+                self.lost = True
+                return
+
+    def stop(self) -> None:
+        self._stopped.set()

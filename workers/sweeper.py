@@ -1,0 +1,78 @@
+"""The sweeper: re-enqueues shards that are due and not done, so nothing lives only in Redis.
+
+Due means: running under a lease that expired (its worker died), or queued for a while with nothing
+waiting in its Redis queue (Redis restarted or was flushed). A duplicate message is harmless: the
+claim is a compare-and-set. One sweeper runs at a time across all workers, holding a Redis lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import timedelta
+
+import redis
+from celery import Celery
+from sqlalchemy.orm import Session, sessionmaker
+
+from db import jobs
+from db.session import transaction
+from db.settings import Settings
+from workers.enqueue import enqueue_shards, queue_for
+
+log = logging.getLogger("lmbatch.sweeper")
+
+LOCK_KEY = "lmbatch:sweeper"
+
+
+def sweep_once(settings: Settings, sessions: sessionmaker[Session], celery: Celery) -> int:
+    requeue_after = timedelta(seconds=max(settings.sweep_interval_seconds, settings.lease_seconds))
+    with sessions() as session:
+        due = jobs.due_shards(session, requeue_after=requeue_after)
+    if not due:
+        return 0
+    client = redis.Redis.from_url(settings.redis_url)
+    waiting = {kind: int(client.llen(queue_for(kind))) for kind in {kind for _, kind, _ in due}}  # type: ignore[arg-type]
+    by_kind: dict[str, list[int]] = {}
+    for shard_id, kind, status in due:
+        # A shard whose lease expired is due whatever its queue holds. A queued one is re-sent only when
+        # its queue is empty (Redis lost it); a long backlog is waiting, not lost.
+        if status == "running" or waiting[kind] == 0:
+            by_kind.setdefault(kind, []).append(shard_id)
+    sent = 0
+    for kind, shard_ids in by_kind.items():
+        with transaction(sessions) as session:
+            jobs.mark_enqueued(session, shard_ids=shard_ids)
+        sent += enqueue_shards(celery, kind=kind, shard_ids=shard_ids)
+        log.info("sweeper re-enqueued %d %s shard(s)", len(shard_ids), kind)
+    return sent
+
+
+class SweeperThread(threading.Thread):
+    """Runs in each worker's main process; only the holder of the Redis lock sweeps."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session], celery: Celery, node: str) -> None:
+        super().__init__(name="lmbatch-sweeper", daemon=True)
+        self._settings = settings
+        self._sessions = sessions
+        self._celery = celery
+        self._node = node
+        self._stopped = threading.Event()
+
+    def run(self) -> None:
+        client = redis.Redis.from_url(self._settings.redis_url)
+        interval = self._settings.sweep_interval_seconds
+        while not self._stopped.wait(interval):
+            try:
+                lock_ms = int(interval * 2000)
+                holder = client.get(LOCK_KEY)
+                if holder not in (None, self._node.encode()):
+                    continue
+                if not client.set(LOCK_KEY, self._node, px=lock_ms, nx=holder is None, xx=holder is not None):
+                    continue
+                sweep_once(self._settings, self._sessions, self._celery)
+            except Exception:  # the sweeper must outlive a Redis or database outage
+                log.exception("sweep failed; trying again in %.0f s", interval)
+
+    def stop(self) -> None:
+        self._stopped.set()

@@ -1,0 +1,46 @@
+"""Loading a registered model version in a worker: path confined, checksum verified, then cached."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from db.models import ModelVersion
+from workers.errors import PermanentJobError
+from workers.loading import LoadedModel, load_model
+from workers.model_store import confine, verify_checksum
+from workers.runtime import Runtime
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """The columns a worker needs, copied out of the row so no session stays open while it works."""
+
+    id: int
+    ref: str
+    task: str
+    kinds: tuple[str, ...]
+    artifact_uri: str
+    sha256: str
+
+    @classmethod
+    def of(cls, row: ModelVersion) -> VersionInfo:
+        return cls(row.id, f"{row.name}@{row.version}", row.task, tuple(row.kinds), row.artifact_uri, row.sha256)
+
+
+def allowed_roots(runtime: Runtime) -> list[Path]:
+    return [runtime.settings.model_store, *runtime.settings.model_import_roots]
+
+
+def load_version(runtime: Runtime, version: VersionInfo) -> LoadedModel:
+    def loader() -> LoadedModel:
+        path = confine(Path(version.artifact_uri), allowed_roots(runtime))
+        if not path.is_dir():
+            raise PermanentJobError(f"model {version.ref}: its files are missing from {path}")
+        # Versions are immutable: verify once per process, before the first load.
+        if version.id not in runtime.verified_versions:
+            verify_checksum(path, version.sha256)
+            runtime.verified_versions.add(version.id)
+        return load_model(path, task=version.task, device=runtime.device)
+
+    return runtime.models.get(version.id, loader)
