@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 
 from api.errors import error_body, install_error_handlers
-from api.routes import files, health, jobs, models
+from api.routes import files, health, jobs, metrics, models, workers
 from db.session import make_engine, make_session_factory
 from db.settings import Settings
 from workers.enqueue import make_sender
@@ -49,6 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     install_error_handlers(app)
     app.include_router(health.router)
-    for module in (files, jobs, models):
+    app.include_router(metrics.router)
+    for module in (files, jobs, models, workers):
         app.include_router(module.router, prefix="/v1")
     return app

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from celery import Celery
 from fastapi import Depends, Request
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from api.errors import Forbidden, Unauthorized
 from db.settings import Settings
@@ -21,6 +21,10 @@ def get_settings_dep(request: Request) -> Settings:
 def get_session(request: Request) -> Iterator[Session]:
     with request.app.state.sessions() as session:
         yield session
+
+
+def get_session_factory(request: Request) -> sessionmaker[Session]:
+    return request.app.state.sessions  # type: ignore[no-any-return]
 
 
 def get_sender(request: Request) -> Celery:
@@ -47,6 +51,8 @@ def require_admin(principal: Annotated[Principal, Depends(get_principal)]) -> Pr
 
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 SessionDep = Annotated[Session, Depends(get_session)]
+# For writes: `with transaction(sessions) as session:` keeps the write transaction short (SQLite locks it).
+SessionsDep = Annotated[sessionmaker[Session], Depends(get_session_factory)]
 SenderDep = Annotated[Celery, Depends(get_sender)]
 CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
 AdminPrincipal = Annotated[Principal, Depends(require_admin)]

@@ -148,6 +148,7 @@ def finish_shard(
     failed: int,
     prompt_tokens: int = 0,
     completion_tokens: int = 0,
+    duration_seconds: float | None = None,
     error: dict[str, Any] | None = None,
 ) -> bool:
     """running → succeeded | failed | cancelled, adding the shard's counts to its job exactly once."""
@@ -161,6 +162,7 @@ def finish_shard(
             succeeded=succeeded,
             failed=failed,
             progress=succeeded + failed,
+            duration_seconds=duration_seconds,
             error=error,
         )
     ).rowcount

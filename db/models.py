@@ -13,6 +13,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -121,7 +122,7 @@ class ModelVersion(Base):
     job_id: Mapped[str | None] = mapped_column(String(40))
     params: Mapped[dict[str, Any]] = mapped_column(default=dict)
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    source: Mapped[str] = mapped_column(String(32), default="registered")
+    source: Mapped[str] = mapped_column(String(300), default="registered")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -190,6 +191,7 @@ class Shard(Base):
     enqueued_at: Mapped[datetime | None]
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    duration_seconds: Mapped[float | None] = mapped_column(Float)  # of the attempt that finished it
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
 
 

@@ -20,6 +20,7 @@ from db.settings import Settings
 # SQLite: WAL lets readers (the API) run beside one writer (a worker); the busy timeout makes a second
 # writer wait for the lock instead of failing at once with "database is locked".
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+WRITE_OPTION = "lmbatch_write"
 
 
 def make_engine(settings: Settings, **overrides: Any) -> Engine:
@@ -51,9 +52,11 @@ def _configure_sqlite(dbapi_connection: sqlite3.Connection, _record: object) -> 
 
 
 def _begin_immediate(connection: Any) -> None:
-    # A deferred transaction that reads and then writes can fail with SQLITE_BUSY without waiting
-    # (the busy timeout does not apply to lock upgrades). BEGIN IMMEDIATE takes the write lock first.
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
+    # A write transaction that reads first can fail with SQLITE_BUSY at once when it upgrades its lock
+    # (the busy timeout does not apply to a stale WAL snapshot), so writers take the lock up front
+    # with BEGIN IMMEDIATE. Readers stay deferred: in WAL mode they never block and are never blocked.
+    immediate = connection.get_execution_options().get(WRITE_OPTION, False)
+    connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
@@ -62,9 +65,15 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
 
 @contextmanager
 def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
-    """One unit of work: commit on success, roll back on any exception."""
+    """One unit of work that writes: commit on success, roll back on any exception."""
     with factory() as session, session.begin():
+        begin_write(session)
         yield session
+
+
+def begin_write(session: Session) -> None:
+    """Mark the session's transaction as a writer (SQLite: BEGIN IMMEDIATE; elsewhere nothing)."""
+    session.connection(execution_options={WRITE_OPTION: True})
 
 
 def ping(engine: Engine) -> None:

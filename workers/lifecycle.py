@@ -17,7 +17,8 @@ from sqlalchemy.pool import NullPool
 
 from db.session import make_engine, make_session_factory
 from db.settings import Settings
-from workers.runtime import build_runtime, get_runtime, set_runtime
+from workers.presence import PresenceThread
+from workers.runtime import Runtime, build_runtime, get_runtime, set_runtime
 from workers.sweeper import SweeperThread
 
 log = logging.getLogger("lmbatch.worker")
@@ -25,6 +26,7 @@ log = logging.getLogger("lmbatch.worker")
 # The Celery node name (gpu0@host), learned in the parent before the pool forks; children inherit it.
 _node_name = f"worker@{socket.gethostname()}"
 _sweeper: SweeperThread | None = None
+_presence: PresenceThread | None = None
 
 
 @celeryd_init.connect
@@ -38,6 +40,18 @@ def _remember_node_name(sender: str | None = None, **_: Any) -> None:
 def _open_runtime(**_: Any) -> None:
     # Runs inside each pool process after fork: CUDA, the database pool and models are made here so
     # that none is inherited from the parent ("Cannot re-initialize CUDA in forked subprocess").
+    try:
+        current_runtime()
+    except Exception:  # Celery would swallow it; tasks retry the open and report the real error
+        log.exception("could not open the worker runtime")
+
+
+def current_runtime() -> Runtime:
+    """This pool process's runtime, opened on first use."""
+    try:
+        return get_runtime()
+    except RuntimeError:
+        pass
     import torch
 
     settings = Settings()
@@ -45,7 +59,17 @@ def _open_runtime(**_: Any) -> None:
         torch.set_num_threads(settings.torch_threads)
     runtime = build_runtime(settings, worker_name=_node_name)
     set_runtime(runtime)
+
+    from workers.app import app
+    from workers.pinning import describe_device
+
+    global _presence
+    # The -Q selection was made in the parent before the pool forked; the child inherits it.
+    queues = sorted(app.amqp.queues.consume_from or app.amqp.queues)
+    _presence = PresenceThread(settings.redis_url, runtime.worker_name, lambda: describe_device(runtime.device), queues)
+    _presence.start()
     log.info("worker process ready on %s as %s", runtime.device, runtime.worker_name)
+    return runtime
 
 
 @worker_process_shutdown.connect
@@ -54,6 +78,8 @@ def _close_runtime(**_: Any) -> None:
         runtime = get_runtime()
     except RuntimeError:
         return
+    if _presence is not None:
+        _presence.stop()
     runtime.models.clear()
     runtime.engine.dispose()
     set_runtime(None)

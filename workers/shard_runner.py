@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -53,6 +54,7 @@ class _ShardWork:
     attempts: int
     items: list[EngineItem]
     version: VersionInfo
+    started: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -197,6 +199,7 @@ def _finish(
             failed=tally.failed,
             prompt_tokens=tally.prompt_tokens,
             completion_tokens=tally.completion_tokens,
+            duration_seconds=time.monotonic() - work.started,
             error=error,
         )
     if not won:

@@ -11,11 +11,12 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Query, UploadFile
 from fastapi.responses import FileResponse
 
-from api.deps import CurrentPrincipal, SessionDep, SettingsDep
+from api.deps import CurrentPrincipal, SessionDep, SessionsDep, SettingsDep
 from api.errors import BadRequest, NotFound, PayloadTooLarge
 from api.schemas import FileDeleted, FileList, FilePublic, FilePurpose
 from db import files as file_repo
 from db.models import StoredFile, new_id
+from db.session import transaction
 
 router = APIRouter(tags=["files"])
 
@@ -27,7 +28,7 @@ def upload_file(
     file: UploadFile,
     purpose: Annotated[FilePurpose, Form()],
     principal: CurrentPrincipal,
-    session: SessionDep,
+    sessions: SessionsDep,
     settings: SettingsDep,
 ) -> FilePublic:
     settings.files_dir.mkdir(parents=True, exist_ok=True)
@@ -47,8 +48,8 @@ def upload_file(
         line_count=lines,
         storage_path=str(target.resolve()),
     )
-    session.add(row)
-    session.commit()
+    with transaction(sessions) as session:
+        session.add(row)
     return FilePublic.of(row)
 
 
@@ -117,10 +118,10 @@ def get_file_content(file_id: str, principal: CurrentPrincipal, session: Session
 
 
 @router.delete("/files/{file_id}", response_model=FileDeleted)
-def delete_file(file_id: str, principal: CurrentPrincipal, session: SessionDep) -> FileDeleted:
-    row = owned_file(session, principal, file_id)
-    file_repo.mark_deleted(session, file=row)
-    session.commit()
+def delete_file(file_id: str, principal: CurrentPrincipal, sessions: SessionsDep) -> FileDeleted:
+    with transaction(sessions) as session:
+        row = owned_file(session, principal, file_id)
+        file_repo.mark_deleted(session, file=row)
     # The row is kept (jobs may name it); the bytes go.
     Path(row.storage_path).unlink(missing_ok=True)
     return FileDeleted(id=row.id)

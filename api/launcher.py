@@ -1,0 +1,301 @@
+"""``lmbatch up``: the whole stack on one host, in the foreground, stopped cleanly by Ctrl-C or SIGTERM.
+
+Order: broker (the configured Redis, or an embedded one), database upgrade and built-in models (a child
+process, so torch never loads into this long-lived one), then the API, the workers and Flower. It waits for
+``/healthz`` to answer 200 and prints the URLs. Stopping goes the other way: SIGTERM to the API, workers and
+Flower (workers turn it into a soft shutdown that re-queues the running shard), SIGKILL for whatever is left
+after the grace period, and the embedded Redis last, once the workers have put their messages back.
+
+Children learn every setting, including the effective broker URL and the Flower password, from
+``LMBATCH_*`` variables built here from the one ``Settings`` object.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+from rich.markup import escape
+from rich.text import Text
+
+from api.broker import embedded_redis, port_is_free, redis_answers
+from api.supervisor import Child, ChildSpec, StopSignals, Supervisor
+from db.settings import Settings
+from workers.launch import WorkerPlan, plan_workers
+
+# Flower writes its state file this often (ms): a crash loses at most a minute of task history; a clean
+# stop saves it anyway.
+FLOWER_STATE_SAVE_MS = 60_000
+# A worker's soft shutdown takes worker_soft_shutdown_timeout (5 s) plus its own cleanup; the API and
+# Flower stop in about a second. Past this, SIGKILL.
+STOP_GRACE_S = 30.0
+PREFIX_STYLES = ("cyan", "magenta", "green", "yellow", "blue", "bright_red", "bright_cyan", "bright_magenta")
+
+
+class LaunchError(RuntimeError):
+    """The stack cannot start or a part of it died: one line for the operator; the children are stopped."""
+
+
+class _Stopped(Exception):
+    """A stop signal arrived while starting."""
+
+
+@dataclass(frozen=True)
+class StackOptions:
+    api_port: int | None = None  # None: settings.api_port
+    flower_port: int = 5555
+    workers: int = 1  # CPU worker processes when no GPU is used; 0: none
+    gpus: str = "all"
+    gpus_per_worker: int = 1
+    queues: str | None = None
+    builtins: bool = True
+    ready_timeout_s: float = 180.0
+
+
+def settings_env(settings: Settings, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment that makes a child build the same ``Settings``: every field as ``LMBATCH_*``."""
+    env = {k: v for k, v in (os.environ if base is None else base).items() if not k.startswith("LMBATCH_")}
+    for name, value in settings.model_dump(mode="json").items():
+        env[f"LMBATCH_{name.upper()}"] = json.dumps(value) if isinstance(value, list | dict) else str(value)
+    # Children write to a pipe; unbuffered, their lines reach the console as they happen.
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def with_flower_password(settings: Settings) -> tuple[Settings, bool]:
+    """The settings with a Flower password: the configured one, or a generated one (True)."""
+    if settings.flower_password:
+        return settings, False
+    return settings.model_copy(update={"flower_password": secrets.token_urlsafe(12)}), True
+
+
+def flower_spec(settings: Settings, *, port: int, env: Mapping[str, str]) -> ChildSpec:
+    """Flower, always behind basic auth, with its state kept in ``settings.flower_state_file``."""
+    user, password = settings.flower_user, settings.flower_password
+    if not user or not password:
+        raise LaunchError("Flower needs a user and a password (LMBATCH_FLOWER_USER / LMBATCH_FLOWER_PASSWORD)")
+    if ":" in user or "," in user + password:
+        raise LaunchError("the Flower user may not contain ':' and neither user nor password ','")
+    settings.flower_state_file.parent.mkdir(parents=True, exist_ok=True)
+    child_env = {k: v for k, v in env.items() if k != "FLOWER_UNAUTHENTICATED_API"}  # it would open /api/*
+    # Through the environment rather than --basic-auth, so the password does not show in `ps`.
+    child_env["FLOWER_BASIC_AUTH"] = f"{user}:{password}"
+    argv = [
+        sys.executable, "-m", "celery", "-A", "workers.app", "flower",
+        f"--port={port}", f"--address={settings.api_host}",
+        "--persistent=True", f"--db={settings.flower_state_file}",
+        f"--state_save_interval={FLOWER_STATE_SAVE_MS}",
+    ]  # fmt: skip
+    return ChildSpec("flower", argv, child_env)
+
+
+def api_spec(settings: Settings, env: Mapping[str, str]) -> ChildSpec:
+    argv = [
+        sys.executable, "-m", "uvicorn", "--factory", "api.app:create_app",
+        "--host", settings.api_host, "--port", str(settings.api_port),
+    ]  # fmt: skip
+    return ChildSpec("api", argv, dict(env))
+
+
+def db_upgrade_spec(env: Mapping[str, str], *, builtins: bool) -> ChildSpec:
+    argv = [sys.executable, "-m", "api.cli", "db", "upgrade", *([] if builtins else ["--no-builtins"])]
+    return ChildSpec("db", argv, dict(env))
+
+
+def worker_specs(plans: Iterable[WorkerPlan]) -> list[ChildSpec]:
+    return [ChildSpec(plan.label, plan.argv, plan.env) for plan in plans]
+
+
+def local_url(host: str, port: int) -> str:
+    return f"http://{'127.0.0.1' if host in ('', '0.0.0.0', '::') else host}:{port}"
+
+
+def console_sink(console: Console) -> Callable[[str, str], None]:
+    styles: dict[str, str] = {}
+
+    def sink(name: str, line: str) -> None:
+        style = styles.setdefault(name, PREFIX_STYLES[len(styles) % len(PREFIX_STYLES)])
+        console.print(Text(f"{name:>8} | ", style=style) + Text(line), soft_wrap=True, highlight=False)
+
+    return sink
+
+
+def _died(child: Child, log_dir: Path | None) -> LaunchError:
+    where = f"; its log: {log_dir / (child.name + '.log')}" if log_dir else ""
+    return LaunchError(f"{child.name} exited with code {child.returncode}{where}")
+
+
+def _wait_until(
+    supervisor: Supervisor, stop: StopSignals, predicate: Callable[[], bool], *, timeout: float, interval: float
+) -> bool:
+    """Pump output until ``predicate()``; raise if a child dies or a stop arrives first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if stop.requested:
+            raise _Stopped
+        for child in supervisor.ended():
+            raise _died(child, supervisor.log_dir)
+        if predicate():
+            return True
+        supervisor.pump(interval)
+    return False
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _ready(api_url: str, flower_url: str) -> bool:
+    # The URLs printed must work when they are printed: the API healthy (database and broker), Flower listening
+    # (/healthcheck needs no auth).
+    return _answers(api_url + "/healthz") and _answers(flower_url + "/healthcheck")
+
+
+def supervise(supervisor: Supervisor, stop: StopSignals) -> None:
+    """Forward output until a stop signal (return) or until a child exits on its own (LaunchError)."""
+    _wait_until(supervisor, stop, lambda: False, timeout=float("inf"), interval=0.5)
+
+
+def _shutdown(supervisor: Supervisor, stop: StopSignals, console: Console, last: Iterable[Child]) -> None:
+    last = list(last)
+    first = [child for child in supervisor.children if child not in last]
+    if any(child.returncode is None for child in supervisor.children):
+        console.print("[bold]lmbatch:[/] stopping (Ctrl-C again to kill at once)")
+    hurry = lambda: stop.count >= 2  # noqa: E731
+    supervisor.stop(first, grace=STOP_GRACE_S, now=hurry)
+    supervisor.stop(last, grace=10.0, now=hurry)
+    supervisor.close()
+
+
+def run_stack(settings: Settings, options: StackOptions, console: Console) -> None:
+    """Run the stack until a stop signal; raise LaunchError when it cannot start or a part of it dies."""
+    settings = settings.model_copy(update={"api_port": options.api_port or settings.api_port})
+    for what, port in (("API", settings.api_port), ("Flower", options.flower_port)):
+        if not port_is_free(settings.api_host, port):
+            raise LaunchError(f"port {port} on {settings.api_host} is taken; pick another for the {what}")
+    settings.ensure_dirs()
+    log_dir = settings.var_dir / "logs"
+    supervisor = Supervisor(log_dir=log_dir, sink=console_sink(console))
+    broker: list[Child] = []
+    with StopSignals() as stop:
+        try:
+            if redis_answers(settings.redis_url):
+                broker_note = f"Redis at {settings.redis_url}"
+            else:
+                embedded = embedded_redis(settings.var_dir / "redis", settings_env(settings))
+                if embedded is None:
+                    raise LaunchError(f"no Redis answers at {settings.redis_url} and no redis-server binary found")
+                console.print(
+                    f"[bold]lmbatch:[/] no Redis answers at {escape(settings.redis_url)}; starting an "
+                    f"{escape(embedded.description)}"
+                )
+                broker.append(supervisor.start(embedded.spec))
+                url = embedded.url
+                if not _wait_until(supervisor, stop, lambda: redis_answers(url), timeout=15, interval=0.1):
+                    raise LaunchError(f"the embedded Redis did not answer at {url} within 15 s")
+                settings = settings.model_copy(update={"redis_url": url})
+                broker_note = f"{url} ({embedded.description})"
+            settings, generated = with_flower_password(settings)
+            env = settings_env(settings)
+
+            upgrade = supervisor.start(db_upgrade_spec(env, builtins=options.builtins))
+            code = supervisor.wait_exit(upgrade, timeout=float("inf"), stop=stop)
+            supervisor.stop([upgrade], grace=0)  # reap it and its pipe now, while its group id is still its own
+            if stop.requested:
+                raise _Stopped
+            if code != 0:
+                raise LaunchError(f"the database upgrade failed (exit {code}); its output is above and in {log_dir}")
+
+            plans = plan_workers(
+                settings,
+                gpus=options.gpus,
+                gpus_per_worker=options.gpus_per_worker,
+                queues=options.queues,
+                cpu_workers=options.workers,
+                base_env=env,
+            )
+            api_url = local_url(settings.api_host, settings.api_port)
+            flower_url = local_url(settings.api_host, options.flower_port)
+            for spec in (
+                api_spec(settings, env),
+                *worker_specs(plans),
+                flower_spec(settings, port=options.flower_port, env=env),
+            ):
+                supervisor.start(spec)
+            if not _wait_until(
+                supervisor, stop, lambda: _ready(api_url, flower_url), timeout=options.ready_timeout_s, interval=0.25
+            ):
+                console.print(
+                    f"[bold yellow]lmbatch:[/] {api_url}/healthz or Flower not ready after "
+                    f"{options.ready_timeout_s:.0f} s; still running, see {log_dir}"
+                )
+            else:
+                _banner(
+                    console,
+                    settings,
+                    api_url=api_url,
+                    flower_url=flower_url,
+                    generated=generated,
+                    broker=broker_note,
+                    plans=plans,
+                    log_dir=log_dir,
+                )
+            supervise(supervisor, stop)
+        except _Stopped:
+            pass
+        finally:
+            _shutdown(supervisor, stop, console, last=broker)
+    console.print("[bold]lmbatch:[/] stopped")
+
+
+def run_processes(specs: list[ChildSpec], console: Console) -> None:
+    """``lmbatch worker`` / ``lmbatch flower``: run these children until a stop signal or one of them ends."""
+    supervisor = Supervisor(log_dir=None, sink=console_sink(console))
+    with StopSignals() as stop:
+        try:
+            for spec in specs:
+                supervisor.start(spec)
+            supervise(supervisor, stop)
+        except _Stopped:
+            pass
+        finally:
+            _shutdown(supervisor, stop, console, last=[])
+
+
+def _banner(
+    console: Console,
+    settings: Settings,
+    *,
+    api_url: str,
+    flower_url: str,
+    generated: bool,
+    broker: str,
+    plans: list[WorkerPlan],
+    log_dir: Path,
+) -> None:
+    password = escape(settings.flower_password) + ("  (generated for this run)" if generated else "")
+    host = socket.gethostname()
+    workers = ", ".join(f"{p.node.replace('%h', host)} ({','.join(p.queues)})" for p in plans) or "none (--workers 0)"
+    console.print(
+        "\n[bold green]lmbatch is up[/]\n"
+        f"  API      {api_url}   (docs: {api_url}/docs)\n"
+        f"  Flower   {flower_url}   user [bold]{escape(settings.flower_user)}[/]  password [bold]{password}[/]\n"
+        f"  Broker   {escape(broker)}\n"
+        f"  Workers  {escape(workers)}\n"
+        f"  Logs     {escape(str(log_dir))}/\n"
+        "Ctrl-C or SIGTERM stops everything.\n",
+        highlight=False,
+        soft_wrap=True,
+    )

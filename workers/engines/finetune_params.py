@@ -1,0 +1,257 @@
+"""Fine-tuning parameters and training-file validation.
+
+The API imports this module to refuse a bad fine-tuning request (or a bad training file) at the door, so it
+must never import torch or transformers.
+
+Training files are JSON Lines, one example per line:
+
+    causal-lm                   {"messages": [{"role": ..., "content": ...}, ...]}   (>= 1 assistant message)
+                                {"prompt": "...", "completion": "..."}
+                                {"text": "..."}
+    sequence-classification     {"text": "...", "label": "positive"}   (or an int label)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from workers.errors import PermanentJobError
+
+FinetuneTask = Literal["causal-lm", "sequence-classification"]
+FINETUNE_TASKS: tuple[str, ...] = ("causal-lm", "sequence-classification")
+# The model registry's name pattern: a fine-tune registers its result under this name.
+OUTPUT_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,99}$"
+MAX_REPORTED_ERRORS = 20
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Hyperparameters(_Strict):
+    epochs: int = Field(3, ge=1, le=100)
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs when set")
+    learning_rate: float = Field(5e-5, gt=0.0, le=1.0)
+    batch_size: int = Field(8, ge=1, le=1024, description="examples per micro-batch on each process")
+    gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
+    max_seq_len: int = Field(512, ge=8, le=8192)
+    seed: int = 42
+    eval_every: int = Field(10, ge=0, description="optimizer steps between evaluations; 0: only at the end")
+    checkpoint_every: int = Field(10, ge=0, description="optimizer steps between checkpoints; 0: none")
+    log_every: int = Field(1, ge=1)
+
+
+class DeepSpeedOptions(_Strict):
+    zero_stage: int = Field(2, ge=0, le=3)
+    bf16: bool = False
+    fp16: bool = False
+    offload_optimizer: bool = False
+    gradient_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DeepSpeedOptions:
+        if self.bf16 and self.fp16:
+            raise ValueError("bf16 and fp16 are exclusive: pick one")
+        if self.offload_optimizer and self.zero_stage == 0:
+            # DeepSpeed offloads optimizer *partitions*; without ZeRO there is nothing partitioned to offload.
+            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3")
+        return self
+
+
+class FinetuneParams(_Strict):
+    task: FinetuneTask = "causal-lm"
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    deepspeed: DeepSpeedOptions = Field(default_factory=DeepSpeedOptions)
+    num_gpus: int = Field(1, ge=1, le=64)
+    output_name: str | None = Field(None, pattern=OUTPUT_NAME_PATTERN)
+    validation_fraction: float = Field(0.1, ge=0.0, le=0.5)
+    labels: list[str] | None = Field(None, min_length=2, max_length=1000)
+
+    @field_validator("labels")
+    @classmethod
+    def _distinct_labels(cls, labels: list[str] | None) -> list[str] | None:
+        if labels is None:
+            return None
+        if any(not label.strip() for label in labels):
+            raise ValueError("labels must be non-empty strings")
+        if len(set(labels)) != len(labels):
+            raise ValueError("labels must be distinct")
+        return labels
+
+    @model_validator(mode="after")
+    def _labels_only_for_classification(self) -> FinetuneParams:
+        if self.labels is not None and self.task != "sequence-classification":
+            raise ValueError("labels apply to task 'sequence-classification' only")
+        return self
+
+
+# --- training rows -------------------------------------------------------------------------------------------
+
+
+class _StrictRow(BaseModel):
+    # strict: a number where text belongs is a broken export, not something to coerce.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class Message(_StrictRow):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+
+
+class ChatRow(_StrictRow):
+    messages: list[Message] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _has_target(self) -> ChatRow:
+        if not any(m.role == "assistant" and m.content.strip() for m in self.messages):
+            raise ValueError("needs at least one non-empty assistant message (the text to learn)")
+        return self
+
+
+class PromptCompletionRow(_StrictRow):
+    prompt: str
+    completion: str = Field(min_length=1)
+
+
+class TextRow(_StrictRow):
+    text: str = Field(min_length=1)
+
+
+class LabeledTextRow(_StrictRow):
+    text: str = Field(min_length=1)
+    label: str | int
+
+    @field_validator("label")
+    @classmethod
+    def _usable_label(cls, label: str | int) -> str | int:
+        if isinstance(label, str) and not label.strip():
+            raise ValueError("label must be a non-empty string or an int")
+        return label
+
+
+def row_model(task: str, raw: dict[str, Any]) -> type[_StrictRow]:
+    """The row schema a raw JSON object is checked against, chosen by ``task`` and its keys."""
+    if task == "sequence-classification":
+        return LabeledTextRow
+    if task != "causal-lm":
+        raise ValueError(f"unknown fine-tuning task {task!r}; expected one of {', '.join(FINETUNE_TASKS)}")
+    if "messages" in raw:
+        return ChatRow
+    if "prompt" in raw or "completion" in raw:
+        return PromptCompletionRow
+    if "text" in raw:
+        return TextRow
+    raise ValueError('a causal-lm row needs "messages", "prompt" and "completion", or "text"')
+
+
+def label_name(label: str | int) -> str:
+    """Labels are stored by name; an int label ``3`` is the label named ``"3"``."""
+    return str(label)
+
+
+def sort_labels(names: set[str] | list[str]) -> list[str]:
+    """The id order for labels found in the data: numeric labels by value (so 0..k-1 keep their ids), then text."""
+    return sorted(set(names), key=lambda s: (0, int(s), "") if re.fullmatch(r"-?\d+", s) else (1, 0, s))
+
+
+# --- file validation -----------------------------------------------------------------------------------------
+
+
+class TrainingDataError(PermanentJobError, ValueError):
+    """A training or validation file has bad lines. Also a ValueError, so the API can answer 400.
+
+    ``errors`` holds ``(line_number, message)`` for the first bad lines (1-based; 0 for the file as a whole);
+    ``bad_lines`` counts them all.
+    """
+
+    code = "training_data"
+
+    def __init__(self, errors: list[tuple[int, str]], *, bad_lines: int | None = None, what: str = "file") -> None:
+        self.errors = errors
+        self.bad_lines = bad_lines if bad_lines is not None else len(errors)
+        shown = "; ".join(f"line {n}: {msg}" if n else msg for n, msg in errors)
+        more = f" (and {self.bad_lines - len(errors)} more)" if self.bad_lines > len(errors) else ""
+        super().__init__(f"invalid training {what}: {shown}{more}")
+
+
+@dataclass
+class TrainingFileSummary:
+    rows: int
+    labels: list[str] = field(default_factory=list)  # sequence-classification: distinct label names, id order
+    sha256: str = ""
+
+
+def validate_training_file(
+    path: Path | str, task: str, *, allowed_labels: list[str] | None = None
+) -> TrainingFileSummary:
+    """Stream a JSONL training file and check every row against ``task``'s schema.
+
+    Blank lines are skipped. Raises TrainingDataError naming up to 20 bad line numbers, or when no row is
+    usable. With ``allowed_labels``, a classification label outside that list is an error.
+    """
+    if task not in FINETUNE_TASKS:
+        raise TrainingDataError([(0, f"unknown fine-tuning task {task!r}")])
+    errors: list[tuple[int, str]] = []
+    bad = rows = 0
+    labels: set[str] = set()
+    digest = hashlib.sha256()
+    try:
+        handle = Path(path).open("rb")
+    except OSError as exc:
+        raise TrainingDataError([(0, f"cannot read {path}: {exc.strerror}")]) from None
+    with handle:
+        for number, raw_line in enumerate(handle, start=1):
+            digest.update(raw_line)
+            if not raw_line.strip():
+                continue
+            problem, label = _check_line(raw_line, task, allowed_labels)
+            if problem is None:
+                rows += 1
+                if label is not None:
+                    labels.add(label)
+                continue
+            bad += 1
+            if len(errors) < MAX_REPORTED_ERRORS:
+                errors.append((number, problem))
+    if bad:
+        raise TrainingDataError(errors, bad_lines=bad)
+    if rows == 0:
+        raise TrainingDataError([(0, "the file holds no rows")])
+    return TrainingFileSummary(rows=rows, labels=sort_labels(labels) if labels else [], sha256=digest.hexdigest())
+
+
+def _check_line(raw_line: bytes, task: str, allowed_labels: list[str] | None) -> tuple[str | None, str | None]:
+    """(problem, label name) for one non-blank line; problem is None when the row is usable."""
+    try:
+        raw = json.loads(raw_line)
+    except (ValueError, UnicodeDecodeError) as exc:
+        return f"not valid JSON ({exc})", None
+    if not isinstance(raw, dict):
+        return f"a row must be a JSON object, got {type(raw).__name__}", None
+    try:
+        row = row_model(task, raw).model_validate(raw)
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        return _describe(exc), None
+    if not isinstance(row, LabeledTextRow):
+        return None, None
+    name = label_name(row.label)
+    if allowed_labels is not None and name not in allowed_labels:
+        return f"label {name!r} is not one of the job's labels ({', '.join(allowed_labels)})", None
+    return None, name
+
+
+def _describe(exc: ValueError) -> str:
+    if isinstance(exc, ValidationError):
+        return "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'row'}: {err['msg']}" for err in exc.errors(include_url=False)
+        )
+    return str(exc)
