@@ -1,8 +1,9 @@
 """``lmbatch``: the operator's command line.
 
-Each group of commands is a Typer sub-app added with one ``app.add_typer`` line. Commands stay thin: process
-management is api/launcher.py and workers/launch.py, data is db/. Nothing heavy is imported at module level
-(torch never: ``lmbatch --help`` must be instant, and the launcher must stay a small process).
+Each group of commands is a Typer sub-app added with one ``app.add_typer`` line; shared helpers live in
+api/cli_common.py. Commands stay thin: process management is api/launcher.py and workers/launch.py, data is
+db/. Nothing heavy is imported at module level (torch never: ``lmbatch --help`` must be instant, and the
+launcher must stay a small process).
 
 Settings are built once, on first use, from ``LMBATCH_*`` variables and ``.env``; a child process learns them
 from the environment the launcher gives it. Expected failures (bad settings, a database or port not there, an
@@ -12,13 +13,11 @@ unknown key) end as one line on stderr and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
-from rich.console import Console
 
-if TYPE_CHECKING:
-    from db.settings import Settings
+from api.cli_common import CliError, err, expected_errors, one_line, out, settings_of
 
 app = typer.Typer(
     name="lmbatch",
@@ -29,25 +28,9 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="The SQL database: schema and built-in models.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys of tenants.", no_args_is_help=True)
+# One line per sub-app; a sub-app in its own module imports its helpers from api.cli_common.
 app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
-
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-
-
-class CliError(Exception):
-    """An expected failure, shown as one line."""
-
-
-def settings_of(ctx: typer.Context) -> Settings:
-    """The one Settings object of this invocation, built on first use (so ``--help`` works with bad settings)."""
-    from db.settings import Settings, get_settings
-
-    root = ctx.find_root()
-    if not isinstance(root.obj, Settings):
-        root.obj = get_settings()
-    return root.obj
 
 
 # ---------------------------------------------------------------------------------------------------- db
@@ -138,7 +121,9 @@ QueuesOpt = Annotated[
 CpuWorkersOpt = Annotated[
     int,
     typer.Option(
-        "--workers", min=0, help="Worker processes when no GPU is used; 0: none. With GPUs there is one per GPU group."
+        "--workers",
+        min=0,
+        help="Worker processes when no GPU is used. With GPUs: one per GPU group. `up --workers 0`: no worker.",
     ),
 ]
 
@@ -233,42 +218,11 @@ def flower(ctx: typer.Context, port: Annotated[int, typer.Option()] = 5555) -> N
 # ---------------------------------------------------------------------------------------------------- main
 
 
-def _one_line(error: BaseException) -> str:
-    from pydantic import ValidationError
-    from sqlalchemy.exc import SQLAlchemyError
-
-    if isinstance(error, ValidationError):
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in error.errors())
-        return f"invalid settings (LMBATCH_* / .env): {problems}"
-    if isinstance(error, SQLAlchemyError):
-        cause = getattr(error, "orig", None) or error
-        text = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        if "no such table" in text or "does not exist" in text:
-            text += " (run `lmbatch db upgrade` first)"
-        return f"database: {text}"
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def main() -> None:
-    from pydantic import ValidationError
-    from sqlalchemy.exc import SQLAlchemyError
-
-    from api.launcher import LaunchError
-    from workers.launch import WorkerPlanError
-
-    expected: tuple[type[BaseException], ...] = (
-        CliError,
-        LaunchError,
-        WorkerPlanError,
-        ValidationError,
-        SQLAlchemyError,
-        OSError,
-    )
     try:
         app()
-    except expected as error:
-        err.print(f"lmbatch: error: {_one_line(error)}", markup=False)
+    except expected_errors() as error:
+        err.print(f"lmbatch: error: {one_line(error)}", markup=False)
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -111,8 +111,9 @@ def db_upgrade_spec(env: Mapping[str, str], *, builtins: bool) -> ChildSpec:
     return ChildSpec("db", argv, dict(env))
 
 
-def worker_specs(plans: Iterable[WorkerPlan]) -> list[ChildSpec]:
-    return [ChildSpec(plan.label, plan.argv, plan.env) for plan in plans]
+def worker_specs(plans: Iterable[WorkerPlan], env: Mapping[str, str] | None = None) -> list[ChildSpec]:
+    """Child specs for planned workers; ``env`` goes under each plan's own variables (CUDA_VISIBLE_DEVICES…)."""
+    return [ChildSpec(plan.label, plan.argv, {**(env or {}), **plan.env}) for plan in plans]
 
 
 def local_url(host: str, port: int) -> str:
@@ -168,8 +169,9 @@ def supervise(supervisor: Supervisor, stop: StopSignals) -> None:
     _wait_until(supervisor, stop, lambda: False, timeout=float("inf"), interval=0.5)
 
 
-def _shutdown(supervisor: Supervisor, stop: StopSignals, console: Console, last: Iterable[Child]) -> None:
-    last = list(last)
+def _shutdown(supervisor: Supervisor, stop: StopSignals, console: Console) -> None:
+    # The broker goes last: stopping workers put their unfinished messages back on it.
+    last = [child for child in supervisor.children if child.name == "redis"]
     first = [child for child in supervisor.children if child not in last]
     if any(child.returncode is None for child in supervisor.children):
         console.print("[bold]lmbatch:[/] stopping (Ctrl-C again to kill at once)")
@@ -179,84 +181,73 @@ def _shutdown(supervisor: Supervisor, stop: StopSignals, console: Console, last:
     supervisor.close()
 
 
+def _start_broker(supervisor: Supervisor, stop: StopSignals, settings: Settings, console: Console) -> tuple[str, str]:
+    """The broker URL for every child, and a line saying which Redis it is."""
+    if redis_answers(settings.redis_url):
+        return settings.redis_url, f"Redis at {settings.redis_url}"
+    embedded = embedded_redis(settings.var_dir / "redis", settings_env(settings))
+    if embedded is None:
+        raise LaunchError(f"no Redis answers at {settings.redis_url} and no redis-server binary was found")
+    console.print(
+        f"[bold]lmbatch:[/] no Redis answers at {escape(settings.redis_url)}; "
+        f"starting an {escape(embedded.description)}"
+    )
+    supervisor.start(embedded.spec)
+    if not _wait_until(supervisor, stop, lambda: redis_answers(embedded.url), timeout=15, interval=0.1):
+        raise LaunchError(f"the embedded Redis did not answer at {embedded.url} within 15 s")
+    return embedded.url, f"{embedded.url} ({embedded.description})"
+
+
+def _upgrade_database(supervisor: Supervisor, stop: StopSignals, env: dict[str, str], *, builtins: bool) -> None:
+    upgrade = supervisor.start(db_upgrade_spec(env, builtins=builtins))
+    code = supervisor.wait_exit(upgrade, timeout=float("inf"), stop=stop)
+    if stop.requested:
+        raise _Stopped
+    supervisor.stop([upgrade], grace=0)  # reap it and its pipe now, while its group id is still its own
+    if code != 0:
+        raise LaunchError(f"the database upgrade failed (exit {code}); its output is above and in {supervisor.log_dir}")
+
+
 def run_stack(settings: Settings, options: StackOptions, console: Console) -> None:
     """Run the stack until a stop signal; raise LaunchError when it cannot start or a part of it dies."""
     settings = settings.model_copy(update={"api_port": options.api_port or settings.api_port})
     for what, port in (("API", settings.api_port), ("Flower", options.flower_port)):
         if not port_is_free(settings.api_host, port):
             raise LaunchError(f"port {port} on {settings.api_host} is taken; pick another for the {what}")
+    # Planned before anything starts, so a bad --gpus or --queues costs nothing. --workers 0: an API-only
+    # host, even where GPUs are present.
+    plans = [] if options.workers == 0 else plan_workers(
+        settings, gpus=options.gpus, gpus_per_worker=options.gpus_per_worker, queues=options.queues,
+        cpu_workers=options.workers,
+    )  # fmt: skip
     settings.ensure_dirs()
-    log_dir = settings.var_dir / "logs"
-    supervisor = Supervisor(log_dir=log_dir, sink=console_sink(console))
-    broker: list[Child] = []
+    supervisor = Supervisor(log_dir=settings.var_dir / "logs", sink=console_sink(console))
     with StopSignals() as stop:
         try:
-            if redis_answers(settings.redis_url):
-                broker_note = f"Redis at {settings.redis_url}"
-            else:
-                embedded = embedded_redis(settings.var_dir / "redis", settings_env(settings))
-                if embedded is None:
-                    raise LaunchError(f"no Redis answers at {settings.redis_url} and no redis-server binary found")
-                console.print(
-                    f"[bold]lmbatch:[/] no Redis answers at {escape(settings.redis_url)}; starting an "
-                    f"{escape(embedded.description)}"
-                )
-                broker.append(supervisor.start(embedded.spec))
-                url = embedded.url
-                if not _wait_until(supervisor, stop, lambda: redis_answers(url), timeout=15, interval=0.1):
-                    raise LaunchError(f"the embedded Redis did not answer at {url} within 15 s")
-                settings = settings.model_copy(update={"redis_url": url})
-                broker_note = f"{url} ({embedded.description})"
-            settings, generated = with_flower_password(settings)
+            broker_url, broker_note = _start_broker(supervisor, stop, settings, console)
+            settings, generated = with_flower_password(settings.model_copy(update={"redis_url": broker_url}))
             env = settings_env(settings)
-
-            upgrade = supervisor.start(db_upgrade_spec(env, builtins=options.builtins))
-            code = supervisor.wait_exit(upgrade, timeout=float("inf"), stop=stop)
-            supervisor.stop([upgrade], grace=0)  # reap it and its pipe now, while its group id is still its own
-            if stop.requested:
-                raise _Stopped
-            if code != 0:
-                raise LaunchError(f"the database upgrade failed (exit {code}); its output is above and in {log_dir}")
-
-            plans = plan_workers(
-                settings,
-                gpus=options.gpus,
-                gpus_per_worker=options.gpus_per_worker,
-                queues=options.queues,
-                cpu_workers=options.workers,
-                base_env=env,
-            )
+            _upgrade_database(supervisor, stop, env, builtins=options.builtins)
             api_url = local_url(settings.api_host, settings.api_port)
             flower_url = local_url(settings.api_host, options.flower_port)
-            for spec in (
-                api_spec(settings, env),
-                *worker_specs(plans),
-                flower_spec(settings, port=options.flower_port, env=env),
-            ):
+            supervisor.start(api_spec(settings, env))
+            for spec in worker_specs(plans, env):
                 supervisor.start(spec)
-            if not _wait_until(
-                supervisor, stop, lambda: _ready(api_url, flower_url), timeout=options.ready_timeout_s, interval=0.25
-            ):
+            supervisor.start(flower_spec(settings, port=options.flower_port, env=env))
+            ready = lambda: _ready(api_url, flower_url)  # noqa: E731
+            if _wait_until(supervisor, stop, ready, timeout=options.ready_timeout_s, interval=0.25):
+                _banner(console, settings, api_url=api_url, flower_url=flower_url, generated=generated,
+                        broker=broker_note, plans=plans, log_dir=supervisor.log_dir)  # fmt: skip
+            else:
                 console.print(
                     f"[bold yellow]lmbatch:[/] {api_url}/healthz or Flower not ready after "
-                    f"{options.ready_timeout_s:.0f} s; still running, see {log_dir}"
-                )
-            else:
-                _banner(
-                    console,
-                    settings,
-                    api_url=api_url,
-                    flower_url=flower_url,
-                    generated=generated,
-                    broker=broker_note,
-                    plans=plans,
-                    log_dir=log_dir,
+                    f"{options.ready_timeout_s:.0f} s; still running, see {supervisor.log_dir}"
                 )
             supervise(supervisor, stop)
         except _Stopped:
             pass
         finally:
-            _shutdown(supervisor, stop, console, last=broker)
+            _shutdown(supervisor, stop, console)
     console.print("[bold]lmbatch:[/] stopped")
 
 
@@ -271,7 +262,7 @@ def run_processes(specs: list[ChildSpec], console: Console) -> None:
         except _Stopped:
             pass
         finally:
-            _shutdown(supervisor, stop, console, last=[])
+            _shutdown(supervisor, stop, console)
 
 
 def _banner(
@@ -283,7 +274,7 @@ def _banner(
     generated: bool,
     broker: str,
     plans: list[WorkerPlan],
-    log_dir: Path,
+    log_dir: Path | None,
 ) -> None:
     password = escape(settings.flower_password) + ("  (generated for this run)" if generated else "")
     host = socket.gethostname()

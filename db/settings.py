@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     # Jobs.
     shard_size: int = Field(64, ge=1, le=100_000)
     max_inputs_per_job: int = Field(1_000_000, ge=1)
+    # OpenAI caps a batch file at 50,000 requests; lmbatch streams the file, so it can take more.
+    max_batch_lines: int = Field(1_000_000, ge=1)
     max_request_bytes: int = Field(256 * 1024 * 1024, ge=1024)
     max_queued_items_per_tenant: int = Field(5_000_000, ge=1)
     batch_size: int = Field(32, ge=1, le=4096)

@@ -10,6 +10,7 @@ batches, overwritten by the re-run; after finish commits, a done shard whose red
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -54,6 +55,7 @@ class _ShardWork:
     attempts: int
     items: list[EngineItem]
     version: VersionInfo
+    overrides: dict[int, dict[str, Any]] = field(default_factory=dict)  # item index → its own params
     started: float = field(default_factory=time.monotonic)
 
 
@@ -102,7 +104,6 @@ def run_shard(runtime: Runtime, shard_id: int, *, on_progress: ProgressCallback 
     try:
         model = load_version(runtime, work.version)
         engine = _engine_for(work.kind)
-        params = PARAMS_BY_KIND[work.kind].model_validate(work.params)
 
         def on_batch(results: list[ItemResult]) -> None:
             with transaction(runtime.sessions) as session:
@@ -115,7 +116,10 @@ def run_shard(runtime: Runtime, shard_id: int, *, on_progress: ProgressCallback 
         def should_stop() -> bool:
             return keeper.lost or _job_is_stopping(runtime, work.job_id)
 
-        engine(model, work.items, params, batch_size=settings.batch_size, should_stop=should_stop, on_batch=on_batch)
+        for params, items in _param_groups(work):
+            if should_stop():
+                break
+            engine(model, items, params, batch_size=settings.batch_size, should_stop=should_stop, on_batch=on_batch)
     except PermanentJobError as error:
         keeper.stop()
         return _fail(runtime, work, error, tally)
@@ -151,6 +155,23 @@ def _engine_for(kind: str) -> Callable[..., list[ItemResult]]:
     raise PermanentJobError(f"no engine runs {kind!r} shards")
 
 
+def _param_groups(work: _ShardWork) -> list[tuple[Any, list[EngineItem]]]:
+    """Items may override the job's params (an OpenAI batch line carries its own temperature, say):
+    the engine runs once per distinct set, in order of first appearance. Uniform jobs make one group."""
+    groups: dict[str, tuple[Any, list[EngineItem]]] = {}
+    for item in work.items:
+        override = work.overrides.get(item.index) or {}
+        key = json.dumps(override, sort_keys=True)
+        if key not in groups:
+            try:
+                params = PARAMS_BY_KIND[work.kind].model_validate({**work.params, **override})
+            except ValueError as error:
+                raise PermanentJobError(f"invalid params for item {item.index}: {error}") from error
+            groups[key] = (params, [])
+        groups[key][1].append(item)
+    return list(groups.values())
+
+
 def _not_claimed(session: Any, shard_id: int, claim: jobs.Claim) -> ShardOutcome:
     if claim is jobs.Claim.BUSY:
         expires = session.scalar(select(Shard.lease_expires_at).where(Shard.id == shard_id))
@@ -167,7 +188,10 @@ def _load_work(session: Any, shard_id: int) -> _ShardWork:
         EngineItem(index=shard.start + offset, custom_id=item.get("custom_id"), input=item["input"])
         for offset, item in enumerate(shard.items)
     ]
-    return _ShardWork(shard.id, job.id, job.kind, dict(job.params), shard.attempts, items, VersionInfo.of(version))
+    overrides = {shard.start + offset: item["params"] for offset, item in enumerate(shard.items) if item.get("params")}
+    return _ShardWork(
+        shard.id, job.id, job.kind, dict(job.params), shard.attempts, items, VersionInfo.of(version), overrides
+    )
 
 
 def _job_is_stopping(runtime: Runtime, job_id: str) -> bool:

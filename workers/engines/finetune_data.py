@@ -159,9 +159,7 @@ def encode_file(
     return examples, dropped
 
 
-def split_validation(
-    examples: list[Example], fraction: float, seed: int
-) -> tuple[list[Example], list[Example]]:
+def split_validation(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
     """(train, validation): a seeded random ``fraction`` held out, at least one example, never all of them."""
     if fraction <= 0 or len(examples) < 2:
         return examples, []

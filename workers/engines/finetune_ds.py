@@ -103,7 +103,7 @@ def build_optimizer(model: torch.nn.Module, params: FinetuneParams) -> torch.opt
         # JIT-builds its vectorised CPU Adam instead (once per machine, ~2 min with gcc).
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        return DeepSpeedCPUAdam(groups, lr=hp.learning_rate, adamw_mode=True)  # type: ignore[no-any-return]
+        return DeepSpeedCPUAdam(groups, lr=hp.learning_rate, adamw_mode=True)
     return torch.optim.AdamW(groups, lr=hp.learning_rate)
 
 

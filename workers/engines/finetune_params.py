@@ -18,7 +18,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -69,8 +69,8 @@ class DeepSpeedOptions(_Strict):
 
 class FinetuneParams(_Strict):
     task: FinetuneTask = "causal-lm"
-    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
-    deepspeed: DeepSpeedOptions = Field(default_factory=DeepSpeedOptions)
+    hyperparameters: Hyperparameters = Field(default_factory=lambda: Hyperparameters.model_validate({}))
+    deepspeed: DeepSpeedOptions = Field(default_factory=lambda: DeepSpeedOptions.model_validate({}))
     num_gpus: int = Field(1, ge=1, le=64)
     output_name: str | None = Field(None, pattern=OUTPUT_NAME_PATTERN)
     validation_fraction: float = Field(0.1, ge=0.0, le=0.5)
@@ -205,7 +205,7 @@ def validate_training_file(
     labels: set[str] = set()
     digest = hashlib.sha256()
     try:
-        handle = Path(path).open("rb")
+        handle = _open(path)
     except OSError as exc:
         raise TrainingDataError([(0, f"cannot read {path}: {exc.strerror}")]) from None
     with handle:
@@ -227,6 +227,10 @@ def validate_training_file(
     if rows == 0:
         raise TrainingDataError([(0, "the file holds no rows")])
     return TrainingFileSummary(rows=rows, labels=sort_labels(labels) if labels else [], sha256=digest.hexdigest())
+
+
+def _open(path: Path | str) -> BinaryIO:
+    return Path(path).open("rb")
 
 
 def _check_line(raw_line: bytes, task: str, allowed_labels: list[str] | None) -> tuple[str | None, str | None]:

@@ -118,22 +118,23 @@ def _generate_batch(
         output = model.model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config, **kwargs)
     generated = output[:, input_ids.shape[1] :].cpu()
 
-    # Where each row ended, from whole-tensor operations. A finished row is filled with the pad token; where pad
-    # is also EOS (most chat models) the first EOS or pad marks the end. A row cut by a stop string is then
-    # counted one token long when pad == EOS, which usage figures can live with.
-    ended = torch.isin(generated, torch.tensor(eos_ids))
+    # Where each row ended, from whole-tensor operations: generate fills a finished row (EOS or stop string) with
+    # the pad token, so the first EOS or pad marks the end. Where pad is also EOS (most chat models), a row cut by
+    # a stop string counts one token too many, which usage figures can live with.
+    ended = torch.isin(generated, torch.tensor([*eos_ids, pad_id(model.tokenizer)]))
     has_end = ended.any(dim=1)
-    end_at = torch.where(
-        has_end, ended.int().argmax(dim=1), torch.full_like(has_end, generated.shape[1], dtype=torch.long)
-    )
+    end_at = torch.where(has_end, ended.int().argmax(dim=1), generated.shape[1])
+    at_end = generated.gather(1, end_at.clamp(max=generated.shape[1] - 1).unsqueeze(1)).squeeze(1)
+    by_eos = has_end & torch.isin(at_end, torch.tensor(eos_ids))
     texts = model.tokenizer.batch_decode(
         [row[:n].tolist() for row, n in zip(generated, end_at.tolist(), strict=True)], skip_special_tokens=True
     )
 
     results = []
-    for (item, ids), text, n_end, eos_seen in zip(batch, texts, end_at.tolist(), has_end.tolist(), strict=True):
+    rows = zip(batch, texts, end_at.tolist(), by_eos.tolist(), strict=True)
+    for (item, ids), text, n_end, eos_seen in rows:
         text, stopped = _cut_at_stop(text, params.stop)
-        completion = n_end + (1 if eos_seen else 0)
+        completion = n_end + (1 if eos_seen else 0)  # the EOS token was generated, so it counts
         finish = "stop" if stopped or eos_seen else "length"
         usage = {"prompt_tokens": len(ids), "completion_tokens": completion}
         output = {"text": text, "finish_reason": finish, "usage": usage}

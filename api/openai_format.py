@@ -1,0 +1,225 @@
+"""OpenAI Batch API lines ⇄ lmbatch items and results.
+
+Input lines are `{"custom_id", "method": "POST", "url", "body"}`; each becomes one job item, with the body's
+sampling fields as that item's params. Results become `chat.completion`, `text_completion` or embedding list
+objects, shaped like OpenAI's, so the openai SDK and existing tooling read them unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from workers.engines.params import GenerateParams
+
+ENDPOINT_KINDS = {"/v1/chat/completions": "generate", "/v1/completions": "generate", "/v1/embeddings": "embed"}
+MAX_REPORTED_ERRORS = 100
+
+# OpenAI defaults where a body leaves a field out (completions: 16 tokens; both: temperature 1).
+DEFAULT_MAX_TOKENS = {"/v1/chat/completions": 256, "/v1/completions": 16}
+BODY_FIELD_OF_PARAM = {"max_new_tokens": "max_tokens"}
+IGNORED_BODY_FIELDS = {"model", "user", "stream", "n", "logprobs", "top_logprobs", "encoding_format", "store"}
+
+
+@dataclass
+class ParsedFile:
+    model: str | None = None
+    items: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+
+    def error(self, line: int, code: str, message: str, param: str | None = None) -> None:
+        if len(self.errors) < MAX_REPORTED_ERRORS:
+            self.errors.append({"code": code, "line": line, "message": message, "param": param})
+
+
+class LineError(ValueError):
+    def __init__(self, code: str, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.param = param
+
+
+def parse_batch_file(path: Path, *, endpoint: str, max_lines: int) -> ParsedFile:
+    """Read the input file line by line (never whole) and collect every problem with its line number."""
+    parsed = ParsedFile()
+    seen_ids: set[str] = set()
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            if len(parsed.items) >= max_lines:
+                parsed.error(number, "too_many_requests", f"the file has more than {max_lines} requests")
+                break
+            try:
+                item, model = _parse_line(raw, endpoint=endpoint)
+            except LineError as error:
+                parsed.error(number, error.code, str(error), error.param)
+                continue
+            custom_id = item["custom_id"]
+            if custom_id in seen_ids:
+                parsed.error(number, "duplicate_custom_id", f"custom_id {custom_id!r} appears twice", "custom_id")
+                continue
+            seen_ids.add(custom_id)
+            if parsed.model is None:
+                parsed.model = model
+            elif model != parsed.model:
+                message = f"every request must use the same model: {model!r} differs from {parsed.model!r}"
+                parsed.error(number, "mismatched_model", message, "body.model")
+                continue
+            parsed.items.append(item)
+    if not parsed.items and not parsed.errors:
+        parsed.error(0, "empty_file", "the input file holds no requests")
+    return parsed
+
+
+def _parse_line(raw: bytes, *, endpoint: str) -> tuple[dict[str, Any], str]:
+    try:
+        line = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise LineError("invalid_json_line", f"not a JSON line: {error}") from error
+    if not isinstance(line, dict):
+        raise LineError("invalid_request", "a line must be a JSON object")
+    custom_id = line.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id or len(custom_id) > 512:
+        raise LineError(
+            "missing_custom_id", "custom_id must be a non-empty string (at most 512 characters)", "custom_id"
+        )
+    if line.get("method", "POST") != "POST":
+        raise LineError("invalid_method", "method must be POST", "method")
+    if line.get("url") != endpoint:
+        raise LineError("invalid_url", f"url {line.get('url')!r} differs from the batch endpoint {endpoint!r}", "url")
+    body = line.get("body")
+    if not isinstance(body, dict):
+        raise LineError("invalid_body", "body must be a JSON object", "body")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise LineError("missing_model", "body.model is required", "body.model")
+    if body.get("n", 1) != 1:
+        raise LineError("unsupported_value", "only n = 1 is supported", "body.n")
+    item_input = _input_of(body, endpoint)
+    params = {} if endpoint == "/v1/embeddings" else _generate_params(body, endpoint)
+    return {"custom_id": custom_id, "input": item_input, "params": params}, model
+
+
+def _input_of(body: dict[str, Any], endpoint: str) -> dict[str, Any]:
+    if endpoint == "/v1/chat/completions":
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise LineError("invalid_body", "body.messages must be a non-empty list", "body.messages")
+        for message in messages:
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                raise LineError("invalid_body", "each message needs a role and content", "body.messages")
+            if not isinstance(message.get("content"), str):
+                raise LineError("invalid_body", "message content must be a string", "body.messages")
+        return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
+    if endpoint == "/v1/completions":
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise LineError("invalid_body", "body.prompt must be a string", "body.prompt")
+        return {"prompt": prompt}
+    text = body.get("input")
+    if isinstance(text, list) and len(text) == 1:
+        text = text[0]
+    if not isinstance(text, str):
+        raise LineError("invalid_body", "body.input must be one string (or a list of one)", "body.input")
+    if body.get("encoding_format", "float") != "float":
+        raise LineError("unsupported_value", "only encoding_format 'float' is supported", "body.encoding_format")
+    return {"text": text}
+
+
+def _generate_params(body: dict[str, Any], endpoint: str) -> dict[str, Any]:
+    unknown = set(body) - IGNORED_BODY_FIELDS - {"messages", "prompt", "max_tokens", "max_completion_tokens"}
+    unknown -= {"temperature", "top_p", "stop", "seed", "frequency_penalty", "presence_penalty"}
+    if unknown:
+        field_name = sorted(unknown)[0]
+        raise LineError("unsupported_parameter", f"body.{field_name} is not supported", f"body.{field_name}")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens", DEFAULT_MAX_TOKENS[endpoint]))
+    stop = body.get("stop")
+    params: dict[str, Any] = {
+        "max_new_tokens": max_tokens,
+        "temperature": body.get("temperature", 1.0),
+        "top_p": body.get("top_p", 1.0),
+        "stop": [stop] if isinstance(stop, str) else (stop or []),
+    }
+    if body.get("seed") is not None:
+        params["seed"] = body["seed"]
+    try:
+        GenerateParams.model_validate(params)
+    except ValidationError as error:
+        problem = error.errors()[0]
+        ours = str(problem["loc"][0]) if problem["loc"] else "body"
+        theirs = BODY_FIELD_OF_PARAM.get(ours, ours)
+        raise LineError("invalid_value", f"body.{theirs}: {problem['msg']}", f"body.{theirs}") from error
+    return params
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}{secrets.token_hex(12)}"
+
+
+def response_body(endpoint: str, *, model: str, output: dict[str, Any], created: int | None = None) -> dict[str, Any]:
+    created = created or int(time.time())
+    if endpoint == "/v1/embeddings":
+        return {
+            "object": "list",
+            "data": [{"object": "embedding", "index": 0, "embedding": output["embedding"]}],
+            "model": model,
+            "usage": {"prompt_tokens": output.get("usage", {}).get("prompt_tokens", 0), "total_tokens": 0},
+        }
+    usage = output.get("usage", {})
+    prompt_tokens, completion_tokens = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+    usage_body = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+    finish_reason = output.get("finish_reason", "stop")
+    if endpoint == "/v1/completions":
+        choice = {"index": 0, "text": output["text"], "logprobs": None, "finish_reason": finish_reason}
+        return {
+            "id": _new_id("cmpl-"),
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [choice],
+            "usage": usage_body,
+        }
+    message = {"role": "assistant", "content": output["text"], "refusal": None}
+    return {
+        "id": _new_id("chatcmpl-"),
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": None}],
+        "usage": usage_body,
+    }
+
+
+def output_line(endpoint: str, *, model: str, custom_id: str | None, output: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": _new_id("batch_req_"),
+        "custom_id": custom_id,
+        "response": {
+            "status_code": 200,
+            "request_id": _new_id("req_"),
+            "body": response_body(endpoint, model=model, output=output),
+        },
+        "error": None,
+    }
+
+
+def error_line(*, custom_id: str | None, error: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": _new_id("batch_req_"),
+        "custom_id": custom_id,
+        "response": None,
+        "error": {"code": error.get("code", "request_failed"), "message": error.get("message", "")},
+    }
