@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+from starlette.middleware.base import RequestResponseEndpoint
 
 from api.errors import error_body, install_error_handlers
 from api.routes import batches, files, health, jobs, metrics, models, workers
@@ -16,19 +16,17 @@ from db.settings import Settings
 from workers.enqueue import make_sender
 
 
-class BodySizeLimit(BaseHTTPMiddleware):
+def body_size_limit(max_bytes: int) -> Callable[[Request, RequestResponseEndpoint], Awaitable[Response]]:
     """Refuse a request whose declared body is over the limit before reading any of it."""
 
-    def __init__(self, app: FastAPI, max_bytes: int) -> None:
-        super().__init__(app)
-        self.max_bytes = max_bytes
-
-    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+    async def check(request: Request, call_next: RequestResponseEndpoint) -> Response:
         length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            message = f"request body over the limit of {self.max_bytes} bytes"
+        if length is not None and (not length.isdigit() or int(length) > max_bytes):
+            message = f"request body over the limit of {max_bytes} bytes"
             return JSONResponse(error_body(message, error_type="invalid_request_error", code="payload_too_large"), 413)
         return await call_next(request)
+
+    return check
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -46,7 +44,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="lmbatch", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.middleware("http")(body_size_limit(settings.max_request_bytes))
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(metrics.router)

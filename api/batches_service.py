@@ -25,7 +25,7 @@ from db import jobs as job_repo
 from db.models import Batch, Job, ModelVersion, StoredFile, new_id, utcnow
 from db.registry import InvalidModelRef, resolve
 from db.results import iter_results
-from db.session import transaction
+from db.session import changed, transaction
 from db.settings import Settings
 
 FINALIZE_STALE = timedelta(minutes=5)
@@ -137,11 +137,12 @@ def _finalize(sessions: sessionmaker[Session], batch: Batch, job: Job, settings:
             session, batch_id=batch.id, from_states=("in_progress", "cancelling"), to="finalizing"
         ) or bool(
             # A finalize that died half-way: take it over.
-            session.execute(
+            changed(
+                session,
                 update(Batch)
                 .where(Batch.id == batch.id, Batch.status == "finalizing", Batch.finalizing_at < now - FINALIZE_STALE)
-                .values(finalizing_at=now)
-            ).rowcount
+                .values(finalizing_at=now),
+            )
         )
     if not won:
         return

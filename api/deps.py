@@ -15,7 +15,7 @@ from db.tenants import Principal, authenticate
 
 
 def get_settings_dep(request: Request) -> Settings:
-    return request.app.state.settings  # type: ignore[no-any-return]
+    return request.app.state.settings
 
 
 def get_session(request: Request) -> Iterator[Session]:
@@ -24,11 +24,11 @@ def get_session(request: Request) -> Iterator[Session]:
 
 
 def get_session_factory(request: Request) -> sessionmaker[Session]:
-    return request.app.state.sessions  # type: ignore[no-any-return]
+    return request.app.state.sessions
 
 
 def get_sender(request: Request) -> Celery:
-    return request.app.state.sender  # type: ignore[no-any-return]
+    return request.app.state.sender
 
 
 def get_principal(request: Request) -> Principal:

@@ -2,7 +2,7 @@
 
 Order: broker (the configured Redis, or an embedded one), database upgrade and built-in models (a child
 process, so torch never loads into this long-lived one), then the API, the workers and Flower. It waits for
-``/healthz`` to answer 200 and prints the URLs. Stopping goes the other way: SIGTERM to the API, workers and
+``/healthz`` to answer 200 and Flower to listen, then prints the URLs. Stopping goes the other way: SIGTERM to the API, workers and
 Flower (workers turn it into a soft shutdown that re-queues the running shard), SIGKILL for whatever is left
 after the grace period, and the embedded Redis last, once the workers have put their messages back.
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import socket
 import sys
 import time
@@ -111,9 +112,11 @@ def db_upgrade_spec(env: Mapping[str, str], *, builtins: bool) -> ChildSpec:
     return ChildSpec("db", argv, dict(env))
 
 
-def worker_specs(plans: Iterable[WorkerPlan], env: Mapping[str, str] | None = None) -> list[ChildSpec]:
+def worker_specs(
+    plans: Iterable[WorkerPlan], env: Mapping[str, str] | None = None, *, death_signal: int = signal.SIGTERM
+) -> list[ChildSpec]:
     """Child specs for planned workers; ``env`` goes under each plan's own variables (CUDA_VISIBLE_DEVICES…)."""
-    return [ChildSpec(plan.label, plan.argv, {**(env or {}), **plan.env}) for plan in plans]
+    return [ChildSpec(plan.label, plan.argv, {**(env or {}), **plan.env}, death_signal) for plan in plans]
 
 
 def local_url(host: str, port: int) -> str:
@@ -231,7 +234,11 @@ def run_stack(settings: Settings, options: StackOptions, console: Console) -> No
             api_url = local_url(settings.api_host, settings.api_port)
             flower_url = local_url(settings.api_host, options.flower_port)
             supervisor.start(api_spec(settings, env))
-            for spec in worker_specs(plans, env):
+            # Should this launcher die unstopped, an embedded Redis dies with it, and a worker's soft shutdown
+            # would then retry the dead broker forever (measured): such workers get SIGKILL instead, and the
+            # sweeper re-queues their shards once the leases lapse.
+            embedded = any(child.name == "redis" for child in supervisor.children)
+            for spec in worker_specs(plans, env, death_signal=signal.SIGKILL if embedded else signal.SIGTERM):
                 supervisor.start(spec)
             supervisor.start(flower_spec(settings, port=options.flower_port, env=env))
             ready = lambda: _ready(api_url, flower_url)  # noqa: E731

@@ -33,6 +33,8 @@ class ChildSpec:
     name: str  # log prefix and log file name
     argv: list[str]
     env: dict[str, str]
+    # What the kernel sends the child if the supervisor dies without stopping it (Linux).
+    death_signal: int = signal.SIGTERM
 
 
 @dataclass
@@ -102,7 +104,7 @@ class Supervisor:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent(os.getpid()),
+            preexec_fn=_die_with_parent(os.getpid(), spec.death_signal),
         )
         assert process.stdout is not None
         os.set_blocking(process.stdout.fileno(), False)
@@ -196,17 +198,17 @@ class Supervisor:
         self._selector.close()
 
 
-def _die_with_parent(parent: int) -> Callable[[], None] | None:
-    """Linux: have the kernel send SIGTERM to the child if the supervisor dies without stopping it (SIGKILL,
-    OOM killer), so even then no orphan keeps a GPU or a port. Safe in preexec_fn because the supervisor runs
-    one thread."""
+def _die_with_parent(parent: int, signum: int) -> Callable[[], None] | None:
+    """Linux: have the kernel signal the child if the supervisor dies without stopping it (SIGKILL, OOM
+    killer), so even then no orphan keeps a GPU or a port. Safe in preexec_fn because the supervisor runs one
+    thread."""
     if sys.platform != "linux":
         return None
     prctl = ctypes.CDLL(None, use_errno=True).prctl
     pr_set_pdeathsig = 1
 
     def preexec() -> None:
-        prctl(pr_set_pdeathsig, signal.SIGTERM)
+        prctl(pr_set_pdeathsig, signum)
         if os.getppid() != parent:  # the supervisor died before prctl took effect
             os._exit(1)
 

@@ -15,6 +15,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from db.models import Batch, utcnow
+from db.session import changed
 
 STATUS_TIMESTAMP = {
     "in_progress": "in_progress_at",
@@ -32,11 +33,12 @@ def move(session: Session, *, batch_id: str, from_states: tuple[str, ...], to: s
     """One transition; False when the batch was not in any of `from_states`."""
     stamp = {STATUS_TIMESTAMP[to]: utcnow()} if to in STATUS_TIMESTAMP else {}
     return bool(
-        session.execute(
+        changed(
+            session,
             update(Batch)
             .where(Batch.id == batch_id, Batch.status.in_(from_states))
-            .values(status=to, **stamp, **values)
-        ).rowcount
+            .values(status=to, **stamp, **values),
+        )
     )
 
 

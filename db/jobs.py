@@ -21,6 +21,7 @@ from sqlalchemy import and_, exists, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.models import Job, Shard, new_id, utcnow
+from db.session import changed
 
 ACTIVE_JOB_STATES = ("queued", "running", "cancelling")
 TERMINAL_JOB_STATES = ("succeeded", "failed", "cancelled")
@@ -92,7 +93,8 @@ def create_job(
 def claim_shard(session: Session, *, shard_id: int, worker: str, lease_seconds: float) -> Claim:
     """queued → running, or take over a running shard whose worker died (lease expired, or it was us)."""
     now = utcnow()
-    claimed = session.execute(
+    claimed = changed(
+        session,
         update(Shard)
         .where(
             Shard.id == shard_id,
@@ -112,8 +114,8 @@ def claim_shard(session: Session, *, shard_id: int, worker: str, lease_seconds: 
             attempts=Shard.attempts + 1,
             started_at=now,
             progress=0,
-        )
-    ).rowcount
+        ),
+    )
     if claimed:
         job_id = session.scalar(select(Shard.job_id).where(Shard.id == shard_id))
         session.execute(
@@ -130,11 +132,12 @@ def renew_lease(session: Session, *, shard_id: int, worker: str, lease_seconds: 
     """Heartbeat: extend the lease while this worker still owns the shard. False: it was taken away."""
     now = utcnow()
     return bool(
-        session.execute(
+        changed(
+            session,
             update(Shard)
             .where(Shard.id == shard_id, Shard.status == "running", Shard.lease_owner == worker)
-            .values(lease_expires_at=now + timedelta(seconds=lease_seconds), heartbeat_at=now, progress=progress)
-        ).rowcount
+            .values(lease_expires_at=now + timedelta(seconds=lease_seconds), heartbeat_at=now, progress=progress),
+        )
     )
 
 
@@ -153,7 +156,8 @@ def finish_shard(
 ) -> bool:
     """running → succeeded | failed | cancelled, adding the shard's counts to its job exactly once."""
     assert status in ("succeeded", "failed", "cancelled"), status
-    won = session.execute(
+    won = changed(
+        session,
         update(Shard)
         .where(Shard.id == shard_id, Shard.status == "running", Shard.lease_owner == worker)
         .values(
@@ -164,11 +168,11 @@ def finish_shard(
             progress=succeeded + failed,
             duration_seconds=duration_seconds,
             error=error,
-        )
-    ).rowcount
+        ),
+    )
     if not won:
         return False
-    job_id = session.scalar(select(Shard.job_id).where(Shard.id == shard_id))
+    job_id = session.scalars(select(Shard.job_id).where(Shard.id == shard_id)).one()
     values: dict[str, Any] = {
         "succeeded": Job.succeeded + succeeded,
         "failed": Job.failed + failed,
@@ -190,11 +194,12 @@ def requeue_shard(session: Session, *, shard_id: int, worker: str | None, max_at
     if worker is not None:
         conditions.append(Shard.lease_owner == worker)
     return bool(
-        session.execute(
+        changed(
+            session,
             update(Shard)
             .where(*conditions)
-            .values(status="queued", lease_owner=None, lease_expires_at=None, enqueued_at=utcnow(), progress=0)
-        ).rowcount
+            .values(status="queued", lease_owner=None, lease_expires_at=None, enqueued_at=utcnow(), progress=0),
+        )
     )
 
 
@@ -214,12 +219,13 @@ def finish_job_if_done(session: Session, *, job_id: str) -> str | None:
         # succeeded (a model that cannot load, say) did fail.
         final = "failed" if job.succeeded == 0 and job.total > 0 else "succeeded"
     open_shards = exists().where(Shard.job_id == job_id, Shard.status.in_(OPEN_SHARD_STATES))
-    done = session.execute(
+    done = changed(
+        session,
         update(Job)
         .where(Job.id == job_id, Job.status == job.status, ~open_shards)
         .values(status=final, finished_at=utcnow())
-        .execution_options(synchronize_session=False)
-    ).rowcount
+        .execution_options(synchronize_session=False),
+    )
     return final if done else None
 
 

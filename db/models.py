@@ -124,6 +124,8 @@ class ModelVersion(Base):
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
     source: Mapped[str] = mapped_column(String(300), default="registered")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Soft delete: finished jobs keep pointing at the row; its files are gone and refs no longer resolve.
+    deleted_at: Mapped[datetime | None]
 
 
 class ModelAlias(Base):

@@ -6,12 +6,12 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import exists, func, select
+from sqlalchemy import delete, exists, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from db.jobs import ACTIVE_JOB_STATES
-from db.models import Job, ModelAlias, ModelVersion
+from db.models import Job, ModelAlias, ModelVersion, utcnow
 
 NAME_PATTERN = r"[a-z0-9][a-z0-9._-]{0,99}"
 _REF = re.compile(
@@ -49,19 +49,14 @@ def parse_ref(ref: str) -> ModelRef:
 def resolve(session: Session, ref: str) -> ModelVersion | None:
     """The version a ref names today: the latest for a bare name. Raises InvalidModelRef on bad syntax."""
     parsed = parse_ref(ref)
+    live = select(ModelVersion).where(ModelVersion.name == parsed.name, ModelVersion.deleted_at.is_(None))
     if parsed.version is not None:
-        return session.scalar(
-            select(ModelVersion).where(ModelVersion.name == parsed.name, ModelVersion.version == parsed.version)
-        )
+        return session.scalar(live.where(ModelVersion.version == parsed.version))
     if parsed.alias is not None:
         return session.scalar(
-            select(ModelVersion)
-            .join(ModelAlias, ModelAlias.version_id == ModelVersion.id)
-            .where(ModelAlias.name == parsed.name, ModelAlias.alias == parsed.alias)
+            live.join(ModelAlias, ModelAlias.version_id == ModelVersion.id).where(ModelAlias.alias == parsed.alias)
         )
-    return session.scalar(
-        select(ModelVersion).where(ModelVersion.name == parsed.name).order_by(ModelVersion.version.desc()).limit(1)
-    )
+    return session.scalar(live.order_by(ModelVersion.version.desc()).limit(1))
 
 
 def register_version(
@@ -133,12 +128,22 @@ def aliases_by_version(session: Session, *, name: str) -> dict[int, list[str]]:
 
 
 def versions(session: Session, *, name: str) -> list[ModelVersion]:
-    return list(session.scalars(select(ModelVersion).where(ModelVersion.name == name).order_by(ModelVersion.version)))
+    return list(
+        session.scalars(
+            select(ModelVersion)
+            .where(ModelVersion.name == name, ModelVersion.deleted_at.is_(None))
+            .order_by(ModelVersion.version)
+        )
+    )
 
 
 def latest_versions(session: Session) -> list[ModelVersion]:
     """The newest version of every model name."""
-    newest = select(ModelVersion.name, func.max(ModelVersion.version).label("version")).group_by(ModelVersion.name)
+    newest = (
+        select(ModelVersion.name, func.max(ModelVersion.version).label("version"))
+        .where(ModelVersion.deleted_at.is_(None))
+        .group_by(ModelVersion.name)
+    )
     sub = newest.subquery()
     return list(
         session.scalars(
@@ -154,3 +159,9 @@ def in_use(session: Session, *, version_id: int) -> bool:
     return bool(
         session.scalar(select(exists().where(Job.model_version_id == version_id, Job.status.in_(ACTIVE_JOB_STATES))))
     )
+
+
+def soft_delete(session: Session, *, version: ModelVersion) -> None:
+    """Mark the version deleted and drop its aliases; its number is never reused."""
+    version.deleted_at = utcnow()
+    session.execute(delete(ModelAlias).where(ModelAlias.version_id == version.id))

@@ -10,9 +10,9 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import CursorResult, Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.settings import Settings
@@ -80,3 +80,9 @@ def ping(engine: Engine) -> None:
     """Raise if the database does not answer."""
     with engine.connect() as connection:
         connection.execute(text("SELECT 1"))
+
+
+def changed(session: Session, statement: Any) -> int:
+    """Execute an UPDATE/DELETE and return how many rows it changed: how a compare-and-set learns if it won."""
+    result = session.execute(statement)
+    return int(cast(CursorResult[Any], result).rowcount)

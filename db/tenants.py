@@ -10,6 +10,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from db.models import ApiKey, Tenant, utcnow
+from db.session import changed
 
 KEY_PREFIX = "lmb_"
 SCOPES = ("tenant", "admin")
@@ -55,11 +56,12 @@ def create_key(session: Session, *, tenant_name: str, scope: str = "tenant") -> 
 def revoke_key(session: Session, *, key: str) -> bool:
     """Revoke a key; False when no live key matches."""
     return bool(
-        session.execute(
+        changed(
+            session,
             update(ApiKey)
             .where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None))
-            .values(revoked_at=utcnow())
-        ).rowcount
+            .values(revoked_at=utcnow()),
+        )
     )
 
 

@@ -196,3 +196,13 @@ def live_server(settings: Settings, db: sessionmaker[Session]) -> Iterator[str]:
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(10)
+
+
+@pytest.fixture(scope="session")
+def import_root(tmp_path_factory: pytest.TempPathFactory, builtin_models_ready: Path) -> Path:
+    """A directory models may be imported from, holding a tiny two-label sentiment classifier."""
+    from tests.tiny_models import build_tiny_classifier
+
+    root = tmp_path_factory.mktemp("imports")
+    build_tiny_classifier(root / "sentiment", MODEL_CACHE / "all-minilm-l6-v2" / "1", labels=("negative", "positive"))
+    return root

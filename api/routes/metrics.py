@@ -7,11 +7,13 @@ so every API replica reports the same numbers and a restart loses nothing. Flowe
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import redis
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
@@ -29,7 +31,7 @@ class _Collector:
         self.session = session
         self.redis_url = redis_url
 
-    def collect(self):  # type: ignore[no-untyped-def]  # prometheus_client's collector protocol
+    def collect(self) -> Iterator[Metric]:
         jobs = GaugeMetricFamily("lmbatch_jobs", "Jobs by kind and status", labels=["kind", "status"])
         items = CounterMetricFamily(
             "lmbatch_items_processed", "Items finished, by kind and outcome", labels=["kind", "outcome"]
@@ -77,13 +79,13 @@ class _Collector:
         histogram.add_metric([], buckets, float(total))
         return histogram
 
-    def _redis_metrics(self):  # type: ignore[no-untyped-def]
+    def _redis_metrics(self) -> Iterator[Metric]:
         depth = GaugeMetricFamily("lmbatch_queue_depth", "Messages waiting in each queue", labels=["queue"])
         online = GaugeMetricFamily("lmbatch_workers_online", "Worker processes alive (presence keys)")
         try:
             client = redis.Redis.from_url(self.redis_url, socket_timeout=2, socket_connect_timeout=2)
             for queue in QUEUES:
-                depth.add_metric([queue], int(client.llen(queue)))  # type: ignore[arg-type]
+                depth.add_metric([queue], int(client.llen(queue)))
             online.add_metric([], len(read_workers(client)))
         except redis.RedisError:
             pass  # the broker's absence shows on /healthz; the database metrics still answer
@@ -95,6 +97,6 @@ class _Collector:
 def metrics(request: Request) -> Response:
     registry = CollectorRegistry(auto_describe=False)
     with request.app.state.sessions() as session:
-        registry.register(_Collector(session, request.app.state.settings.redis_url))  # type: ignore[arg-type]
+        registry.register(_Collector(session, request.app.state.settings.redis_url))
         body = generate_latest(registry)
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any
+import re
+import shutil
+from pathlib import Path
+from typing import Annotated, Any
 
 from fastapi import APIRouter
+from pydantic import Field
 
-from api.deps import CurrentPrincipal, SessionDep
-from api.errors import NotFound
-from api.schemas import epoch
+from api.deps import AdminPrincipal, CurrentPrincipal, SessionDep, SessionsDep, SettingsDep
+from api.errors import BadRequest, Conflict, NotFound
+from api.model_import import import_model
+from api.schemas import Strict, epoch
 from db import registry
 from db.models import ModelVersion
+from db.session import transaction
+
+ALIAS_PATTERN = r"[a-z0-9][a-z0-9_-]{0,63}"
 
 router = APIRouter(tags=["models"])
 
@@ -64,3 +72,52 @@ def get_model(name: str, _: CurrentPrincipal, session: SessionDep) -> dict[str, 
     body = model_public(rows[-1], aliases)
     body["versions"] = [version_public(row, aliases.get(row.id, [])) for row in rows]
     return body
+
+
+class ModelRegister(Strict):
+    name: str = Field(pattern=f"^{registry.NAME_PATTERN}$")
+    path: str = Field(min_length=1, max_length=4096)
+    aliases: list[Annotated[str, Field(pattern=ALIAS_PATTERN)]] = Field(default_factory=list, max_length=16)
+
+
+class AliasSet(Strict):
+    version: int = Field(ge=1)
+
+
+@router.post("/models", status_code=201)
+def register_model(
+    body: ModelRegister, _: AdminPrincipal, sessions: SessionsDep, settings: SettingsDep
+) -> dict[str, Any]:
+    version = import_model(sessions, settings=settings, name=body.name, path=body.path, aliases=body.aliases)
+    return version_public(version, body.aliases)
+
+
+@router.put("/models/{name}/aliases/{alias}")
+def set_model_alias(name: str, alias: str, body: AliasSet, _: AdminPrincipal, sessions: SessionsDep) -> dict[str, Any]:
+    if not re.fullmatch(ALIAS_PATTERN, alias):
+        raise BadRequest(f"alias {alias!r}: lowercase letters, digits, '_' and '-'", param="alias")
+    with transaction(sessions) as session:
+        version = registry.resolve(session, f"{name}@{body.version}")
+        if version is None:
+            raise NotFound(f"no model {name}@{body.version}", param="version", code="model_not_found")
+        registry.set_alias(session, name=name, alias=alias, version=version)
+    with sessions() as session:
+        return get_model(name, _, session)
+
+
+@router.delete("/models/{name}/versions/{number}")
+def delete_model_version(
+    name: str, number: int, _: AdminPrincipal, sessions: SessionsDep, settings: SettingsDep
+) -> dict[str, Any]:
+    with transaction(sessions) as session:
+        version = registry.resolve(session, f"{name}@{number}") if number >= 1 else None
+        if version is None:
+            raise NotFound(f"no model {name}@{number}", param="number", code="model_not_found")
+        if registry.in_use(session, version_id=version.id):
+            raise Conflict(f"{name}@{number} is used by a queued or running job", param="number", code="model_in_use")
+        registry.soft_delete(session, version=version)
+        path = Path(version.artifact_uri)
+    # Built-ins and imports live in the store; never remove anything outside it.
+    if path.resolve().is_relative_to(settings.model_store.resolve()):
+        shutil.rmtree(path, ignore_errors=True)
+    return {"id": f"{name}@{number}", "object": "model.version", "deleted": True}

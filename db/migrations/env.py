@@ -8,8 +8,9 @@ from sqlalchemy import create_engine, pool
 from db.models import Base
 
 config = context.config
-url = config.get_main_option("sqlalchemy.url")
-assert url, "run migrations through db.migrate.upgrade(settings) or `lmbatch db upgrade`"
+_configured = config.get_main_option("sqlalchemy.url")
+assert _configured, "run migrations through db.migrate.upgrade(settings) or `lmbatch db upgrade`"
+url: str = _configured
 
 
 def run_migrations_offline() -> None:

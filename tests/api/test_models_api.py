@@ -1,0 +1,78 @@
+"""The model registry over HTTP: admin-only import into the store, aliases, guarded deletion."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session, sessionmaker
+
+from api.app import create_app
+from tests.conftest import make_key
+from tests.stack import MODEL_CACHE
+
+
+@pytest.fixture
+def admin_client(settings: Any, registry: sessionmaker[Session], import_root: Path) -> Any:
+    admin = {"Authorization": f"Bearer {make_key(registry, 'ops', scope='admin')}"}
+    tenant = {"Authorization": f"Bearer {make_key(registry, 'acme')}"}
+    with TestClient(create_app(settings.model_copy(update={"model_import_roots": [import_root]}))) as client:
+        yield client, admin, tenant
+
+
+def test_models_list_in_openai_shape_with_builtins(admin_client: Any) -> None:
+    client, _, tenant = admin_client
+    listing = client.get("/v1/models", headers=tenant).json()
+    assert listing["object"] == "list"
+    by_id = {model["id"]: model for model in listing["data"]}
+    assert by_id["smollm2-135m-instruct"]["object"] == "model"
+    assert "generate" in by_id["smollm2-135m-instruct"]["kinds"]
+    assert by_id["all-minilm-l6-v2"]["latest_version"] == 1
+
+
+def test_admin_imports_a_model_and_sets_an_alias(admin_client: Any, import_root: Path) -> None:
+    client, admin, tenant = admin_client
+    body = {"name": "sentiment", "path": str(import_root / "sentiment"), "aliases": ["production"]}
+    # Given a tenant key, I expect 403: only an admin registers models.
+    assert client.post("/v1/models", json=body, headers=tenant).status_code == 403
+    created = client.post("/v1/models", json=body, headers=admin)
+    assert created.status_code == 201, created.text
+    assert created.json()["version"] == 1 and created.json()["task"] == "sequence-classification"
+    again = client.post("/v1/models", json={**body, "aliases": []}, headers=admin).json()
+    assert again["version"] == 2
+    client.put("/v1/models/sentiment/aliases/production", json={"version": 2}, headers=admin).raise_for_status()
+    shown = client.get("/v1/models/sentiment", headers=tenant).json()
+    assert [(v["version"], v["aliases"]) for v in shown["versions"]] == [(1, []), (2, ["production"])]
+    # The copy lives in the store, not at the import path.
+    stored = Path(MODEL_CACHE / "sentiment" / "2")
+    assert (stored / "config.json").is_file()
+
+
+@pytest.mark.parametrize("path", ["/etc", "../../etc", "/tmp/../etc/passwd"])
+def test_import_paths_outside_the_roots_are_refused(admin_client: Any, path: str) -> None:
+    client, admin, _ = admin_client
+    response = client.post("/v1/models", json={"name": "evil", "path": path}, headers=admin)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "path"
+
+
+def test_a_model_needing_custom_code_is_refused(admin_client: Any, import_root: Path) -> None:
+    client, admin, _ = admin_client
+    custom = import_root / "custom"
+    custom.mkdir(exist_ok=True)
+    config = json.loads((import_root / "sentiment" / "config.json").read_text())
+    (custom / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModel": "x.Y"}}))
+    response = client.post("/v1/models", json={"name": "custom", "path": str(custom)}, headers=admin)
+    assert response.status_code == 400 and "remote code" in response.json()["error"]["message"]
+
+
+def test_deleting_a_version_in_use_is_refused(admin_client: Any) -> None:
+    client, admin, tenant = admin_client
+    job = client.post(
+        "/v1/jobs", json={"kind": "embed", "model": "all-minilm-l6-v2@1", "inputs": [{"text": "x"}]}, headers=tenant
+    ).json()
+    assert job["status"] == "queued"
+    refused = client.delete("/v1/models/all-minilm-l6-v2/versions/1", headers=admin)
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "model_in_use"
