@@ -23,7 +23,12 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], int, str]] = [
     ("path as model", {**GOOD_CLASSIFY, "model": "../../etc/passwd"}, 400, "model"),
     ("absolute path as model", {**GOOD_CLASSIFY, "model": "/var/models/x"}, 400, "model"),
     ("unknown version", {**GOOD_CLASSIFY, "model": "all-minilm-l6-v2@9"}, 404, "model"),
-    ("model cannot generate", {**GOOD_CLASSIFY, "kind": "generate", "inputs": [{"prompt": "hi"}], "params": {}}, 400, "model"),
+    (
+        "model cannot generate",
+        {**GOOD_CLASSIFY, "kind": "generate", "inputs": [{"prompt": "hi"}], "params": {}},
+        400,
+        "model",
+    ),
     ("empty inputs", {**GOOD_CLASSIFY, "inputs": []}, 400, "inputs"),
     ("inputs not a list", {**GOOD_CLASSIFY, "inputs": "text"}, 400, "inputs"),
     ("item of wrong type", {**GOOD_CLASSIFY, "inputs": [{"text": 5}]}, 400, "inputs[0]"),
@@ -36,23 +41,40 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], int, str]] = [
     ("negative priority", {**GOOD_CLASSIFY, "priority": -1}, 400, "priority"),
     (
         "max_new_tokens negative",
-        {"kind": "generate", "model": "smollm2-135m-instruct", "inputs": [{"prompt": "hi"}], "params": {"max_new_tokens": -5}},
+        {
+            "kind": "generate",
+            "model": "smollm2-135m-instruct",
+            "inputs": [{"prompt": "hi"}],
+            "params": {"max_new_tokens": -5},
+        },
         400,
         "params.max_new_tokens",
     ),
-    ("unknown input file", {**{k: v for k, v in GOOD_CLASSIFY.items() if k != "inputs"}, "input_file_id": "file-nope"}, 404, "file_id"),
+    (
+        "unknown input file",
+        {**{k: v for k, v in GOOD_CLASSIFY.items() if k != "inputs"}, "input_file_id": "file-nope"},
+        404,
+        "file_id",
+    ),
 ]
 
 
 def job_and_shard_counts(sessions: sessionmaker[Session]) -> tuple[int, int]:
     with sessions() as session:
-        return session.scalar(select(func.count()).select_from(Job)), session.scalar(select(func.count()).select_from(Shard))
+        return session.scalar(select(func.count()).select_from(Job)), session.scalar(
+            select(func.count()).select_from(Shard)
+        )
 
 
 @pytest.mark.parametrize(("case", "body", "status", "param"), BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
 def test_bad_job_request_is_refused_and_writes_nothing(
-    case: str, body: dict[str, Any], status: int, param: str,
-    client: TestClient, tenant_a: dict[str, str], registry: sessionmaker[Session],
+    case: str,
+    body: dict[str, Any],
+    status: int,
+    param: str,
+    client: TestClient,
+    tenant_a: dict[str, str],
+    registry: sessionmaker[Session],
 ) -> None:
     before = job_and_shard_counts(registry)
     response = client.post("/v1/jobs", json=body, headers=tenant_a)
@@ -81,7 +103,10 @@ def test_missing_wrong_and_revoked_keys_get_401(client: TestClient, registry: se
     from db.tenants import create_key, revoke_key
 
     assert client.get("/v1/jobs").status_code == 401
-    assert client.get("/v1/jobs", headers={"Authorization": "Bearer lmb_wrong"}).json()["error"]["code"] == "invalid_api_key"
+    assert (
+        client.get("/v1/jobs", headers={"Authorization": "Bearer lmb_wrong"}).json()["error"]["code"]
+        == "invalid_api_key"
+    )
     with transaction(registry) as session:
         key = create_key(session, tenant_name="acme")
     assert client.get("/v1/jobs", headers={"Authorization": f"Bearer {key}"}).status_code == 200
@@ -115,7 +140,9 @@ def test_input_file_with_a_bad_line_is_refused_with_its_line_number(
     client: TestClient, tenant_a: dict[str, str], registry: sessionmaker[Session]
 ) -> None:
     content = b'{"text": "fine"}\n{"text": "also fine"}\n{"text": \n'
-    uploaded = client.post("/v1/files", files={"file": ("in.jsonl", content)}, data={"purpose": "batch"}, headers=tenant_a)
+    uploaded = client.post(
+        "/v1/files", files={"file": ("in.jsonl", content)}, data={"purpose": "batch"}, headers=tenant_a
+    )
     assert uploaded.status_code == 200, uploaded.text
     body = {**{k: v for k, v in GOOD_CLASSIFY.items() if k != "inputs"}, "input_file_id": uploaded.json()["id"]}
     response = client.post("/v1/jobs", json=body, headers=tenant_a)

@@ -74,7 +74,9 @@ def test_expired_lease_is_taken_over_and_the_old_owner_cannot_finish(db: session
     with transaction(db) as session:
         assert jobs.claim_shard(session, shard_id=shard_id, worker="alive", lease_seconds=60) is jobs.Claim.CLAIMED
     with transaction(db) as session:
-        assert not jobs.finish_shard(session, shard_id=shard_id, worker="dead", status="succeeded", succeeded=2, failed=0)
+        assert not jobs.finish_shard(
+            session, shard_id=shard_id, worker="dead", status="succeeded", succeeded=2, failed=0
+        )
         assert not jobs.renew_lease(session, shard_id=shard_id, worker="dead", lease_seconds=60, progress=1)
         assert session.get(Shard, shard_id).attempts == 2
 
@@ -106,7 +108,9 @@ def test_cancel_stops_queued_shards_and_waits_for_running_ones(db: sessionmaker[
     with transaction(db) as session:
         assert jobs.cancel_job(session, job_id=new.job.id) == "cancelling"
         # A queued shard of a cancelled job can no longer be claimed.
-        assert jobs.claim_shard(session, shard_id=new.shard_ids[1], worker="w2", lease_seconds=60) is jobs.Claim.FINISHED
+        assert (
+            jobs.claim_shard(session, shard_id=new.shard_ids[1], worker="w2", lease_seconds=60) is jobs.Claim.FINISHED
+        )
     with transaction(db) as session:
         jobs.finish_shard(session, shard_id=running, worker="w", status="cancelled", succeeded=1, failed=0)
     with db() as session:

@@ -49,15 +49,19 @@ def stack(client: TestClient, tenant_a: dict[str, str], registry: sessionmaker[S
 
 def test_greedy_chat_generation_knows_the_capital_of_france(stack: Any) -> None:
     client, headers, _ = stack
-    job = submit(client, headers, {
-        "kind": "generate",
-        "model": "smollm2-135m-instruct",
-        "inputs": [
-            {"custom_id": "france", "messages": [{"role": "user", "content": "What is the capital of France?"}]},
-            {"custom_id": "plain", "prompt": "The capital of Italy is"},
-        ],
-        "params": {"max_new_tokens": 24, "temperature": 0},
-    })
+    job = submit(
+        client,
+        headers,
+        {
+            "kind": "generate",
+            "model": "smollm2-135m-instruct",
+            "inputs": [
+                {"custom_id": "france", "messages": [{"role": "user", "content": "What is the capital of France?"}]},
+                {"custom_id": "plain", "prompt": "The capital of Italy is"},
+            ],
+            "params": {"max_new_tokens": 24, "temperature": 0},
+        },
+    )
     done = wait_job(client, headers, job["id"])
     assert done["status"] == "succeeded", done
     assert done["counts"] == {"total": 2, "succeeded": 2, "failed": 0}
@@ -72,12 +76,16 @@ def test_greedy_chat_generation_knows_the_capital_of_france(stack: Any) -> None:
 def test_thousand_item_classification_has_each_index_once_in_order(stack: Any) -> None:
     client, headers, sessions = stack
     texts = [(POSITIVE + NEGATIVE)[i % 40] + f" (#{i})" for i in range(1000)]
-    job = submit(client, headers, {
-        "kind": "classify",
-        "model": "all-minilm-l6-v2",
-        "inputs": [{"custom_id": f"row-{i}", "text": text} for i, text in enumerate(texts)],
-        "params": {"labels": ["positive", "negative"]},
-    })
+    job = submit(
+        client,
+        headers,
+        {
+            "kind": "classify",
+            "model": "all-minilm-l6-v2",
+            "inputs": [{"custom_id": f"row-{i}", "text": text} for i, text in enumerate(texts)],
+            "params": {"labels": ["positive", "negative"]},
+        },
+    )
     done = wait_job(client, headers, job["id"], timeout=300)
     assert done["status"] == "succeeded" and done["counts"]["succeeded"] == 1000, done
     results = jsonl_results(client, headers, job["id"])
@@ -92,12 +100,16 @@ def test_thousand_item_classification_has_each_index_once_in_order(stack: Any) -
 def test_zero_shot_sentiment_with_minilm_is_mostly_right(stack: Any) -> None:
     client, headers, _ = stack
     labelled = [(text, "positive") for text in POSITIVE] + [(text, "negative") for text in NEGATIVE]
-    job = submit(client, headers, {
-        "kind": "classify",
-        "model": "all-minilm-l6-v2",
-        "inputs": [{"text": text} for text, _ in labelled],
-        "params": {"labels": ["positive", "negative"]},
-    })
+    job = submit(
+        client,
+        headers,
+        {
+            "kind": "classify",
+            "model": "all-minilm-l6-v2",
+            "inputs": [{"text": text} for text, _ in labelled],
+            "params": {"labels": ["positive", "negative"]},
+        },
+    )
     assert wait_job(client, headers, job["id"])["status"] == "succeeded"
     results = jsonl_results(client, headers, job["id"])
     correct = sum(r["output"]["label"] == label for r, (_, label) in zip(results, labelled, strict=True))
@@ -107,7 +119,11 @@ def test_zero_shot_sentiment_with_minilm_is_mostly_right(stack: Any) -> None:
 
 def test_embedding_job_returns_unit_vectors_of_the_model_width(stack: Any) -> None:
     client, headers, _ = stack
-    job = submit(client, headers, {"kind": "embed", "model": "all-minilm-l6-v2", "inputs": [{"text": "hello"}, {"text": "world"}]})
+    job = submit(
+        client,
+        headers,
+        {"kind": "embed", "model": "all-minilm-l6-v2", "inputs": [{"text": "hello"}, {"text": "world"}]},
+    )
     assert wait_job(client, headers, job["id"])["status"] == "succeeded"
     for result in jsonl_results(client, headers, job["id"]):
         vector = result["output"]["embedding"]
@@ -117,16 +133,20 @@ def test_embedding_job_returns_unit_vectors_of_the_model_width(stack: Any) -> No
 
 def test_one_malformed_item_fails_alone(stack: Any) -> None:
     client, headers, _ = stack
-    job = submit(client, headers, {
-        "kind": "generate",
-        "model": "smollm2-135m-instruct",
-        "inputs": [
-            {"prompt": "Say hello."},
-            {"custom_id": "bad", "messages": []},
-            {"messages": [{"role": "user", "content": "Count to three."}]},
-        ],
-        "params": {"max_new_tokens": 8},
-    })
+    job = submit(
+        client,
+        headers,
+        {
+            "kind": "generate",
+            "model": "smollm2-135m-instruct",
+            "inputs": [
+                {"prompt": "Say hello."},
+                {"custom_id": "bad", "messages": []},
+                {"messages": [{"role": "user", "content": "Count to three."}]},
+            ],
+            "params": {"max_new_tokens": 8},
+        },
+    )
     done = wait_job(client, headers, job["id"])
     assert done["status"] == "succeeded"
     assert done["counts"] == {"total": 3, "succeeded": 2, "failed": 1}
@@ -138,12 +158,16 @@ def test_one_malformed_item_fails_alone(stack: Any) -> None:
 def test_cancelling_a_running_job_stops_it_within_a_batch(stack: Any, settings: Any) -> None:
     client, headers, sessions = stack
     prompts = [{"prompt": f"Write a long story about a dragon number {i}."} for i in range(64)]
-    job = submit(client, headers, {
-        "kind": "generate",
-        "model": "smollm2-135m-instruct",
-        "inputs": prompts,
-        "params": {"max_new_tokens": 48},
-    })
+    job = submit(
+        client,
+        headers,
+        {
+            "kind": "generate",
+            "model": "smollm2-135m-instruct",
+            "inputs": prompts,
+            "params": {"max_new_tokens": 48},
+        },
+    )
 
     def some_results() -> int:
         with sessions() as session:

@@ -31,7 +31,8 @@ def test_altered_model_files_fail_the_job_with_an_integrity_error(
         # When someone edits a file of the immutable version after registration…
         config.write_text(config.read_text().replace("negative", "NEGATIVE"))
         job = client.post(
-            "/v1/jobs", json={"kind": "classify", "model": f"tampered@{version['version']}", "inputs": [{"text": "hi"}]},
+            "/v1/jobs",
+            json={"kind": "classify", "model": f"tampered@{version['version']}", "inputs": [{"text": "hi"}]},
             headers=tenant,
         ).json()
         done = wait_job(client, tenant, job["id"], timeout=90)

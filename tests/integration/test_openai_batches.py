@@ -42,7 +42,9 @@ def upload(client: OpenAI, lines: list[dict[str, Any]]) -> str:
 
 def wait_batch(client: OpenAI, batch_id: str, *, until: set[str], timeout: float = 180) -> Any:
     return wait_for(
-        lambda: (b := client.batches.retrieve(batch_id)).status in until and b, timeout=timeout, interval=0.5,
+        lambda: (b := client.batches.retrieve(batch_id)).status in until and b,
+        timeout=timeout,
+        interval=0.5,
         what=f"batch {batch_id} to reach {until}",
     )
 
@@ -81,10 +83,17 @@ def test_chat_batch_round_trip_with_the_sdk(openai_client: OpenAI) -> None:
 
 def test_embeddings_batch_returns_vectors_of_the_model_width(openai_client: OpenAI) -> None:
     lines = [
-        {"custom_id": f"e{i}", "method": "POST", "url": "/v1/embeddings", "body": {"model": "all-minilm-l6-v2", "input": text}}
+        {
+            "custom_id": f"e{i}",
+            "method": "POST",
+            "url": "/v1/embeddings",
+            "body": {"model": "all-minilm-l6-v2", "input": text},
+        }
         for i, text in enumerate(["hello", "world", "batch"])
     ]
-    batch = openai_client.batches.create(input_file_id=upload(openai_client, lines), endpoint="/v1/embeddings", completion_window="24h")
+    batch = openai_client.batches.create(
+        input_file_id=upload(openai_client, lines), endpoint="/v1/embeddings", completion_window="24h"
+    )
     done = wait_batch(openai_client, batch.id, until={"completed", "failed"})
     assert done.status == "completed"
     outputs = read_lines(openai_client, done.output_file_id)
@@ -100,7 +109,9 @@ def test_bad_lines_fail_the_batch_at_validation_with_line_numbers(openai_client:
         {"custom_id": "no-messages", "method": "POST", "url": CHAT, "body": {"model": "smollm2-135m-instruct"}},
         chat_line("ok", "duplicate id"),
     ]
-    batch = openai_client.batches.create(input_file_id=upload(openai_client, lines), endpoint=CHAT, completion_window="24h")
+    batch = openai_client.batches.create(
+        input_file_id=upload(openai_client, lines), endpoint=CHAT, completion_window="24h"
+    )
     assert batch.status == "failed"
     errors = {(e.line, e.code) for e in batch.errors.data}
     assert (2, "invalid_url") in errors
@@ -113,7 +124,9 @@ def test_requests_that_fail_alone_go_to_the_error_file(openai_client: OpenAI) ->
     # A prompt longer than SmolLM2's 8,192-token context passes validation but fails in the engine.
     too_long = "word " * 9000
     lines = [chat_line("short", "Say hi.", max_tokens=4), chat_line("long", too_long, max_tokens=4)]
-    batch = openai_client.batches.create(input_file_id=upload(openai_client, lines), endpoint=CHAT, completion_window="24h")
+    batch = openai_client.batches.create(
+        input_file_id=upload(openai_client, lines), endpoint=CHAT, completion_window="24h"
+    )
     done = wait_batch(openai_client, batch.id, until={"completed", "failed"})
     assert done.status == "completed"
     assert (done.request_counts.completed, done.request_counts.failed) == (1, 1)
@@ -125,8 +138,15 @@ def test_requests_that_fail_alone_go_to_the_error_file(openai_client: OpenAI) ->
 
 def test_cancelling_a_running_batch_keeps_partial_output(openai_client: OpenAI) -> None:
     lines = [chat_line(f"story-{i}", f"Tell a long story about castle number {i}.", max_tokens=48) for i in range(48)]
-    batch = openai_client.batches.create(input_file_id=upload(openai_client, lines), endpoint=CHAT, completion_window="24h")
-    wait_for(lambda: openai_client.batches.retrieve(batch.id).request_counts.completed > 0, timeout=180, interval=0.3, what="first results")
+    batch = openai_client.batches.create(
+        input_file_id=upload(openai_client, lines), endpoint=CHAT, completion_window="24h"
+    )
+    wait_for(
+        lambda: openai_client.batches.retrieve(batch.id).request_counts.completed > 0,
+        timeout=180,
+        interval=0.3,
+        what="first results",
+    )
     assert openai_client.batches.cancel(batch.id).status in ("cancelling", "cancelled")
     done = wait_batch(openai_client, batch.id, until={"cancelled"}, timeout=120)
     outputs = read_lines(openai_client, done.output_file_id)
@@ -135,8 +155,16 @@ def test_cancelling_a_running_batch_keeps_partial_output(openai_client: OpenAI) 
 
 
 def test_sdk_pagination_sees_every_batch_once(openai_client: OpenAI) -> None:
-    line = {"custom_id": "x", "method": "POST", "url": "/v1/embeddings", "body": {"model": "all-minilm-l6-v2", "input": "x"}}
+    line = {
+        "custom_id": "x",
+        "method": "POST",
+        "url": "/v1/embeddings",
+        "body": {"model": "all-minilm-l6-v2", "input": "x"},
+    }
     file_id = upload(openai_client, [line])
-    created = {openai_client.batches.create(input_file_id=file_id, endpoint="/v1/embeddings", completion_window="24h").id for _ in range(5)}
+    created = {
+        openai_client.batches.create(input_file_id=file_id, endpoint="/v1/embeddings", completion_window="24h").id
+        for _ in range(5)
+    }
     seen = [batch.id for batch in openai_client.batches.list(limit=2)]
     assert sorted(seen) == sorted(created)
