@@ -27,6 +27,7 @@ from db.registry import InvalidModelRef, resolve
 from db.results import iter_results
 from db.session import changed, transaction
 from db.settings import Settings
+from workers.enqueue import queue_for
 
 FINALIZE_STALE = timedelta(minutes=5)
 WINDOWS = {"24h": timedelta(hours=24)}
@@ -257,4 +258,4 @@ def batch_public(sessions: sessionmaker[Session], batch: Batch) -> dict[str, Any
 def enqueue(sender: Celery, *, kind: str, shard_ids: list[int]) -> None:
     from api.routes.jobs import submit
 
-    submit(sender, kind=kind, shard_ids=shard_ids)
+    submit(sender, queue=queue_for(kind), shard_ids=shard_ids)

@@ -2,9 +2,10 @@
 
 Order: broker (the configured Redis, or an embedded one), database upgrade and built-in models (a child
 process, so torch never loads into this long-lived one), then the API, the workers and Flower. It waits for
-``/healthz`` to answer 200 and Flower to listen, then prints the URLs. Stopping goes the other way: SIGTERM to the API, workers and
-Flower (workers turn it into a soft shutdown that re-queues the running shard), SIGKILL for whatever is left
-after the grace period, and the embedded Redis last, once the workers have put their messages back.
+``/healthz`` to answer 200 and Flower to listen, then prints the URLs. Stopping goes the other way: SIGTERM
+to the API, workers and Flower (workers turn it into a soft shutdown that re-queues the running shard),
+SIGKILL for whatever is left after the grace period, and the embedded Redis last, once the workers have put
+their messages back.
 
 Children learn every setting, including the effective broker URL and the Flower password, from
 ``LMBATCH_*`` variables built here from the one ``Settings`` object.

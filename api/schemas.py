@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from db.models import Job, StoredFile
 
-InferenceKind = Literal["generate", "classify", "embed"]
+JobKind = Literal["generate", "classify", "embed", "finetune"]
 
 
 def epoch(moment: datetime | None) -> int | None:
@@ -24,18 +24,29 @@ class Strict(BaseModel):
 
 
 class JobCreate(Strict):
-    kind: InferenceKind
+    kind: JobKind
     model: str = Field(min_length=1, max_length=200)
     inputs: list[dict[str, Any]] | None = None
     input_file_id: str | None = Field(None, max_length=40)
+    # Fine-tuning jobs: JSONL files uploaded with purpose "fine-tune".
+    training_file: str | None = Field(None, max_length=40)
+    validation_file: str | None = Field(None, max_length=40)
     params: dict[str, Any] = Field(default_factory=dict)
     priority: int = Field(0, ge=0, le=9)
     metadata: dict[str, str] | None = Field(None, max_length=16)
 
     @model_validator(mode="after")
-    def _one_source(self) -> JobCreate:
-        if (self.inputs is None) == (self.input_file_id is None):
-            raise ValueError("give exactly one of `inputs` or `input_file_id`")
+    def _sources_fit_the_kind(self) -> JobCreate:
+        if self.kind == "finetune":
+            if self.training_file is None:
+                raise ValueError("a finetune job needs `training_file`")
+            if self.inputs is not None or self.input_file_id is not None:
+                raise ValueError("a finetune job takes `training_file`, not `inputs` or `input_file_id`")
+        else:
+            if (self.inputs is None) == (self.input_file_id is None):
+                raise ValueError("give exactly one of `inputs` or `input_file_id`")
+            if self.training_file is not None or self.validation_file is not None:
+                raise ValueError("`training_file` and `validation_file` are for finetune jobs")
         return self
 
 
@@ -101,6 +112,22 @@ class JobPublic(BaseModel):
             finished_at=epoch(job.finished_at),
             cancelled_at=epoch(job.cancelled_at),
         )
+
+
+class JobEventPublic(BaseModel):
+    id: int
+    object: Literal["job.event"] = "job.event"
+    created_at: int
+    level: str
+    message: str
+    step: int | None
+    metrics: dict[str, Any]
+
+
+class JobEventList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobEventPublic]
+    has_more: bool
 
 
 class JobList(BaseModel):

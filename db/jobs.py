@@ -250,11 +250,19 @@ def job_status(session: Session, *, job_id: str) -> str | None:
     return session.scalar(select(Job.status).where(Job.id == job_id))
 
 
-def due_shards(session: Session, *, requeue_after: timedelta, limit: int = 1000) -> list[tuple[int, str, str]]:
-    """(shard id, job kind, shard status) of shards whose lease expired or that were queued long ago."""
+@dataclass(frozen=True)
+class DueShard:
+    shard_id: int
+    status: str
+    kind: str
+    params: dict[str, Any]
+
+
+def due_shards(session: Session, *, requeue_after: timedelta, limit: int = 1000) -> list[DueShard]:
+    """Shards whose lease expired, or queued and not sent within `requeue_after`."""
     now = utcnow()
     rows = session.execute(
-        select(Shard.id, Job.kind, Shard.status)
+        select(Shard.id, Shard.status, Job.kind, Job.params)
         .join(Job, Job.id == Shard.job_id)
         .where(
             or_(
@@ -267,7 +275,7 @@ def due_shards(session: Session, *, requeue_after: timedelta, limit: int = 1000)
         .order_by(Shard.id)
         .limit(limit)
     ).all()
-    return [(shard_id, kind, status) for shard_id, kind, status in rows]
+    return [DueShard(shard_id, status, kind, params) for shard_id, status, kind, params in rows]
 
 
 def mark_enqueued(session: Session, *, shard_ids: Iterable[int]) -> None:

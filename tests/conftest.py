@@ -25,6 +25,7 @@ from tests.stack import (
     MODEL_CACHE,
     WorkerProcess,
     create_postgres_database,
+    drop_postgres_database,
     make_test_settings,
     redis_available,
 )
@@ -60,12 +61,15 @@ def redis_url() -> str:
 
 
 @pytest.fixture(scope="session")
-def postgres_database_url() -> str:
+def postgres_database_url() -> Iterator[str]:
+    name = f"lmbatch_test_{os.getpid()}"
     try:
-        return create_postgres_database(f"lmbatch_test_{os.getpid()}")
+        url = create_postgres_database(name)
     except Exception as error:  # no server, or no rights
         _require(False, f"PostgreSQL ({error.__class__.__name__})")
         raise
+    yield url
+    drop_postgres_database(name)
 
 
 @pytest.fixture(scope="session")

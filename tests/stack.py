@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Built-in models are converted once per clone and shared by every test run (SmolLM2 takes ~15 s).
 MODEL_CACHE = REPO / "var" / "test-cache" / "models"
 POSTGRES_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-INFERENCE_QUEUES = "generate,classify,embed,maintenance"
+ALL_QUEUES = "generate,classify,embed,finetune,maintenance"
 
 
 def postgres_url(database: str) -> str:
@@ -39,6 +39,13 @@ def create_postgres_database(database: str) -> str:
         connection.execute(text(f'CREATE DATABASE "{database}"'))
     admin.dispose()
     return postgres_url(database)
+
+
+def drop_postgres_database(database: str) -> None:
+    admin = create_engine(os.environ.get("LMBATCH_TEST_POSTGRES_URL", POSTGRES_ADMIN_URL), isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+    admin.dispose()
 
 
 def make_test_settings(database_url: str, redis_url: str, var_dir: Path, **overrides: Any) -> Settings:
@@ -86,7 +93,7 @@ class WorkerProcess:
         log_path: Path,
         *,
         name: str = "test",
-        queues: str = INFERENCE_QUEUES,
+        queues: str = ALL_QUEUES,
         extra_env: dict[str, str] | None = None,
     ) -> None:
         self.settings = settings

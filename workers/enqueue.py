@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from celery import Celery
 
 RUN_SHARD = "lmbatch.run_shard"
 
 
-def queue_for(kind: str) -> str:
+def queue_for(kind: str, params: dict[str, Any] | None = None) -> str:
+    """Job kinds are queues; a fine-tune over several GPUs goes to the workers that own several."""
+    if kind == "finetune" and int((params or {}).get("num_gpus", 1)) > 1:
+        return "finetune.multi"
     return kind
 
 
-def enqueue_shards(celery: Celery, *, kind: str, shard_ids: Iterable[int], priority: int = 0) -> int:
+def enqueue_shards(celery: Celery, *, queue: str, shard_ids: Iterable[int]) -> int:
     """Send one message per shard, carrying only its id. Returns how many were sent."""
     sent = 0
     with celery.producer_or_acquire() as producer:
         for shard_id in shard_ids:
-            celery.send_task(RUN_SHARD, args=[shard_id], queue=queue_for(kind), producer=producer)
+            celery.send_task(RUN_SHARD, args=[shard_id], queue=queue, producer=producer)
             sent += 1
     return sent
 

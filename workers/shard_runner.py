@@ -47,7 +47,7 @@ class ShardOutcome:
 
 
 @dataclass
-class _ShardWork:
+class ShardWork:
     shard_id: int
     job_id: str
     kind: str
@@ -60,7 +60,7 @@ class _ShardWork:
 
 
 @dataclass
-class _Tally:
+class Tally:
     succeeded: int = 0
     failed: int = 0
     prompt_tokens: int = 0
@@ -96,30 +96,22 @@ def run_shard(runtime: Runtime, shard_id: int, *, on_progress: ProgressCallback 
 
     if work.attempts > settings.max_shard_attempts:
         reason = f"gave up after {work.attempts - 1} attempts (the worker died or failed each time)"
-        return _fail(runtime, work, PermanentJobError(reason), _Tally())
+        return _fail(runtime, work, PermanentJobError(reason), Tally())
 
-    keeper = _LeaseKeeper(runtime, shard_id)
+    keeper = LeaseKeeper(runtime, shard_id)
     keeper.start()
-    tally = _Tally()
+    tally = Tally()
+
+    def should_stop() -> bool:
+        return keeper.lost or _job_is_stopping(runtime, work.job_id)
+
     try:
-        model = load_version(runtime, work.version)
-        engine = _engine_for(work.kind)
+        if work.kind == "finetune":
+            from workers.finetune_runner import run_finetune_work
 
-        def on_batch(results: list[ItemResult]) -> None:
-            with transaction(runtime.sessions) as session:
-                upsert_results(session, job_id=work.job_id, rows=[_result_row(r) for r in results])
-            tally.add(results)
-            keeper.progress = tally.done
-            if on_progress is not None:
-                on_progress(tally.done, len(work.items))
-
-        def should_stop() -> bool:
-            return keeper.lost or _job_is_stopping(runtime, work.job_id)
-
-        for params, items in _param_groups(work):
-            if should_stop():
-                break
-            engine(model, items, params, batch_size=settings.batch_size, should_stop=should_stop, on_batch=on_batch)
+            run_finetune_work(runtime, work, should_stop=should_stop, keeper=keeper, tally=tally)
+        else:
+            _run_inference(runtime, work, should_stop=should_stop, keeper=keeper, tally=tally, on_progress=on_progress)
     except PermanentJobError as error:
         keeper.stop()
         return _fail(runtime, work, error, tally)
@@ -136,6 +128,32 @@ def run_shard(runtime: Runtime, shard_id: int, *, on_progress: ProgressCallback 
     status = "succeeded" if tally.done >= len(work.items) else "cancelled"
     _finish(runtime, work, status, tally)
     return ShardOutcome(status, done=tally.done)
+
+
+def _run_inference(
+    runtime: Runtime,
+    work: ShardWork,
+    *,
+    should_stop: Callable[[], bool],
+    keeper: LeaseKeeper,
+    tally: Tally,
+    on_progress: ProgressCallback | None,
+) -> None:
+    model = load_version(runtime, work.version)
+    engine = _engine_for(work.kind)
+
+    def on_batch(results: list[ItemResult]) -> None:
+        with transaction(runtime.sessions) as session:
+            upsert_results(session, job_id=work.job_id, rows=[_result_row(r) for r in results])
+        tally.add(results)
+        keeper.progress = tally.done
+        if on_progress is not None:
+            on_progress(tally.done, len(work.items))
+
+    for params, items in _param_groups(work):
+        if should_stop():
+            break
+        engine(model, items, params, batch_size=runtime.settings.batch_size, should_stop=should_stop, on_batch=on_batch)
 
 
 def _engine_for(kind: str) -> Callable[..., list[ItemResult]]:
@@ -155,7 +173,7 @@ def _engine_for(kind: str) -> Callable[..., list[ItemResult]]:
     raise PermanentJobError(f"no engine runs {kind!r} shards")
 
 
-def _param_groups(work: _ShardWork) -> list[tuple[Any, list[EngineItem]]]:
+def _param_groups(work: ShardWork) -> list[tuple[Any, list[EngineItem]]]:
     """Items may override the job's params (an OpenAI batch line carries its own temperature, say):
     the engine runs once per distinct set, in order of first appearance. Uniform jobs make one group."""
     groups: dict[str, tuple[Any, list[EngineItem]]] = {}
@@ -180,7 +198,7 @@ def _not_claimed(session: Any, shard_id: int, claim: jobs.Claim) -> ShardOutcome
     return ShardOutcome(claim.value)
 
 
-def _load_work(session: Any, shard_id: int) -> _ShardWork:
+def _load_work(session: Any, shard_id: int) -> ShardWork:
     shard = session.get(Shard, shard_id)
     job = session.get(Job, shard.job_id)
     version = session.get(ModelVersion, job.model_version_id)
@@ -189,7 +207,7 @@ def _load_work(session: Any, shard_id: int) -> _ShardWork:
         for offset, item in enumerate(shard.items)
     ]
     overrides = {shard.start + offset: item["params"] for offset, item in enumerate(shard.items) if item.get("params")}
-    return _ShardWork(
+    return ShardWork(
         shard.id, job.id, job.kind, dict(job.params), shard.attempts, items, VersionInfo.of(version), overrides
     )
 
@@ -210,9 +228,7 @@ def _result_row(result: ItemResult) -> dict[str, Any]:
     }
 
 
-def _finish(
-    runtime: Runtime, work: _ShardWork, status: str, tally: _Tally, error: dict[str, Any] | None = None
-) -> None:
+def _finish(runtime: Runtime, work: ShardWork, status: str, tally: Tally, error: dict[str, Any] | None = None) -> None:
     with transaction(runtime.sessions) as session:
         won = jobs.finish_shard(
             session,
@@ -230,7 +246,7 @@ def _finish(
         log.warning("shard %s was taken over before it finished here; its results were overwritten", work.shard_id)
 
 
-def _fail(runtime: Runtime, work: _ShardWork, error: Exception, tally: _Tally) -> ShardOutcome:
+def _fail(runtime: Runtime, work: ShardWork, error: Exception, tally: Tally) -> ShardOutcome:
     """Every item without a result gets the shard's error, so each input still has one result line."""
     detail = {"code": getattr(error, "code", "engine_error"), "message": str(error)}
     missing = [item for item in work.items if item.index not in tally.indexes]
@@ -243,7 +259,7 @@ def _fail(runtime: Runtime, work: _ShardWork, error: Exception, tally: _Tally) -
     return ShardOutcome("failed", done=tally.done)
 
 
-def _retry(runtime: Runtime, work: _ShardWork, error: Exception, tally: _Tally) -> ShardOutcome:
+def _retry(runtime: Runtime, work: ShardWork, error: Exception, tally: Tally) -> ShardOutcome:
     if work.attempts >= runtime.settings.max_shard_attempts:
         return _fail(runtime, work, PermanentJobError(f"{type(error).__name__}: {error}"), tally)
     try:
@@ -260,7 +276,7 @@ def _retry(runtime: Runtime, work: _ShardWork, error: Exception, tally: _Tally) 
     return ShardOutcome("retry", retry_in=min(30.0, 2.0 * work.attempts), done=tally.done)
 
 
-class _LeaseKeeper(threading.Thread):
+class LeaseKeeper(threading.Thread):
     """Renews the shard's lease every heartbeat; notices when another worker has taken the shard."""
 
     def __init__(self, runtime: Runtime, shard_id: int) -> None:

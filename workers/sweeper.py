@@ -32,19 +32,22 @@ def sweep_once(settings: Settings, sessions: sessionmaker[Session], celery: Cele
     if not due:
         return 0
     client = redis.Redis.from_url(settings.redis_url)
-    waiting = {kind: int(client.llen(queue_for(kind))) for kind in {kind for _, kind, _ in due}}  # type: ignore[arg-type]
-    by_kind: dict[str, list[int]] = {}
-    for shard_id, kind, status in due:
+    by_queue: dict[str, list[int]] = {}
+    waiting: dict[str, int] = {}
+    for shard in due:
+        queue = queue_for(shard.kind, shard.params)
+        if queue not in waiting:
+            waiting[queue] = int(client.llen(queue))
         # A shard whose lease expired is due whatever its queue holds. A queued one is re-sent only when
         # its queue is empty (Redis lost it); a long backlog is waiting, not lost.
-        if status == "running" or waiting[kind] == 0:
-            by_kind.setdefault(kind, []).append(shard_id)
+        if shard.status == "running" or waiting[queue] == 0:
+            by_queue.setdefault(queue, []).append(shard.shard_id)
     sent = 0
-    for kind, shard_ids in by_kind.items():
+    for queue, shard_ids in by_queue.items():
         with transaction(sessions) as session:
             jobs.mark_enqueued(session, shard_ids=shard_ids)
-        sent += enqueue_shards(celery, kind=kind, shard_ids=shard_ids)
-        log.info("sweeper re-enqueued %d %s shard(s)", len(shard_ids), kind)
+        sent += enqueue_shards(celery, queue=queue, shard_ids=shard_ids)
+        log.info("sweeper re-enqueued %d shard(s) on %s", len(shard_ids), queue)
     return sent
 
 

@@ -5,24 +5,25 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api import intake
+from api import finetune_intake, intake
 from api.deps import CurrentPrincipal, SenderDep, SessionDep, SessionsDep, SettingsDep
 from api.errors import Conflict, NotFound
 from api.routes.files import owned_file
-from api.schemas import JobCreate, JobList, JobPublic, ResultPage, ResultPublic
+from api.schemas import JobCreate, JobEventList, JobEventPublic, JobList, JobPublic, ResultPage, ResultPublic, epoch
 from db import jobs as job_repo
-from db.models import Job, ModelVersion
+from db.models import Job, JobEvent, ModelVersion
 from db.results import iter_results, public_result, result_page
 from db.session import transaction
+from db.settings import Settings
 from db.tenants import Principal
-from workers.enqueue import enqueue_shards
+from workers.enqueue import enqueue_shards, queue_for
 
 router = APIRouter(tags=["jobs"])
 log = logging.getLogger("lmbatch.api")
@@ -52,13 +53,16 @@ def create_job(
     sender: SenderDep,
 ) -> JobPublic:
     version = intake.resolve_model(session, ref=body.model, kind=body.kind)
-    params = intake.validate_params(kind=body.kind, params=body.params, version=version, settings=settings)
-    if body.inputs is not None:
-        items = intake.items_from_request(body.kind, body.inputs, settings)
+    if body.kind == "finetune":
+        params, items = _finetune_intake(session, principal, body, version, settings)
     else:
-        assert body.input_file_id is not None
-        stored = owned_file(session, principal, body.input_file_id)
-        items = intake.items_from_file(body.kind, stored, settings)
+        params = intake.validate_params(kind=body.kind, params=body.params, version=version, settings=settings)
+        if body.inputs is not None:
+            items = intake.items_from_request(body.kind, body.inputs, settings)
+        else:
+            assert body.input_file_id is not None
+            stored = owned_file(session, principal, body.input_file_id)
+            items = intake.items_from_file(body.kind, stored, settings)
     with transaction(sessions) as write:
         intake.check_tenant_quota(write, tenant_id=principal.tenant_id, adding=len(items), settings=settings)
         new = job_repo.create_job(
@@ -74,14 +78,33 @@ def create_job(
             priority=body.priority,
             metadata=body.metadata,
         )
-    submit(sender, kind=body.kind, shard_ids=new.shard_ids)
+    submit(sender, queue=queue_for(body.kind, params), shard_ids=new.shard_ids)
     return job_public(session, new.job)
 
 
-def submit(sender: SenderDep, *, kind: str, shard_ids: list[int]) -> None:
+def _finetune_intake(
+    session: Session, principal: Principal, body: JobCreate, version: ModelVersion, settings: Settings
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A fine-tune is one shard of one item: the training run, described by its files."""
+    parsed = finetune_intake.validate_finetune_params(body.params, version)
+    finetune_intake.check_gpus_offered(parsed, settings)
+    assert body.training_file is not None
+    training = finetune_intake.owned_training_file(session, principal.tenant_id, body.training_file, "training_file")
+    summary = finetune_intake.check_training_file(training, parsed, param="training_file")
+    run: dict[str, Any] = {"training_file": training.id, "training": summary, "validation_file": None}
+    if body.validation_file is not None:
+        validation = finetune_intake.owned_training_file(
+            session, principal.tenant_id, body.validation_file, "validation_file"
+        )
+        finetune_intake.check_training_file(validation, parsed, param="validation_file")
+        run["validation_file"] = validation.id
+    return parsed.model_dump(), [{"custom_id": None, "input": run}]
+
+
+def submit(sender: SenderDep, *, queue: str, shard_ids: list[int]) -> None:
     """Enqueue after commit. If Redis is away the job still stands: the sweeper sends its shards later."""
     try:
-        enqueue_shards(sender, kind=kind, shard_ids=shard_ids)
+        enqueue_shards(sender, queue=queue, shard_ids=shard_ids)
     except Exception:  # kombu raises several connection error types
         log.exception("could not enqueue %d shard(s); the sweeper will send them", len(shard_ids))
 
@@ -160,3 +183,36 @@ def stream_results(
                 yield (json.dumps(public_result(row), ensure_ascii=False) + "\n").encode()
 
     return StreamingResponse(lines(), media_type="application/jsonl")
+
+
+@router.get("/jobs/{job_id}/events", response_model=JobEventList)
+def list_events(
+    job_id: str,
+    principal: CurrentPrincipal,
+    session: SessionDep,
+    after: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> JobEventList:
+    """A job's events oldest first (a fine-tune's steps, losses, evaluations, checkpoints); `after` is an
+    event id, so a client can follow along."""
+    job = owned_job(session, principal, job_id)
+    rows = list(
+        session.scalars(
+            select(JobEvent)
+            .where(JobEvent.job_id == job.id, JobEvent.id > after)
+            .order_by(JobEvent.id)
+            .limit(limit + 1)
+        )
+    )
+    data = [
+        JobEventPublic(
+            id=row.id,
+            created_at=epoch(row.created_at) or 0,
+            level=row.level,
+            message=row.message,
+            step=row.step,
+            metrics=row.metrics,
+        )
+        for row in rows[:limit]
+    ]
+    return JobEventList(data=data, has_more=len(rows) > limit)

