@@ -218,6 +218,17 @@ def flower(ctx: typer.Context, port: Annotated[int, typer.Option()] = 5555) -> N
 # ---------------------------------------------------------------------------------------------------- main
 
 
+@app.command()
+def demo(
+    ctx: typer.Context,
+    keep_running: Annotated[bool, typer.Option(help="Leave the stack up after the demo (Ctrl-C stops it).")] = False,
+) -> None:
+    """Bring the stack up on the embedded defaults and run generation, classification and embedding jobs."""
+    from api.demo import run_demo
+
+    raise typer.Exit(run_demo(settings_of(ctx), out, keep_running=keep_running))
+
+
 def main() -> None:
     try:
         app()

@@ -1,0 +1,166 @@
+"""`lmbatch demo`: bring the stack up on the embedded defaults and run the three inference job kinds.
+
+The stack is `lmbatch up` in a child process (so the demo exercises exactly what an operator runs); the
+demo talks to it over HTTP like any client, with a progress bar per job.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from api.broker import free_port, port_is_free
+from api.demo_data import CHAT_PROMPTS, EMBED_TEXTS, REVIEWS
+from db.session import make_engine, make_session_factory, transaction
+from db.settings import Settings
+from db.tenants import create_key
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def run_demo(settings: Settings, console: Console, *, keep_running: bool) -> int:
+    api_port = settings.api_port if port_is_free(settings.api_host, settings.api_port) else free_port()
+    flower_port = 5555 if port_is_free(settings.api_host, 5555) else free_port()
+    password = settings.flower_password or secrets.token_urlsafe(12)
+    env = {**os.environ, "LMBATCH_API_PORT": str(api_port), "LMBATCH_FLOWER_PASSWORD": password}
+    base = f"http://{settings.api_host}:{api_port}"
+    console.print(f"[bold]lmbatch demo[/]: starting the stack (`lmbatch up`), logs in {settings.var_dir}/logs/")
+    stack = subprocess.Popen(
+        [sys.executable, "-m", "api.cli", "up", "--flower-port", str(flower_port), "--workers", "1"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        _wait_healthy(base, stack, console)
+        key = _demo_key(settings)
+        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=60) as client:
+            _generation(client, console)
+            _classification(client, console)
+            _embedding(client, console)
+        console.print(
+            f"\n[bold green]Done.[/] API {base}/docs · Flower http://{settings.api_host}:{flower_port} "
+            f"(user [bold]{settings.flower_user}[/], password [bold]{password}[/]) · demo API key {key}"
+        )
+        if keep_running:
+            console.print("The stack keeps running; Ctrl-C stops it.")
+            stack.wait()
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if stack.poll() is None:
+            os.killpg(stack.pid, signal.SIGTERM)
+            try:
+                stack.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(stack.pid, signal.SIGKILL)
+
+
+def _wait_healthy(base: str, stack: subprocess.Popen[bytes], console: Console, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    with console.status("waiting for the API, a worker and Flower (the first run converts SmolLM2 once, ~20 s)"):
+        while time.monotonic() < deadline:
+            if stack.poll() is not None:
+                raise SystemExit(f"lmbatch up exited with {stack.returncode}; see var/logs/")
+            try:
+                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200 and _worker_present(base):
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+    raise SystemExit(f"the stack did not become healthy within {timeout:.0f} s; see var/logs/")
+
+
+def _worker_present(base: str) -> bool:
+    # The workers list needs a key; healthz alone says nothing about workers, so peek at the metrics.
+    text = httpx.get(f"{base}/metrics", timeout=5).text
+    return any(line.startswith("lmbatch_workers_online ") and not line.endswith(" 0.0") for line in text.splitlines())
+
+
+def _demo_key(settings: Settings) -> str:
+    engine = make_engine(settings)
+    try:
+        with transaction(make_session_factory(engine)) as session:
+            return create_key(session, tenant_name="demo")
+    finally:
+        engine.dispose()
+
+
+def _run_job(client: httpx.Client, console: Console, title: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    response = client.post("/v1/jobs", json=body)
+    if response.status_code != 202:
+        raise SystemExit(f"{title}: {response.json()['error']['message']}")
+    job = response.json()
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console) as progress:
+        bar = progress.add_task(title, total=job["counts"]["total"], rate="")
+        while job["status"] not in TERMINAL:
+            time.sleep(0.5)
+            job = client.get(f"/v1/jobs/{job['id']}").json()
+            done = math.floor(job["progress"] * job["counts"]["total"])
+            rate = job["throughput"]["items_per_second"]
+            progress.update(bar, completed=done, rate=f"{rate:.1f} items/s" if rate else "")
+        progress.update(bar, completed=job["counts"]["total"])
+    if job["status"] != "succeeded":
+        raise SystemExit(f"{title}: job {job['status']}: {job['error']}")
+    lines = client.get(f"/v1/jobs/{job['id']}/results.jsonl").text.splitlines()
+    import json
+
+    return [json.loads(line) for line in lines]
+
+
+def _generation(client: httpx.Client, console: Console) -> None:
+    inputs = [{"custom_id": f"q{i}", "messages": [{"role": "user", "content": p}]} for i, p in enumerate(CHAT_PROMPTS)]
+    body = {"kind": "generate", "model": "smollm2-135m-instruct", "inputs": inputs, "params": {"max_new_tokens": 40}}
+    results = _run_job(client, console, f"generate · {len(inputs)} chat prompts · SmolLM2", body)
+    table = Table("prompt", "answer", title="Generation (greedy)", show_lines=False)
+    for prompt, result in list(zip(CHAT_PROMPTS, results, strict=True))[:4]:
+        table.add_row(prompt, (result["output"] or {}).get("text", "").strip())
+    console.print(table)
+
+
+def _classification(client: httpx.Client, console: Console) -> None:
+    inputs = [{"text": text} for text, _ in REVIEWS]
+    body = {
+        "kind": "classify",
+        "model": "all-minilm-l6-v2",
+        "inputs": inputs,
+        "params": {"labels": ["positive", "negative"]},
+    }
+    results = _run_job(client, console, f"classify · {len(inputs)} reviews · MiniLM zero-shot", body)
+    right = sum(r["output"]["label"] == label for r, (_, label) in zip(results, REVIEWS, strict=True))
+    table = Table("review", "label", "score", title=f"Zero-shot classification: {right}/{len(REVIEWS)} as expected")
+    for (text, _), result in list(zip(REVIEWS, results, strict=True))[:4]:
+        table.add_row(text, result["output"]["label"], f"{result['output']['score']:.2f}")
+    console.print(table)
+
+
+def _embedding(client: httpx.Client, console: Console) -> None:
+    body = {"kind": "embed", "model": "all-minilm-l6-v2", "inputs": [{"text": t} for t in EMBED_TEXTS]}
+    results = _run_job(client, console, f"embed · {len(EMBED_TEXTS)} sentences · MiniLM", body)
+    vectors = [r["output"]["embedding"] for r in results]
+    first = vectors[0]
+    similarities = [sum(a * b for a, b in zip(first, v, strict=True)) for v in vectors[1:]]
+    table = Table("sentence", f"cosine to “{EMBED_TEXTS[0]}”", title=f"Embeddings ({len(first)} dimensions)")
+    for text, similarity in zip(EMBED_TEXTS[1:], similarities, strict=True):
+        table.add_row(text, f"{similarity:.2f}")
+    console.print(table)
