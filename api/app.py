@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.middleware.base import RequestResponseEndpoint
 
 from api.errors import error_body, install_error_handlers
-from api.routes import batches, files, health, jobs, metrics, models, workers
+from api.routes import batches, files, fine_tuning, health, jobs, metrics, models, workers
 from db.session import make_engine, make_session_factory
 from db.settings import Settings
 from workers.enqueue import make_sender
@@ -48,6 +48,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(metrics.router)
-    for module in (files, jobs, batches, models, workers):
+    for module in (files, jobs, batches, fine_tuning, models, workers):
         app.include_router(module.router, prefix="/v1")
     return app

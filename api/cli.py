@@ -18,6 +18,8 @@ from typing import Annotated
 import typer
 
 from api.cli_common import CliError, err, expected_errors, one_line, out, settings_of
+from api.cli_jobs import jobs_app
+from api.cli_models import finetune_app, models_app
 
 app = typer.Typer(
     name="lmbatch",
@@ -31,6 +33,9 @@ keys_app = typer.Typer(help="API keys of tenants.", no_args_is_help=True)
 # One line per sub-app; a sub-app in its own module imports its helpers from api.cli_common.
 app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
+app.add_typer(jobs_app)  # no name: submit, status, results, cancel and jobs are top-level commands
+app.add_typer(models_app, name="models")
+app.add_typer(finetune_app)  # `lmbatch finetune`
 
 
 # ---------------------------------------------------------------------------------------------------- db

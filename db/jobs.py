@@ -5,6 +5,7 @@ happened. Two workers racing for one shard therefore cannot both win, whatever t
 
     job:   queued → running → succeeded | failed
            queued | running → cancelling → cancelled      (cancelled at once when nothing runs)
+           queued | running → paused → queued             (fine-tunes: the run stops at a step, keeps its checkpoints)
     shard: queued → running → succeeded | failed | cancelled
            running (lease expired) → running (another worker)     queued | running → queued (retry)
 """
@@ -23,7 +24,7 @@ from sqlalchemy.orm import Session
 from db.models import Job, Shard, new_id, utcnow
 from db.session import changed
 
-ACTIVE_JOB_STATES = ("queued", "running", "cancelling")
+ACTIVE_JOB_STATES = ("queued", "running", "cancelling", "paused")
 TERMINAL_JOB_STATES = ("succeeded", "failed", "cancelled")
 OPEN_SHARD_STATES = ("queued", "running")
 
@@ -32,6 +33,7 @@ class Claim(enum.StrEnum):
     CLAIMED = "claimed"
     BUSY = "busy"  # running under another worker's live lease
     FINISHED = "finished"  # succeeded, failed or cancelled already
+    PAUSED = "paused"  # its job is paused: `resume_job` enqueues it again
     MISSING = "missing"
 
 
@@ -93,11 +95,13 @@ def create_job(
 def claim_shard(session: Session, *, shard_id: int, worker: str, lease_seconds: float) -> Claim:
     """queued → running, or take over a running shard whose worker died (lease expired, or it was us)."""
     now = utcnow()
+    paused = select(Job.id).where(Job.status == "paused")
     claimed = changed(
         session,
         update(Shard)
         .where(
             Shard.id == shard_id,
+            Shard.job_id.not_in(paused),
             or_(
                 Shard.status == "queued",
                 and_(Shard.status == "running", Shard.lease_expires_at < now),
@@ -122,10 +126,15 @@ def claim_shard(session: Session, *, shard_id: int, worker: str, lease_seconds: 
             update(Job).where(Job.id == job_id, Job.status == "queued").values(status="running", started_at=now)
         )
         return Claim.CLAIMED
-    status = session.scalar(select(Shard.status).where(Shard.id == shard_id))
-    if status is None:
+    row = session.execute(
+        select(Shard.status, Job.status).join(Job, Job.id == Shard.job_id).where(Shard.id == shard_id)
+    ).one_or_none()
+    if row is None:
         return Claim.MISSING
-    return Claim.BUSY if status in OPEN_SHARD_STATES else Claim.FINISHED
+    shard_status, job_state = row
+    if job_state == "paused":
+        return Claim.PAUSED
+    return Claim.BUSY if shard_status in OPEN_SHARD_STATES else Claim.FINISHED
 
 
 def renew_lease(session: Session, *, shard_id: int, worker: str, lease_seconds: float, progress: int) -> bool:
@@ -234,7 +243,7 @@ def cancel_job(session: Session, *, job_id: str) -> str | None:
     now = utcnow()
     session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status.in_(("queued", "running")))
+        .where(Job.id == job_id, Job.status.in_(("queued", "running", "paused")))
         .values(status="cancelling", cancelled_at=now)
     )
     session.execute(
@@ -244,6 +253,36 @@ def cancel_job(session: Session, *, job_id: str) -> str | None:
     )
     finish_job_if_done(session, job_id=job_id)
     return session.scalar(select(Job.status).where(Job.id == job_id))
+
+
+def pause_job(session: Session, *, job_id: str) -> bool:
+    """queued | running → paused. A running shard notices at its next step and parks itself."""
+    return bool(
+        changed(
+            session, update(Job).where(Job.id == job_id, Job.status.in_(("queued", "running"))).values(status="paused")
+        )
+    )
+
+
+def park_shard(session: Session, *, shard_id: int, worker: str) -> bool:
+    """running → queued without counting an attempt: the job was paused, nothing went wrong."""
+    return bool(
+        changed(
+            session,
+            update(Shard)
+            .where(Shard.id == shard_id, Shard.status == "running", Shard.lease_owner == worker)
+            .values(status="queued", lease_owner=None, lease_expires_at=None, attempts=Shard.attempts - 1, progress=0),
+        )
+    )
+
+
+def resume_job(session: Session, *, job_id: str) -> list[int]:
+    """paused → queued (running again once a worker claims a shard). Returns the shard ids to enqueue."""
+    if not changed(session, update(Job).where(Job.id == job_id, Job.status == "paused").values(status="queued")):
+        return []
+    ids = list(session.scalars(select(Shard.id).where(Shard.job_id == job_id, Shard.status == "queued")))
+    mark_enqueued(session, shard_ids=ids)
+    return ids
 
 
 def job_status(session: Session, *, job_id: str) -> str | None:
@@ -265,6 +304,7 @@ def due_shards(session: Session, *, requeue_after: timedelta, limit: int = 1000)
         select(Shard.id, Shard.status, Job.kind, Job.params)
         .join(Job, Job.id == Shard.job_id)
         .where(
+            Job.status != "paused",
             or_(
                 and_(Shard.status == "running", Shard.lease_expires_at < now),
                 Shard.status == "queued",

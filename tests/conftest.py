@@ -210,3 +210,13 @@ def import_root(tmp_path_factory: pytest.TempPathFactory, builtin_models_ready: 
     root = tmp_path_factory.mktemp("imports")
     build_tiny_classifier(root / "sentiment", MODEL_CACHE / "all-minilm-l6-v2" / "1", labels=("negative", "positive"))
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_root(tmp_path_factory: pytest.TempPathFactory, builtin_models_ready: Path) -> Path:
+    """An import root holding `tiny-lm`: a 2-layer Llama with SmolLM2's tokenizer, for fast fine-tunes."""
+    from tests.tiny_models import build_tiny_causal_lm
+
+    root = tmp_path_factory.mktemp("ft-imports")
+    build_tiny_causal_lm(root / "tiny-lm", MODEL_CACHE / "smollm2-135m-instruct" / "1", context_window=128)
+    return root

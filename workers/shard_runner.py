@@ -23,7 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
 from db import jobs
-from db.models import Job, ModelVersion, Shard
+from db.models import Job, JobEvent, ModelVersion, Shard
 from db.results import upsert_results
 from db.session import transaction
 from workers.engines.params import PARAMS_BY_KIND
@@ -125,6 +125,10 @@ def run_shard(runtime: Runtime, shard_id: int, *, on_progress: ProgressCallback 
     keeper.stop()
     if keeper.lost:
         return ShardOutcome("lost", done=tally.done)
+    if tally.done < len(work.items):
+        parked = _park_unless_cancelled(runtime, work, step=keeper.progress)
+        if parked is not None:
+            return parked
     status = "succeeded" if tally.done >= len(work.items) else "cancelled"
     _finish(runtime, work, status, tally)
     return ShardOutcome(status, done=tally.done)
@@ -212,9 +216,23 @@ def _load_work(session: Any, shard_id: int) -> ShardWork:
     )
 
 
+def _park_unless_cancelled(runtime: Runtime, work: ShardWork, *, step: int) -> ShardOutcome | None:
+    """The shard stopped short. Cancelled job: None (the caller finishes it as cancelled). Otherwise it was
+    paused, perhaps resumed again before this worker noticed: the shard goes back to queued, keeping its
+    results and checkpoints, and runs again now unless the job is still paused (resume enqueues it then)."""
+    with transaction(runtime.sessions) as session:
+        state = jobs.job_status(session, job_id=work.job_id)
+        if state in ("cancelling", "cancelled", None):
+            return None
+        if not jobs.park_shard(session, shard_id=work.shard_id, worker=runtime.worker_name):
+            return ShardOutcome("lost")
+        session.add(JobEvent(job_id=work.job_id, step=step or None, message="paused", metrics={"step": step}))
+    return ShardOutcome("paused") if state == "paused" else ShardOutcome("requeued", retry_in=0.5)
+
+
 def _job_is_stopping(runtime: Runtime, job_id: str) -> bool:
     with runtime.sessions() as session:
-        return jobs.job_status(session, job_id=job_id) in ("cancelling", "cancelled")
+        return jobs.job_status(session, job_id=job_id) in ("cancelling", "cancelled", "paused")
 
 
 def _result_row(result: ItemResult) -> dict[str, Any]:

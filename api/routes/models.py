@@ -65,6 +65,21 @@ def list_models(_: CurrentPrincipal, session: SessionDep) -> dict[str, Any]:
 
 @router.get("/models/{name}")
 def get_model(name: str, _: CurrentPrincipal, session: SessionDep) -> dict[str, Any]:
+    """A model with all its versions; a ref (`name@2`, `name:prod`, as the SDK's models.retrieve may send for a
+    fine-tuned model) answers for the version it names."""
+    if "@" in name or ":" in name:
+        try:
+            version = registry.resolve(session, name)
+        except registry.InvalidModelRef as error:
+            raise NotFound(str(error), param="name", code="model_not_found") from error
+        if version is None:
+            raise NotFound(f"no model {name!r}", param="name", code="model_not_found")
+        aliases = registry.aliases_by_version(session, name=version.name)
+        return {
+            **model_public(version, aliases),
+            "id": name,
+            "version": version_public(version, aliases.get(version.id, [])),
+        }
     rows = registry.versions(session, name=name)
     if not rows:
         raise NotFound(f"no model {name!r}", param="name", code="model_not_found")

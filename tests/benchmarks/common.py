@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -56,6 +55,46 @@ PRODUCTION_JOB_SETTINGS = (
     "sweep_interval_seconds",
     "torch_threads",
 )
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big each workload is. ``FULL`` is the issue's, scaled to fit ~15 minutes on 2 cores; ``QUICK``
+    (``--quick``) is a smoke run that checks every benchmark still works, its figures meaningless."""
+
+    gen_prompts: int = 64
+    cls_items: int = 5_000
+    api_clients: int = 50
+    api_posts_per_client: int = 40
+    api_gets_per_client: int = 100
+    scale_small: int = 2_000
+    scale_large: int = 200_000
+    write_rows: int = 20_000
+    ft_steps: int = 3
+
+
+FULL = Sizes()
+QUICK = Sizes(
+    gen_prompts=8,
+    cls_items=300,
+    api_clients=8,
+    api_posts_per_client=4,
+    api_gets_per_client=8,
+    scale_small=200,
+    scale_large=2_000,
+    write_rows=1_000,
+    ft_steps=1,
+)
+_sizes = FULL
+
+
+def sizes() -> Sizes:
+    return _sizes
+
+
+def use_sizes(chosen: Sizes) -> None:
+    global _sizes
+    _sizes = chosen
 
 
 def production_defaults() -> dict[str, Any]:
@@ -126,8 +165,11 @@ class Stack:
 
     ``api="inprocess"`` serves the app through ``TestClient`` in this process (cheap, fine while this process
     only waits); ``api="uvicorn"`` runs it as production does, in its own process, whose memory can be measured
-    and whose CPU is not shared with the load generator.
+    and whose CPU is not shared with the load generator; ``api="none"`` starts no API (``client`` is unset).
     """
+
+    client: httpx.Client
+    settings: Settings
 
     def __init__(self, name: str, *, worker: bool, api: str = "inprocess", **overrides: Any) -> None:
         self.name = name
@@ -164,7 +206,7 @@ class Stack:
         # Before any worker starts: flushing under a live worker would drop kombu's bindings.
         redis.Redis.from_url(BENCH_REDIS_URL).flushdb()
         self._stack.callback(lambda: redis.Redis.from_url(BENCH_REDIS_URL).flushdb())
-        self.settings: Settings = make_test_settings(url, BENCH_REDIS_URL, self.var_dir, **self.overrides)
+        self.settings = make_test_settings(url, BENCH_REDIS_URL, self.var_dir, **self.overrides)
         upgrade(self.settings)
         ensure_builtin_models(self.settings)
         engine = make_engine(self.settings)
@@ -177,7 +219,8 @@ class Stack:
             self.worker = WorkerProcess(self.settings, self.var_dir / "worker.log", name=f"bench-{self.name}")
             self._stack.callback(self.worker.stop)
             self.worker.wait_ready()
-        self.client = self._start_api()
+        if self.api_mode != "none":
+            self.client = self._start_api()
 
     def _start_api(self) -> httpx.Client:
         if self.api_mode == "inprocess":

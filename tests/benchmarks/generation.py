@@ -11,14 +11,13 @@ from typing import Any
 
 import torch
 
-from tests.benchmarks.common import Result, Stack, load_builtin, log, production_defaults, timed
+from tests.benchmarks.common import Result, Stack, load_builtin, log, production_defaults, sizes, timed
 from tests.benchmarks.workloads import chat_prompts
 from workers.engines.params import GenerateParams, parse_item
 from workers.engines.types import EngineItem, ItemResult
 
 MODEL = "smollm2-135m-instruct"
 NEW_TOKENS = 32
-PROMPTS = 64
 
 
 def engine_items(raw_items: list[dict[str, Any]], kind: str) -> list[EngineItem]:
@@ -56,7 +55,7 @@ def plain_loop(model: Any, raw_items: list[dict[str, Any]]) -> list[str]:
 def bench_gen_engine() -> Result:
     batch_size = production_defaults()["batch_size"]
     model = load_builtin(MODEL, "causal-lm")
-    raw = chat_prompts(PROMPTS)
+    raw = chat_prompts(sizes().gen_prompts)
     items = engine_items(raw, "generate")
     run_engine(model, items[:2], batch_size)  # warm-up: first-call allocations and lazy inits
     half = len(raw) // 2
@@ -98,7 +97,7 @@ def bench_gen_engine() -> Result:
 def bench_gen_e2e() -> Result:
     defaults = production_defaults()
     model = load_builtin(MODEL, "causal-lm")
-    raw = chat_prompts(PROMPTS)
+    raw = chat_prompts(sizes().gen_prompts)
     items = engine_items(raw, "generate")
     body = {
         "kind": "generate",

@@ -1,8 +1,9 @@
 """A real fine-tune: SmolLM2-135M-Instruct learns a made-up fact with ZeRO-2 on 2 CPU cores.
 
-8 optimizer steps at lr 5e-5, ~5-6 s each (FACTS.md: batch 8 x ~54 tokens, ~4.6 s/step), then greedy generation from the saved
-directory with plain transformers. Slow (about 1-2 minutes), but the one test that shows fine-tuning changes
-what a real model says.
+8 optimizer steps of 8 chat rows at lr 5e-5 (~5-6 s a step here; FACTS.md measured ~4.6 s for 8 x ~54 tokens),
+then greedy generation from the saved directory with plain transformers. About a minute on an idle machine
+(much longer when other jobs share the 2 cores), but the one test that shows a fine-tune changes what a real
+model says. The loss is ~0.1 by step 4 and ~0.002 by step 8.
 """
 
 from __future__ import annotations

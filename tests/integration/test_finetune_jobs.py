@@ -16,8 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.app import create_app
 from tests.conftest import make_key
 from tests.integration.test_jobs_e2e import wait_job
-from tests.stack import MODEL_CACHE, WorkerProcess, wait_for
-from tests.tiny_models import build_tiny_causal_lm
+from tests.stack import WorkerProcess, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.parametrize("backend", ["postgresql"], indirect=True)]
 
@@ -41,13 +40,6 @@ def upload(client: TestClient, headers: dict[str, str], rows: list[dict[str, Any
     )
     assert response.status_code == 200, response.text
     return str(response.json()["id"])
-
-
-@pytest.fixture(scope="session")
-def tiny_lm_root(tmp_path_factory: pytest.TempPathFactory, builtin_models_ready: Path) -> Path:
-    root = tmp_path_factory.mktemp("ft-imports")
-    build_tiny_causal_lm(root / "tiny-lm", MODEL_CACHE / "smollm2-135m-instruct" / "1", context_window=128)
-    return root
 
 
 @pytest.fixture
@@ -132,7 +124,8 @@ def test_bad_finetune_requests_are_refused_at_the_door(
     good = upload(client, tenant, chat_rows(FACTS))
     body = {**finetune_body(good), **change}
     if change.get("training_file") == "BAD":
-        content = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{"nope": 1}\nnot json\n'
+        good_row = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+        content = (good_row + '\n{"nope": 1}\nnot json\n').encode()
         body["training_file"] = client.post(
             "/v1/files", files={"file": ("t.jsonl", io.BytesIO(content))}, data={"purpose": "fine-tune"}, headers=tenant
         ).json()["id"]

@@ -17,6 +17,7 @@ Module level imports nothing heavy: the launcher (``workers.finetune_process``) 
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import json
 import os
@@ -44,10 +45,11 @@ def die_with_parent() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m workers.engines.finetune_main SPEC.json", file=sys.stderr)
-        return 2
+    parser = argparse.ArgumentParser(prog="python -m workers.engines.finetune_main")
+    parser.add_argument("spec", type=Path, help="a FinetuneSpec as JSON")
+    # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
     die_with_parent()
     stop = threading.Event()
     # A flag, not an exception: the step in flight (and any checkpoint being written) finishes first.
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     from workers.engines.finetune_params import TrainingDataError
     from workers.errors import JobError, RetryableJobError
 
-    spec = FinetuneSpec.from_json(Path(args[0]).read_text())
+    spec = FinetuneSpec.from_json(args.spec.read_text())
     single_process_env(os.environ)  # type: ignore[arg-type]
     is_rank0 = os.environ["RANK"] == "0"
 

@@ -1,0 +1,183 @@
+"""``lmbatch models list | show | alias`` and ``lmbatch finetune``: the model registry and how new versions
+are made, over HTTP (api/client.py).
+
+Listing and fine-tuning need any tenant's key; moving an alias needs an admin key (``lmbatch keys create
+--admin``). A fine-tune is a job like any other (``lmbatch status`` and ``cancel`` work on it); it lives here
+because what it leaves behind is a model version.
+"""
+
+from __future__ import annotations
+
+import time
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from api.cli_common import CliError, err, out
+from api.cli_jobs import POLL_SECONDS, KeyOpt, OneLineUsage, UrlOpt, connect, job_error, poll, show, when
+from api.client import DEFAULT_URL, TERMINAL_STATES, Client
+
+models_app = typer.Typer(help="The model registry: versions and aliases.", no_args_is_help=True)
+finetune_app = typer.Typer()  # merged into the root app: `lmbatch finetune`
+
+
+def _listed(values: Any) -> str:
+    return ", ".join(map(str, values)) if values else "-"
+
+
+@models_app.command("list", cls=OneLineUsage)
+def models_list(url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None) -> None:
+    """Every model with its latest version, what it can do, and its aliases."""
+    with connect(url, api_key) as client:
+        models = client.list_models()["data"]
+    table = Table(box=None, pad_edge=False)
+    for column in ("NAME", "LATEST", "KINDS", "TASK", "ALIASES"):
+        table.add_column(column, no_wrap=column == "NAME")
+    for model in models:
+        table.add_row(
+            model["id"], str(model["latest_version"]), _listed(model["kinds"]), model["task"], _listed(model["aliases"])
+        )
+    show(table)
+
+
+@models_app.command("show", cls=OneLineUsage)
+def models_show(
+    name: Annotated[str, typer.Argument(help="The model's name.")],
+    url: UrlOpt = DEFAULT_URL,
+    api_key: KeyOpt = None,
+) -> None:
+    """A model's versions: aliases, lineage (the fine-tuning job that made it) and metrics."""
+    with connect(url, api_key) as client:
+        model = client.get_model(name)
+    show(f"{model['id']}  task {model['task']}  kinds {_listed(model['kinds'])}")
+    table = Table(box=None, pad_edge=False)
+    for column in ("VERSION", "ALIASES", "SOURCE", "JOB", "CREATED", "METRICS"):
+        table.add_column(column, no_wrap=column in ("VERSION", "JOB", "CREATED"))
+    for version in model["versions"]:
+        metrics = version.get("metrics") or {}
+        shown = "  ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items() if v is not None
+        )
+        table.add_row(
+            version["ref"], _listed(version["aliases"]), str(version.get("source") or "-"),
+            version.get("job_id") or "-", when(version["created_at"]), shown or "-",
+        )  # fmt: skip
+    show(table)
+
+
+@models_app.command("alias", cls=OneLineUsage)
+def models_alias(
+    name: Annotated[str, typer.Argument(help="The model's name.")],
+    alias: Annotated[str, typer.Argument(help="The alias, such as production; jobs then use name:alias.")],
+    version: Annotated[int, typer.Argument(min=1, help="The version the alias points to from now on.")],
+    url: UrlOpt = DEFAULT_URL,
+    api_key: KeyOpt = None,
+) -> None:
+    """Point an alias at a version (admin key); jobs submitted with ``name:alias`` use it from now on."""
+    with connect(url, api_key) as client:
+        client.set_alias(name, alias, version)
+    out.print(f"{name}:{alias} → {name}@{version}")
+
+
+# ---------------------------------------------------------------------------------------------- finetune
+
+
+class FinetuneTask(StrEnum):
+    causal_lm = "causal-lm"
+    sequence_classification = "sequence-classification"
+
+
+def event_line(event: dict[str, Any], previous_loss: float | None) -> str:
+    """One line per event; training losses carry an arrow against the previous one, so a fall shows."""
+    metrics, step = event["metrics"], event["step"]
+    head = f"step {step:>5}" if step is not None else " " * 10
+    if "loss" in metrics:
+        loss = float(metrics["loss"])
+        trend = "" if previous_loss is None else ("↓" if loss < previous_loss else "↑" if loss > previous_loss else "=")
+        extra = f"  lr {metrics['learning_rate']:.2e}" if isinstance(metrics.get("learning_rate"), float) else ""
+        return f"{head}  loss {loss:.4f} {trend}{extra}"
+    if "eval_loss" in metrics:
+        accuracy = f"  accuracy {metrics['eval_accuracy']:.3f}" if metrics.get("eval_accuracy") is not None else ""
+        return f"{head}  eval_loss {float(metrics['eval_loss']):.4f}{accuracy}"
+    details = "  ".join(f"{k}={v}" for k, v in metrics.items() if not isinstance(v, dict | list))
+    return f"{head}  {event['message']}  {details}".rstrip()
+
+
+def follow_finetune(client: Client, job: dict[str, Any], *, console: Console) -> dict[str, Any]:
+    """Print the run's events (losses as they fall) until the job ends."""
+    after, previous_loss, started = 0, None, time.monotonic()
+    while True:
+        # The job's state is read before its events: once it is terminal, every event it wrote is in this read.
+        job = poll(client, job["id"], started)
+        while True:
+            page = client.job_events(job["id"], after=after, limit=1000)
+            for event in page["data"]:
+                console.print(event_line(event, previous_loss), markup=False)
+                previous_loss = event["metrics"].get("loss", previous_loss)
+                after = event["id"]
+            if not page["has_more"]:
+                break
+        if job["status"] in TERMINAL_STATES:
+            return job
+        time.sleep(POLL_SECONDS)
+
+
+@finetune_app.command(cls=OneLineUsage)
+def finetune(
+    model: Annotated[str, typer.Option("--model", "-m", help="The base model: name, name@VERSION or name:ALIAS.")],
+    train: Annotated[Path, typer.Option("--train", help="Training data, JSONL.")],
+    validation: Annotated[Path | None, typer.Option("--validation", help="Validation data, JSONL.")] = None,
+    task: Annotated[FinetuneTask, typer.Option("--task")] = FinetuneTask.causal_lm,
+    epochs: Annotated[int | None, typer.Option(min=1)] = None,
+    max_steps: Annotated[int | None, typer.Option(min=1, help="Optimizer steps; overrides --epochs.")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Learning rate.")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Examples per micro-batch per process.")] = None,
+    max_seq_len: Annotated[int | None, typer.Option(min=8)] = None,
+    zero_stage: Annotated[int | None, typer.Option(min=0, max=3, help="DeepSpeed ZeRO stage.")] = None,
+    num_gpus: Annotated[int | None, typer.Option(min=1)] = None,
+    labels: Annotated[str | None, typer.Option(help="Comma-separated labels (sequence-classification).")] = None,
+    output_name: Annotated[str | None, typer.Option(help="Register the result under this model name.")] = None,
+    wait: Annotated[bool, typer.Option("--wait", "-w", help="Follow the run (losses) until it ends.")] = False,
+    url: UrlOpt = DEFAULT_URL,
+    api_key: KeyOpt = None,
+) -> None:
+    """Fine-tune a model with DeepSpeed on the workers; the result becomes a new model version."""
+    hyperparameters = {
+        k: v
+        for k, v in {
+            "epochs": epochs, "max_steps": max_steps, "learning_rate": lr, "batch_size": batch_size,
+            "max_seq_len": max_seq_len,
+        }.items()
+        if v is not None
+    }  # fmt: skip
+    params: dict[str, Any] = {"task": task.value, "hyperparameters": hyperparameters}
+    if zero_stage is not None:
+        params["deepspeed"] = {"zero_stage": zero_stage}
+    if num_gpus is not None:
+        params["num_gpus"] = num_gpus
+    if output_name:
+        params["output_name"] = output_name
+    if labels:
+        params["labels"] = [label.strip() for label in labels.split(",") if label.strip()]
+    for path, what in ((train, "--train"), (validation, "--validation")):
+        if path is not None and not path.is_file():
+            raise CliError(f"{what} {path}: no such file")
+    with connect(url, api_key) as client:
+        body: dict[str, Any] = {"kind": "finetune", "model": model, "params": params}
+        for field, path in (("training_file", train), ("validation_file", validation)):
+            if path is not None:
+                with path.open("rb") as handle:
+                    body[field] = client.upload_file(handle, filename=path.name, purpose="fine-tune")["id"]
+        job = client.create_job(body)
+        out.print(job["id"])
+        if not wait:
+            return
+        job = follow_finetune(client, job, console=err)
+    if job["status"] != "succeeded":
+        raise CliError(f"job {job['id']} {job['status']}{job_error(job)}")
+    err.print(f"job {job['id']} succeeded: new model version")
+    out.print(job["model_version"] or "-")

@@ -1,0 +1,140 @@
+"""``python -m tests.benchmarks [--quick] [ID ...]``: run the benchmarks, write var/bench/latest.json, print a table.
+
+Exit status 0 whatever the speeds; 1 only when a benchmark crashed (its entry then carries ``error``). Entries of
+benchmarks not selected this time are kept from the previous latest.json, each with its own ``measured_at``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+# Before transformers is imported anywhere: the benchmarks never reach the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Settings are built explicitly; a developer's LMBATCH_* variables must not leak into the stacks.
+for _key in [k for k in os.environ if k.startswith("LMBATCH_")]:
+    if not _key.startswith(("LMBATCH_TEST_", "LMBATCH_BENCH_")):
+        del os.environ[_key]
+
+from tests.benchmarks import common  # noqa: E402
+from tests.benchmarks.common import BENCH_DIR, Result, log  # noqa: E402
+
+
+def _registry() -> dict[str, Callable[[], Result]]:
+    # Imported here so that `--help` and a typo in an id cost no torch import.
+    from tests.benchmarks.api_latency import bench_api
+    from tests.benchmarks.classification import bench_cls_e2e
+    from tests.benchmarks.finetune_step import bench_ft_step
+    from tests.benchmarks.generation import bench_gen_e2e, bench_gen_engine
+    from tests.benchmarks.padding import bench_padding
+    from tests.benchmarks.scale import bench_scale
+    from tests.benchmarks.writes import bench_writes
+
+    return {
+        "gen-engine": bench_gen_engine,
+        "gen-e2e": bench_gen_e2e,
+        "cls-e2e": bench_cls_e2e,
+        "padding": bench_padding,
+        "api": bench_api,
+        "scale": bench_scale,
+        "writes": bench_writes,
+        "ft-step": bench_ft_step,
+    }
+
+
+IDS = ("gen-engine", "gen-e2e", "cls-e2e", "padding", "api", "scale", "writes", "ft-step")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.benchmarks", description=__doc__)
+    parser.add_argument("ids", nargs="*", metavar="ID", help=f"benchmarks to run (default: all): {', '.join(IDS)}")
+    parser.add_argument("--quick", action="store_true", help="tiny workloads: checks the benchmarks run, no figures")
+    parser.add_argument("--output", type=Path, default=BENCH_DIR / "latest.json")
+    args = parser.parse_args(argv)
+    unknown = [i for i in args.ids if i not in IDS]
+    if unknown:
+        parser.error(f"unknown benchmark(s) {unknown}; choose from {', '.join(IDS)}")
+    selected = args.ids or list(IDS)
+    if args.quick:
+        common.use_sizes(common.QUICK)
+
+    registry = _registry()
+    results: list[Result] = []
+    crashed = False
+    started = time.perf_counter()
+    for bench_id in selected:
+        log(f"{bench_id}: starting")
+        began = time.perf_counter()
+        try:
+            result = registry[bench_id]()
+        except Exception as error:  # one crashed benchmark must not cost the others' figures
+            traceback.print_exc()
+            crashed = True
+            result = Result(bench_id, math.nan, None, None, "", "", None, {"error": f"{type(error).__name__}: {error}"})
+        result.extra["seconds"] = round(time.perf_counter() - began, 1)
+        result.extra["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        if args.quick:
+            result.extra["quick"] = "smoke run with tiny workloads: figures are not meaningful"
+        results.append(result)
+        log(f"{bench_id}: done in {result.extra['seconds']} s")
+    total = time.perf_counter() - started
+
+    entries = _merge(args.output, [r.to_json() for r in results])
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(entries, indent=2) + "\n")
+    print(_table([r.to_json() for r in results]))
+    print(f"\n{len(results)} benchmark(s) in {total:.0f} s; written to {args.output}")
+    return 1 if crashed else 0
+
+
+def _merge(path: Path, fresh: list[dict]) -> list[dict]:
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError):
+        previous = []
+    by_id = {entry["id"]: entry for entry in previous if isinstance(entry, dict) and "id" in entry}
+    by_id.update({entry["id"]: entry for entry in fresh})
+    return [by_id[i] for i in IDS if i in by_id]
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return "-" if value is None else str(value)
+
+
+def _table(entries: list[dict]) -> str:
+    header = ("id", "figure", "baseline", "ratio", "unit", "target", "met", "s")
+    rows = [header]
+    for e in entries:
+        met = {True: "yes", False: "NO", None: "crashed" if "error" in e else "-"}[e["met"]]
+        rows.append(
+            (
+                e["id"],
+                _fmt(e["figure"]),
+                _fmt(e["baseline"]),
+                _fmt(e["ratio"]),
+                e["unit"],
+                e["target"],
+                met,
+                _fmt(e.get("seconds")),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

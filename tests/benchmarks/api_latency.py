@@ -1,0 +1,116 @@
+"""api: latency of ``POST /v1/jobs`` (100 items) and ``GET /v1/jobs/{id}`` under 50 concurrent clients.
+
+The API runs as production runs it (one uvicorn process, api/launcher.py) on PostgreSQL, with no worker: the
+measurement is the API alone, and the queued jobs pile up as they would behind busy workers. Clients are closed
+loops (each sends its next request when the last one is answered), so by Little's law the latency they see is
+at least ``clients / throughput``: with 50 clients, a p99 under 50 ms needs more than 1,000 requests/s. The
+latency of one client alone (the service time) is measured too, to tell queueing from slowness.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+
+from tests.benchmarks.common import Result, Stack, log, sizes
+from tests.benchmarks.workloads import SENTIMENT_LABELS, review_texts
+
+POST_TARGET_MS = 50.0
+GET_TARGET_MS = 20.0
+SOLO_REQUESTS = 40
+
+Request = Callable[[httpx.AsyncClient, int, int], Awaitable[httpx.Response]]
+
+
+def _percentile(samples: list[float], q: int) -> float:
+    return statistics.quantiles(samples, n=100, method="inclusive")[q - 1]
+
+
+async def _closed_loop(base_url: str, clients: int, per_client: int, request: Request) -> dict[str, Any]:
+    latencies: list[float] = []
+    errors = 0
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=120) as client:
+
+        async def one_client(c: int) -> None:
+            nonlocal errors
+            for i in range(per_client):
+                start = time.perf_counter()
+                response = await request(client, c, i)
+                latencies.append(time.perf_counter() - start)
+                errors += response.status_code >= 400
+
+        start = time.perf_counter()
+        await asyncio.gather(*(one_client(c) for c in range(clients)))
+        wall = time.perf_counter() - start
+    ms = [1000 * s for s in latencies]
+    return {
+        "requests": len(ms),
+        "errors": errors,
+        "p50_ms": round(_percentile(ms, 50), 1),
+        "p95_ms": round(_percentile(ms, 95), 1),
+        "p99_ms": round(_percentile(ms, 99), 1),
+        "requests_per_s": round(len(ms) / wall, 1),
+    }
+
+
+def bench_api() -> Result:
+    size = sizes()
+    body = {
+        "kind": "classify",
+        "model": "all-minilm-l6-v2",
+        "inputs": review_texts(100),
+        "params": {"labels": SENTIMENT_LABELS},
+    }
+    with Stack("api", worker=False, api="uvicorn") as stack:
+        headers = stack.headers
+        job_ids: list[str] = [stack.submit(body) for _ in range(5)]  # warm-up: connections, caches
+
+        async def post(client: httpx.AsyncClient, _c: int, _i: int) -> httpx.Response:
+            response = await client.post("/v1/jobs", json=body, headers=headers)
+            if response.status_code == 202:
+                job_ids.append(response.json()["id"])
+            return response
+
+        async def get(client: httpx.AsyncClient, c: int, i: int) -> httpx.Response:
+            return await client.get(f"/v1/jobs/{job_ids[(c * 7919 + i) % len(job_ids)]}", headers=headers)
+
+        solo_post = asyncio.run(_closed_loop(stack.base_url, 1, SOLO_REQUESTS, post))
+        log(f"api: POST alone {solo_post}")
+        posts = asyncio.run(_closed_loop(stack.base_url, size.api_clients, size.api_posts_per_client, post))
+        log(f"api: POST x{size.api_clients} {posts}")
+        solo_get = asyncio.run(_closed_loop(stack.base_url, 1, SOLO_REQUESTS, get))
+        log(f"api: GET alone {solo_get}")
+        gets = asyncio.run(_closed_loop(stack.base_url, size.api_clients, size.api_gets_per_client, get))
+        log(f"api: GET x{size.api_clients} {gets}")
+    post_ratio = posts["p99_ms"] / POST_TARGET_MS
+    get_ratio = gets["p99_ms"] / GET_TARGET_MS
+    return Result(
+        "api",
+        posts["p99_ms"],
+        POST_TARGET_MS,
+        post_ratio,
+        "ms (POST p99)",
+        "p99 POST < 50 ms, GET < 20 ms",
+        post_ratio < 1 and get_ratio < 1 and posts["errors"] == 0 and gets["errors"] == 0,
+        {
+            "ratio_is": "POST p99 / 50 ms; get_ratio is GET p99 / 20 ms; below 1 meets the target",
+            "get_p99_ms": gets["p99_ms"],
+            "get_ratio": round(get_ratio, 3),
+            "post": posts,
+            "get": gets,
+            "post_alone": solo_post,
+            "get_alone": solo_get,
+            "clients": size.api_clients,
+            "note": (
+                f"{size.api_posts_per_client} POSTs and {size.api_gets_per_client} GETs per client instead of "
+                "2,000 each (100,000 requests per endpoint would take tens of minutes here); one uvicorn "
+                "process, PostgreSQL, no worker"
+            ),
+        },
+    )

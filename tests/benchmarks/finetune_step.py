@@ -1,0 +1,125 @@
+"""ft-step: one DeepSpeed ZeRO-2 training step of SmolLM2 (batch 8 x 64 tokens, fp32, CPU) against a plain
+PyTorch AdamW step on the same model and batch.
+
+Both run in one child process (``python -m tests.benchmarks.finetune_step``), as the fine-tune engine does
+(workers/finetune_process.py): DeepSpeed's global state and process group die with it. The two models start from
+the same weights, use the project's own optimizer groups and DeepSpeed config (workers/engines/finetune_ds.py), and
+their steps alternate, so a change in machine load hits both. The plain step clips gradients at 1.0 as the
+DeepSpeed config does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+from tests.benchmarks.common import REPO, Result, log, sizes
+from tests.stack import MODEL_CACHE
+
+RESULT_PREFIX = "BENCH_RESULT "
+BATCH, SEQ_LEN = 8, 64
+
+
+def bench_ft_step() -> Result:
+    from workers.model_store import prepare_builtin_models
+
+    prepare_builtin_models(MODEL_CACHE)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    command = [sys.executable, "-m", "tests.benchmarks.finetune_step", str(sizes().ft_steps)]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"the fine-tune step child failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    measured = json.loads(lines[-1][len(RESULT_PREFIX) :])
+    ds_step = sum(measured["deepspeed"]) / len(measured["deepspeed"])
+    plain_step = sum(measured["plain"]) / len(measured["plain"])
+    log(f"ft-step: deepspeed {measured['deepspeed']} s, plain {measured['plain']} s")
+    ratio = ds_step / plain_step
+    return Result(
+        "ft-step",
+        ds_step,
+        plain_step,
+        ratio,
+        "s/step",
+        "<= 1.15x time",
+        ratio <= 1.15,
+        {
+            "batch": f"{BATCH} x {SEQ_LEN} tokens",
+            "measured_steps": len(measured["deepspeed"]),
+            "deepspeed_seconds": measured["deepspeed"],
+            "plain_seconds": measured["plain"],
+            "initialize_seconds": measured["initialize_seconds"],
+            "zero_stage": 2,
+            "precision": "fp32",
+            "note": "one warm-up step each, then steps alternate; few steps because one takes seconds on this CPU",
+        },
+    )
+
+
+def _child(steps: int) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from workers.engines import finetune_ds as ds
+    from workers.engines.finetune_params import FinetuneParams
+
+    ds.single_process_env(os.environ)  # type: ignore[arg-type]
+    import deepspeed
+    from deepspeed.utils import logger as deepspeed_logger
+
+    deepspeed_logger.setLevel("WARNING")
+    ds.ensure_distributed()
+    params = FinetuneParams.model_validate(
+        {"hyperparameters": {"batch_size": BATCH, "max_seq_len": SEQ_LEN}, "deepspeed": {"zero_stage": 2}}
+    )
+    path = MODEL_CACHE / "smollm2-135m-instruct" / "1"
+    torch.manual_seed(0)
+    ds_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+    plain_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+    ds_model.train()
+    plain_model.train()
+    started = time.perf_counter()
+    engine, _, _, _ = deepspeed.initialize(
+        model=ds_model,
+        optimizer=ds.build_optimizer(ds_model, params),
+        config=ds.deepspeed_config(params, precision_name="fp32"),
+    )
+    initialize_seconds = time.perf_counter() - started
+    plain_optimizer = ds.build_optimizer(plain_model, params)
+    ids = torch.randint(0, ds_model.config.vocab_size, (BATCH, SEQ_LEN), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+    def deepspeed_step() -> None:
+        loss = engine(**batch).loss
+        engine.backward(loss)
+        engine.step()
+
+    def plain_step() -> None:
+        loss = plain_model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(plain_model.parameters(), 1.0)
+        plain_optimizer.step()
+        plain_optimizer.zero_grad(set_to_none=True)
+
+    times: dict[str, list[float]] = {"deepspeed": [], "plain": []}
+    pair = [("deepspeed", deepspeed_step), ("plain", plain_step)]
+    for step in range(steps + 1):  # step 0 warms both up: first-touch allocations, optimizer state
+        for name, fn in pair if step % 2 else pair[::-1]:  # alternate who goes first
+            start = time.perf_counter()
+            fn()
+            if step:
+                times[name].append(round(time.perf_counter() - start, 3))
+    return {**times, "initialize_seconds": round(initialize_seconds, 1)}
+
+
+if __name__ == "__main__":
+    measured = _child(int(sys.argv[1]))
+    print(RESULT_PREFIX + json.dumps(measured), flush=True)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()

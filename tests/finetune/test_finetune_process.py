@@ -1,0 +1,79 @@
+"""The launcher's contract without training: commands, the spec's JSON round trip, and how exits map to errors."""
+
+from __future__ import annotations
+
+import sys
+from collections import deque
+from pathlib import Path
+
+import pytest
+
+from workers.engines.finetune import FinetuneResult, FinetuneSpec
+from workers.engines.finetune_params import TrainingDataError
+from workers.errors import PermanentJobError, RetryableJobError
+from workers.finetune_process import _job_error, _outcome, finetune_command
+
+TORCHRUN_SIGNAL_REPORT = """torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+Root Cause (first observed failure):
+[0]:
+  rank      : 1 (local_rank: 1)
+  exitcode  : -9 (pid: 4242)
+  traceback : Signal 9 (SIGKILL) received by PID 4242"""
+
+
+def test_given_a_spec_expect_it_to_round_trip_through_json(tmp_path: Path) -> None:
+    spec = FinetuneSpec(
+        base_model_dir=tmp_path / "base",
+        task="causal-lm",
+        train_file=tmp_path / "train.jsonl",
+        validation_file=None,
+        output_dir=tmp_path / "out",
+        checkpoint_dir=tmp_path / "ck",
+        params={"hyperparameters": {"epochs": 1}},
+        resume=True,
+    )
+
+    assert FinetuneSpec.from_json(spec.to_json()) == spec
+
+
+def test_given_one_or_more_processes_expect_python_or_torchrun(tmp_path: Path) -> None:
+    single = finetune_command(tmp_path / "spec.json", 1)
+    multi = finetune_command(tmp_path / "spec.json", 4)
+
+    assert single == [sys.executable, "-m", "workers.engines.finetune_main", str(tmp_path / "spec.json")]
+    assert multi[:5] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4"]
+    assert multi[5:] == single[1:]
+
+
+def outcome(returncode: int, stderr: str = "", **kwargs: object) -> FinetuneResult:
+    defaults: dict = {"result": None, "error": None, "stop_sent": False, "last_event": {}}
+    defaults.update(kwargs)
+    return _outcome(returncode, stderr_tail=deque(stderr.splitlines()), **defaults)
+
+
+def test_given_a_child_killed_by_a_signal_expect_a_retryable_error() -> None:
+    with pytest.raises(RetryableJobError):
+        outcome(-9)
+    with pytest.raises(RetryableJobError):  # torchrun exits 1 when one of its ranks is killed
+        outcome(1, TORCHRUN_SIGNAL_REPORT)
+
+
+def test_given_a_crash_expect_a_permanent_error_quoting_stderr() -> None:
+    with pytest.raises(PermanentJobError, match="CUDA out of memory") as caught:
+        outcome(1, "Traceback (most recent call last):\nRuntimeError: CUDA out of memory")
+    assert not isinstance(caught.value, RetryableJobError)
+    with pytest.raises(PermanentJobError, match="without a result"):
+        outcome(0)
+
+
+def test_given_a_reported_job_error_expect_the_same_kind_back() -> None:
+    data_error = _job_error({"code": "training_data", "message": "x", "errors": [[3, "bad"]], "bad_lines": 7})
+    assert isinstance(data_error, TrainingDataError)
+    assert data_error.errors == [(3, "bad")] and data_error.bad_lines == 7
+    assert isinstance(_job_error({"code": "retryable", "retryable": True, "message": "busy"}), RetryableJobError)
+
+
+def test_given_a_stop_before_training_began_expect_a_stopped_result() -> None:
+    result = outcome(-15, stop_sent=True, last_event={"step": 0, "total_steps": 12})
+
+    assert result.stopped and result.output_dir is None and result.total_steps == 12
