@@ -136,3 +136,15 @@ def test_given_ranks_expect_disjoint_equal_shards_of_a_per_epoch_permutation() -
     assert epoch_order(10, seed=1, epoch=1, rank=0, world_size=1) != epoch_order(
         10, seed=1, epoch=0, rank=0, world_size=1
     )
+
+
+def test_given_a_conversation_opening_with_the_assistant_expect_its_header_left_out(smollm2_tokenizer: Any) -> None:
+    messages = [
+        {"role": "assistant", "content": "Welcome!"},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Yo."},
+    ]
+
+    example = encode_causal_row({"messages": messages}, smollm2_tokenizer, max_seq_len=512)
+
+    assert targets(smollm2_tokenizer, example) == "Welcome!<|im_end|>\nYo.<|im_end|>\n"

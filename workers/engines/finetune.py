@@ -36,7 +36,6 @@ from workers.engines.finetune_loop import PreparedData, TrainingLoop, Window
 from workers.engines.finetune_params import FinetuneParams, TrainingDataError, validate_training_file
 from workers.errors import PermanentJobError
 
-log = logging.getLogger(__name__)
 Event = dict[str, Any]
 
 

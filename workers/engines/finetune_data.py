@@ -33,9 +33,11 @@ class Example:
     labels: list[int] | int  # causal-lm: one target per token; sequence-classification: the label id
 
     def target_tokens(self) -> int:
+        """Tokens the loss is computed on. A causal LM predicts token i from the ones before it, so the first
+        position is never a target even when its label is set."""
         if isinstance(self.labels, int):
             return 1
-        return sum(1 for t in self.labels if t != IGNORE_INDEX)
+        return sum(1 for t in self.labels[1:] if t != IGNORE_INDEX)
 
 
 def read_rows(path: Path | str) -> Iterator[dict[str, Any]]:
@@ -82,8 +84,13 @@ def _chat_segments(messages: list[dict[str, str]], tokenizer: Any) -> list[tuple
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = _render(tokenizer, messages[:index], add_generation_prompt=True) if index else ""
         through = _render(tokenizer, messages[: index + 1], add_generation_prompt=False)
+        if index:
+            before = _render(tokenizer, messages[:index], add_generation_prompt=True)
+        else:
+            # An opening assistant turn has no prefix conversation to render: its header (and any default
+            # system prompt) is everything before its content.
+            before = through[: max(0, through.rfind(message["content"]))]
         if not (before.startswith(done) and through.startswith(before)):
             raise PermanentJobError(
                 "the chat template renders a conversation differently from its own prefixes, so assistant "

@@ -5,7 +5,6 @@ Kept apart from the training loop (``finetune.py``) so each reads on its own; no
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import re
@@ -21,8 +20,6 @@ import torch.distributed as dist
 
 from workers.engines.finetune_params import FinetuneParams, Hyperparameters
 from workers.errors import PermanentJobError
-
-log = logging.getLogger(__name__)
 
 _TAG = re.compile(r"^step(\d+)$")
 # Files DeepSpeed writes next to the tagged checkpoint directories; removed with them after a successful run.
@@ -200,8 +197,11 @@ def save_model(
     """
     model = build(config)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    tied = {p.data_ptr() for name, p in model.state_dict().items() if name in state_dict}
-    untied_missing = [name for name in missing if model.state_dict()[name].data_ptr() not in tied]
+    # A tied weight (lm_head sharing the embedding) may be absent from the state dict: it was loaded through
+    # the tensor it shares storage with.
+    own = model.state_dict()
+    loaded = {tensor.data_ptr() for name, tensor in own.items() if name in state_dict}
+    untied_missing = [name for name in missing if own[name].data_ptr() not in loaded]
     if unexpected or untied_missing:
         raise PermanentJobError(
             f"trained weights do not fit the model: missing {untied_missing[:5]}, unexpected {unexpected[:5]}"

@@ -8,7 +8,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +37,13 @@ class Window:
     loss_sum: float = 0.0
     micro_batches: int = 0
     tokens: int = 0
-    started: float = field(default_factory=time.perf_counter)
+    seconds: float = 0.0  # spent in training steps only: evaluations and checkpoints would skew the rate
 
-    def add(self, loss_sum: float, micro_batches: int, tokens: int) -> None:
+    def add(self, loss_sum: float, micro_batches: int, tokens: int, seconds: float) -> None:
         self.loss_sum += loss_sum
         self.micro_batches += micro_batches
         self.tokens += tokens
+        self.seconds += seconds
 
 
 class TrainingLoop:
@@ -74,11 +75,14 @@ class TrainingLoop:
             self._order_epoch = epoch
         return self._batches
 
-    def train_step(self, step: int) -> tuple[float, int, int]:
-        """One optimizer step (``gradient_accumulation_steps`` micro-batches); (loss sum, micro-batches, tokens).
+    def train_step(self, step: int) -> tuple[float, int, int, float]:
+        """One optimizer step (``gradient_accumulation_steps`` micro-batches).
+
+        Returns (loss sum, micro-batches, tokens, seconds) for the report window.
 
         The data position is a pure function of ``step``, which is what lets a resumed run pick up exactly.
         """
+        started = time.perf_counter()
         epoch, in_epoch = divmod(step - 1, self.per_epoch)
         batches = self._micro_batches(epoch)
         accumulation = self.hp.gradient_accumulation_steps
@@ -94,12 +98,13 @@ class TrainingLoop:
             self.engine.step()
             loss_sum += float(loss.detach())
             tokens += int(batch["attention_mask"].sum())
-        return loss_sum, accumulation, tokens
+        return loss_sum, accumulation, tokens, time.perf_counter() - started
 
     def report(self, step: int, window: Window) -> float:
-        loss_sum, count, tokens = ds.all_reduce(
-            [window.loss_sum, window.micro_batches, window.tokens], device=self.engine.device
+        loss_sum, count, tokens, seconds = ds.all_reduce(
+            [window.loss_sum, window.micro_batches, window.tokens, window.seconds], device=self.engine.device
         )
+        seconds /= self.world_size  # ranks step in lockstep: their mean time is the wall time
         loss = loss_sum / max(count, 1)
         self.emit(
             {
@@ -107,7 +112,7 @@ class TrainingLoop:
                 "step": step,
                 "loss": round(loss, 6),
                 "learning_rate": self.last_lr,
-                "tokens_per_second": round(tokens / max(time.perf_counter() - window.started, 1e-9), 1),
+                "tokens_per_second": round(tokens / max(seconds, 1e-9), 1),
                 "epoch": round(step / self.per_epoch, 4),
             }
         )
@@ -126,15 +131,17 @@ class TrainingLoop:
         self.engine.eval()
         with torch.no_grad():
             for i in range(0, len(self.data.validation), self.hp.batch_size):
-                batch = data.collate(self.data.validation[i : i + self.hp.batch_size], pad_token_id=self.pad_id)
+                examples = self.data.validation[i : i + self.hp.batch_size]
+                # The model's loss is a mean over its targets (shifted ones, for a causal LM); weight each
+                # batch by that count. A batch without targets would give NaN: every rank skips it alike.
+                n = float(sum(e.target_tokens() for e in examples))
+                if n == 0:
+                    continue
+                batch = data.collate(examples, pad_token_id=self.pad_id)
                 batch = {k: v.to(self.engine.device) for k, v in batch.items()}
                 output = self.engine(**batch)
                 if classify:
-                    n = float(len(batch["labels"]))
                     correct += float((output.logits.argmax(-1) == batch["labels"]).sum())
-                else:
-                    # The model's loss is a mean over shifted target tokens; weight batches by that count.
-                    n = float((batch["labels"][:, 1:] != data.IGNORE_INDEX).sum())
                 total_loss += float(output.loss) * n
                 weight += n
         self.engine.train()
