@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
-from starlette.middleware.base import RequestResponseEndpoint
+from fastapi import Depends, FastAPI
+from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.deps import refuse_nul_bytes
 from api.errors import error_body, install_error_handlers
 from api.routes import batches, files, fine_tuning, health, jobs, metrics, models, workers
 from db.session import make_engine, make_session_factory
@@ -16,17 +19,43 @@ from db.settings import Settings
 from workers.enqueue import make_sender
 
 
-def body_size_limit(max_bytes: int) -> Callable[[Request, RequestResponseEndpoint], Awaitable[Response]]:
-    """Refuse a request whose declared body is over the limit before reading any of it."""
+class BodySizeLimit:
+    """Refuse a request body over the limit: at once when its Content-Length says so, and as soon as a streamed
+    (chunked) body passes it, so no route ever holds more than the limit in memory or on disk."""
 
-    async def check(request: Request, call_next: RequestResponseEndpoint) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > max_bytes):
-            message = f"request body over the limit of {max_bytes} bytes"
-            return JSONResponse(error_body(message, error_type="invalid_request_error", code="payload_too_large"), 413)
-        return await call_next(request)
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
 
-    return check
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        message = f"request body over the limit of {self.max_bytes} bytes"
+        length = Headers(scope=scope).get("content-length")
+        refusal = None
+        if length is not None and not (length.isascii() and length.isdigit()):
+            refusal = (400, f"Content-Length {length[:40]!r} is not a number of bytes", "invalid_content_length")
+        elif length is not None and int(length) > self.max_bytes:
+            refusal = (413, message, "payload_too_large")
+        if refusal is not None:
+            status, text, code = refusal
+            body = error_body(text, error_type="invalid_request_error", param="body", code=code)
+            await JSONResponse(body, status)(scope, receive, send)
+            return
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            event = await receive()
+            if event["type"] == "http.request":
+                received += len(event.get("body", b""))
+                if received > self.max_bytes:
+                    # An HTTPException: FastAPI re-raises it from body parsing, and errors.py renders it.
+                    raise HTTPException(413, detail=message)
+            return event
+
+        await self.app(scope, counted, send)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -42,9 +71,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.sender.close()
         engine.dispose()
 
-    app = FastAPI(title="lmbatch", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="lmbatch", version="0.1.0", lifespan=lifespan, dependencies=[Depends(refuse_nul_bytes)])
     app.state.settings = settings
-    app.middleware("http")(body_size_limit(settings.max_request_bytes))
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(metrics.router)

@@ -28,7 +28,7 @@ class ClientError(Exception):
 
 class ApiResponseError(ClientError):
     def __init__(self, status: int, message: str, param: str | None = None) -> None:
-        where = f" ({param})" if param and not message.startswith(param) else ""
+        where = f" ({param})" if param and not message.startswith(f"{param}:") else ""
         super().__init__(f"HTTP {status}{where}: {message}")
         self.status = status
         self.message = message

@@ -9,9 +9,18 @@ from celery import Celery
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.errors import Forbidden, Unauthorized
+from api.errors import BadRequest, Forbidden, Unauthorized
 from db.settings import Settings
 from db.tenants import Principal, authenticate
+
+
+def refuse_nul_bytes(request: Request) -> None:
+    """Every route's first check: PostgreSQL text cannot hold a NUL character, and no id, name or filter does."""
+    pairs = [("path", *pair) for pair in request.path_params.items()]
+    pairs += [("query", *pair) for pair in request.query_params.multi_items()]
+    for where, name, value in pairs:
+        if "\x00" in f"{name}{value}":
+            raise BadRequest(f"{where} parameter {name!r} holds a NUL character", param=name, code="invalid_value")
 
 
 def get_settings_dep(request: Request) -> Settings:

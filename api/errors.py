@@ -14,6 +14,7 @@ The body follows OpenAI's error shape, so the openai SDK raises its usual except
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -65,17 +66,39 @@ class TooManyRequests(ApiError):
     error_type = "rate_limit_error"
 
 
+INVALID = "invalid_request_error"
+# Codes for the errors Starlette and FastAPI raise themselves (unknown route, wrong method, bad body).
+HTTP_CODES = {
+    400: "invalid_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+
+
 def error_body(message: str, *, error_type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+# The tags pydantic puts in a location for the member of a union (`int | Literal["auto"]`): not field names.
+_UNION_TAG = re.compile(r"^(int|float|str|bool|constrained-[a-z]+|literal\[.*\])$")
 
 
 def _location(loc: tuple[Any, ...]) -> str:
     # ("body", "inputs", 3, "prompt") → "inputs[3].prompt"
     parts = [p for p in loc if p not in ("body", "query", "path", "header")]
+    parts = [p for i, p in enumerate(parts) if i == 0 or not (isinstance(p, str) and _UNION_TAG.match(p))]
     text = ""
     for part in parts:
         text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
     return text or "body"
+
+
+def _is_json(content_type: str) -> bool:
+    # The rule FastAPI parses bodies by: application/json or application/*+json.
+    mime = content_type.split(";", 1)[0].strip().lower()
+    return mime == "application/json" or (mime.startswith("application/") and mime.endswith("+json"))
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -86,17 +109,32 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(body, status_code=error.status_code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
+    async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
         problems = error.errors()
-        first = problems[0] if problems else {"loc": ("body",), "msg": "invalid request"}
+        first: dict[str, Any] = dict(problems[0]) if problems else {"loc": ("body",), "msg": "invalid request"}
+        content_type = request.headers.get("content-type", "")
+        if first.get("type") == "json_invalid":
+            position = first["loc"][-1] if first.get("loc") else "?"
+            reason = (first.get("ctx") or {}).get("error", "JSON decode error")
+            message = f"body: not valid JSON ({reason} at character {position})"
+            return JSONResponse(error_body(message, error_type=INVALID, param="body", code="invalid_json"), 400)
+        if tuple(first.get("loc", ())) == ("body",) and content_type and not _is_json(content_type):
+            # FastAPI parses only JSON bodies; any other declared type reaches validation as raw bytes.
+            message = f"send the body as JSON (Content-Type: application/json), not {content_type[:100]!r}"
+            body = error_body(message, error_type=INVALID, param="body", code="unsupported_media_type")
+            return JSONResponse(body, status_code=415)
         param = _location(tuple(first.get("loc", ())))
         message = "; ".join(f"{_location(tuple(p.get('loc', ())))}: {p.get('msg')}" for p in problems[:5])
-        return JSONResponse(
-            error_body(message, error_type="invalid_request_error", param=param, code="invalid_request"),
-            status_code=400,
-        )
+        return JSONResponse(error_body(message, error_type=INVALID, param=param, code="invalid_request"), 400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
-        error_type = "not_found_error" if error.status_code == 404 else "invalid_request_error"
-        return JSONResponse(error_body(str(error.detail), error_type=error_type), status_code=error.status_code)
+        error_type = "not_found_error" if error.status_code == 404 else INVALID
+        message, code = str(error.detail), HTTP_CODES.get(error.status_code)
+        # Starlette's own 400 and 413 are about the body (malformed multipart, undecodable, too large).
+        param = "body" if error.status_code in (400, 413) else None
+        if isinstance(error.__cause__, UnicodeDecodeError):  # FastAPI's "error parsing the body"
+            cause = error.__cause__
+            message, code = f"body: not valid UTF-8 ({cause.reason} at byte {cause.start})", "invalid_json"
+        body = error_body(message, error_type=error_type, param=param, code=code)
+        return JSONResponse(body, status_code=error.status_code, headers=error.headers)

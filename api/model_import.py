@@ -19,7 +19,7 @@ from db.models import ModelVersion
 from db.registry import register_version, set_alias
 from db.session import transaction
 from db.settings import Settings
-from workers.model_store import PathNotAllowedError, confine, detect_task, directory_sha256, kinds_for_task
+from workers.model_store import confine, detect_task, directory_sha256, kinds_for_task
 
 
 def import_model(
@@ -33,12 +33,17 @@ def import_model(
         )
     try:
         source = confine(path, settings.model_import_roots)
-    except PathNotAllowedError as error:
+    except ValueError as error:  # PathNotAllowedError, or a path holding a NUL byte
         raise BadRequest(str(error), param="path", code="path_not_allowed") from error
     config_path = source / "config.json"
     if not config_path.is_file():
         raise BadRequest(f"{source} holds no config.json: not a transformers model directory", param="path")
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise BadRequest(f"{config_path} is not valid JSON: {error}", param="path", code="invalid_config") from error
+    if not isinstance(config, dict):
+        raise BadRequest(f"{config_path} must hold a JSON object", param="path", code="invalid_config")
     if config.get("auto_map"):
         # Custom modelling code would need trust_remote_code, which lmbatch never enables.
         raise BadRequest("the model needs custom code (auto_map); lmbatch never runs remote code", param="path")

@@ -6,13 +6,18 @@ Per-kind item and param models live in workers/engines/params.py (torch-free), s
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from db.models import Job, StoredFile
 
 JobKind = Literal["generate", "classify", "embed", "finetune"]
+# An id lmbatch made (`file-…`, `job-…`, `batch_…`): anything else cannot name an object, and is refused before
+# it reaches a query (PostgreSQL text cannot even hold some of it, like NUL).
+ObjectId = Annotated[str, Field(min_length=1, max_length=40, pattern=r"^[A-Za-z0-9_-]+$")]
+# Integer columns are 32-bit: a larger offset or cursor could match nothing, and PostgreSQL refuses to compare it.
+MAX_INT32 = 2**31 - 1
 
 
 def epoch(moment: datetime | None) -> int | None:
@@ -27,10 +32,10 @@ class JobCreate(Strict):
     kind: JobKind
     model: str = Field(min_length=1, max_length=200)
     inputs: list[dict[str, Any]] | None = None
-    input_file_id: str | None = Field(None, max_length=40)
+    input_file_id: ObjectId | None = None
     # Fine-tuning jobs: JSONL files uploaded with purpose "fine-tune".
-    training_file: str | None = Field(None, max_length=40)
-    validation_file: str | None = Field(None, max_length=40)
+    training_file: ObjectId | None = None
+    validation_file: ObjectId | None = None
     params: dict[str, Any] = Field(default_factory=dict)
     priority: int = Field(0, ge=0, le=9)
     metadata: dict[str, str] | None = Field(None, max_length=16)

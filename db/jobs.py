@@ -212,6 +212,26 @@ def requeue_shard(session: Session, *, shard_id: int, worker: str | None, max_at
     )
 
 
+def release_leases(session: Session, *, worker: str) -> int:
+    """running → queued for every shard this worker node holds, when it stops on purpose (a deploy's SIGTERM,
+    which `lmbatch worker` makes a soft shutdown) and Celery puts the shards' messages back on the queue: the
+    next worker claims them at once instead of waiting out the lease. The attempt is handed back, since the
+    shard did not fail. Returns how many were released."""
+    return changed(
+        session,
+        update(Shard)
+        .where(Shard.status == "running", Shard.lease_owner == worker)
+        .values(
+            status="queued",
+            lease_owner=None,
+            lease_expires_at=None,
+            enqueued_at=utcnow(),
+            progress=0,
+            attempts=Shard.attempts - 1,
+        ),
+    )
+
+
 def finish_job_if_done(session: Session, *, job_id: str) -> str | None:
     """Close the job once no shard is open. Exactly one caller wins and learns the final status."""
     job = session.execute(

@@ -34,7 +34,7 @@ from workers.errors import JobError, PermanentJobError, RetryableJobError
 
 log = logging.getLogger(__name__)
 
-STDERR_TAIL_LINES = 30
+STDERR_TAIL_LINES = 40  # a Python traceback plus torchrun's failure report
 # torchrun's failure report names a worker's exit code; a negative one means that worker died by a signal.
 _SIGNALLED_WORKER = re.compile(r"exitcode\s*:\s*-\d+")
 # Inherited rendezvous variables would point the child at its parent's group (a test or an outer launcher).

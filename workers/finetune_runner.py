@@ -68,9 +68,9 @@ def _train(
 ) -> FinetuneResult | None:
     run = work.items[0].input
     base = confine(Path(work.version.artifact_uri), allowed_roots(runtime))
-    if work.version.id not in runtime.verified_versions:
+    if work.version.cache_key not in runtime.verified_versions:
         verify_checksum(base, work.version.sha256)
-        runtime.verified_versions.add(work.version.id)
+        runtime.verified_versions.add(work.version.cache_key)
     directory = job_dir(runtime, work.job_id)
     checkpoints = directory / "checkpoints"
     resume = checkpoints.is_dir() and any(checkpoints.iterdir())

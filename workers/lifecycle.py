@@ -12,10 +12,12 @@ from celery.signals import (
     worker_process_shutdown,
     worker_ready,
     worker_shutdown,
+    worker_shutting_down,
 )
 from sqlalchemy.pool import NullPool
 
-from db.session import make_engine, make_session_factory
+from db.jobs import release_leases
+from db.session import make_engine, make_session_factory, transaction
 from db.settings import Settings
 from workers.presence import PresenceThread
 from workers.runtime import Runtime, build_runtime, get_runtime, set_runtime
@@ -102,3 +104,25 @@ def _start_sweeper(sender: Any = None, **_: Any) -> None:
 def _stop_sweeper(**_: Any) -> None:
     if _sweeper is not None:
         _sweeper.stop()
+
+
+@worker_shutting_down.connect
+def _release_leases(how: str | None = None, **_: Any) -> None:
+    # A cold shutdown (what `lmbatch worker` makes of SIGTERM): the running shard was cut off after
+    # worker_soft_shutdown_timeout, and Celery puts its message back on the queue right after this signal.
+    # Without releasing the lease, the worker that takes the message finds the shard under this node's live
+    # lease and retries only once it lapses (measured: the whole lease_seconds, 60 s by default).
+    if how != "Cold":
+        return  # a warm shutdown lets the running shard finish
+    try:
+        engine = make_engine(Settings(), poolclass=NullPool)
+        try:
+            with transaction(make_session_factory(engine)) as session:
+                released = release_leases(session, worker=_node_name)
+        finally:
+            engine.dispose()
+    except Exception:  # the database is away: the leases lapse on their own and the sweeper re-sends
+        log.exception("could not release the shard leases of %s", _node_name)
+        return
+    if released:
+        log.warning("released %d shard lease(s) of %s: another worker takes them at once", released, _node_name)

@@ -29,7 +29,7 @@ class Runtime:
     worker_name: str
     device: torch.device
     models: ModelCache
-    verified_versions: set[int] = field(default_factory=set)
+    verified_versions: set[str] = field(default_factory=set)
 
 
 _current: Runtime | None = None

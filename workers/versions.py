@@ -23,6 +23,11 @@ class VersionInfo:
     artifact_uri: str
     sha256: str
 
+    @property
+    def cache_key(self) -> str:
+        """Content-addressed: a reused id (a restored or rebuilt database) can never hand back another model."""
+        return f"{self.id}:{self.sha256}:{self.artifact_uri}"
+
     @classmethod
     def of(cls, row: ModelVersion) -> VersionInfo:
         return cls(row.id, f"{row.name}@{row.version}", row.task, tuple(row.kinds), row.artifact_uri, row.sha256)
@@ -38,9 +43,9 @@ def load_version(runtime: Runtime, version: VersionInfo) -> LoadedModel:
         if not path.is_dir():
             raise PermanentJobError(f"model {version.ref}: its files are missing from {path}")
         # Versions are immutable: verify once per process, before the first load.
-        if version.id not in runtime.verified_versions:
+        if version.cache_key not in runtime.verified_versions:
             verify_checksum(path, version.sha256)
-            runtime.verified_versions.add(version.id)
+            runtime.verified_versions.add(version.cache_key)
         return load_model(path, task=version.task, device=runtime.device)
 
-    return runtime.models.get(version.id, loader)
+    return runtime.models.get(version.cache_key, loader)

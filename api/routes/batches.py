@@ -12,7 +12,7 @@ from api.deps import CurrentPrincipal, SenderDep, SessionDep, SessionsDep, Setti
 from api.errors import BadRequest, NotFound
 from api.openai_format import ENDPOINT_KINDS
 from api.routes.files import owned_file
-from api.schemas import Strict
+from api.schemas import ObjectId, Strict
 from db import batches as batch_repo
 from db.models import Batch
 from db.tenants import Principal
@@ -23,7 +23,7 @@ Endpoint = Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
 
 
 class BatchCreate(Strict):
-    input_file_id: str = Field(max_length=40)
+    input_file_id: ObjectId
     endpoint: Endpoint
     completion_window: Literal["24h"] = "24h"
     metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = Field(None, max_length=16)

@@ -31,6 +31,9 @@ def upload_file(
     sessions: SessionsDep,
     settings: SettingsDep,
 ) -> FilePublic:
+    filename = (file.filename or "upload.jsonl")[:255]
+    if "\x00" in filename:  # PostgreSQL text cannot hold it; refused before a byte is stored
+        raise BadRequest("the file name holds a NUL character", param="file", code="invalid_filename")
     settings.files_dir.mkdir(parents=True, exist_ok=True)
     file_id = new_id("file")
     target = settings.files_dir / file_id
@@ -41,15 +44,19 @@ def upload_file(
     row = StoredFile(
         id=file_id,
         tenant_id=principal.tenant_id,
-        filename=(file.filename or "upload.jsonl")[:255],
+        filename=filename,
         purpose=purpose,
         bytes=size,
         sha256=digest,
         line_count=lines,
         storage_path=str(target.resolve()),
     )
-    with transaction(sessions) as session:
-        session.add(row)
+    try:
+        with transaction(sessions) as session:
+            session.add(row)
+    except BaseException:
+        target.unlink(missing_ok=True)  # no row will ever name these bytes
+        raise
     return FilePublic.of(row)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel, Field
+from pydantic import Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -17,7 +17,7 @@ from api import finetune_intake, intake
 from api.deps import CurrentPrincipal, SenderDep, SessionDep, SessionsDep, SettingsDep
 from api.errors import BadRequest, Conflict, NotFound
 from api.routes.jobs import submit
-from api.schemas import Strict, epoch
+from api.schemas import ObjectId, Strict, epoch
 from db import jobs as job_repo
 from db.models import Job, JobEvent, new_id
 from db.session import transaction
@@ -31,29 +31,29 @@ STATUS = {"queued": "queued", "running": "running", "cancelling": "running", "pa
 Auto = Literal["auto"]
 
 
-class OpenAIHyperparameters(BaseModel):
-    n_epochs: int | Auto = "auto"
-    batch_size: int | Auto = "auto"
-    learning_rate_multiplier: float | Auto = "auto"
+class OpenAIHyperparameters(Strict):
+    n_epochs: Annotated[int, Field(ge=1)] | Auto = "auto"
+    batch_size: Annotated[int, Field(ge=1)] | Auto = "auto"
+    learning_rate_multiplier: Annotated[float, Field(gt=0, allow_inf_nan=False)] | Auto = "auto"
 
 
-class Supervised(BaseModel):
+class Supervised(Strict):
     hyperparameters: OpenAIHyperparameters = Field(default_factory=OpenAIHyperparameters)
 
 
-class Method(BaseModel):
+class Method(Strict):
     type: Literal["supervised"] = "supervised"
     supervised: Supervised = Field(default_factory=Supervised)
 
 
 class FineTuningJobCreate(Strict):
     model: str = Field(min_length=1, max_length=200)
-    training_file: str = Field(max_length=40)
-    validation_file: str | None = Field(None, max_length=40)
+    training_file: ObjectId
+    validation_file: ObjectId | None = None
     hyperparameters: OpenAIHyperparameters | None = None  # the older top-level form
     method: Method | None = None
     suffix: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9_-]{0,39}$")
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)  # torch.manual_seed takes at most 64 bits
     metadata: dict[str, str] | None = Field(None, max_length=16)
     integrations: list[Any] | None = None
 

@@ -16,7 +16,17 @@ from api import finetune_intake, intake
 from api.deps import CurrentPrincipal, SenderDep, SessionDep, SessionsDep, SettingsDep
 from api.errors import Conflict, NotFound
 from api.routes.files import owned_file
-from api.schemas import JobCreate, JobEventList, JobEventPublic, JobList, JobPublic, ResultPage, ResultPublic, epoch
+from api.schemas import (
+    MAX_INT32,
+    JobCreate,
+    JobEventList,
+    JobEventPublic,
+    JobList,
+    JobPublic,
+    ResultPage,
+    ResultPublic,
+    epoch,
+)
 from db import jobs as job_repo
 from db.models import Job, JobEvent, ModelVersion
 from db.results import iter_results, public_result, result_page
@@ -159,7 +169,7 @@ def get_results(
     job_id: str,
     principal: CurrentPrincipal,
     session: SessionDep,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_INT32)] = 0,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
 ) -> ResultPage:
     job = owned_job(session, principal, job_id)
@@ -190,7 +200,7 @@ def list_events(
     job_id: str,
     principal: CurrentPrincipal,
     session: SessionDep,
-    after: Annotated[int, Query(ge=0)] = 0,
+    after: Annotated[int, Query(ge=0, le=MAX_INT32)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> JobEventList:
     """A job's events oldest first (a fine-tune's steps, losses, evaluations, checkpoints); `after` is an

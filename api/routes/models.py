@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter
 from pydantic import Field
+from sqlalchemy.orm import Session
 
 from api.deps import AdminPrincipal, CurrentPrincipal, SessionDep, SessionsDep, SettingsDep
 from api.errors import BadRequest, Conflict, NotFound
@@ -89,6 +90,14 @@ def get_model(name: str, _: CurrentPrincipal, session: SessionDep) -> dict[str, 
     return body
 
 
+def _resolve_or_none(session: Session, ref: str) -> ModelVersion | None:
+    # A name or number that cannot make a ref (`BAD@1`, `x@0`, a ten-digit version) names no model.
+    try:
+        return registry.resolve(session, ref)
+    except registry.InvalidModelRef:
+        return None
+
+
 class ModelRegister(Strict):
     name: str = Field(pattern=f"^{registry.NAME_PATTERN}$")
     path: str = Field(min_length=1, max_length=4096)
@@ -112,7 +121,7 @@ def set_model_alias(name: str, alias: str, body: AliasSet, _: AdminPrincipal, se
     if not re.fullmatch(ALIAS_PATTERN, alias):
         raise BadRequest(f"alias {alias!r}: lowercase letters, digits, '_' and '-'", param="alias")
     with transaction(sessions) as session:
-        version = registry.resolve(session, f"{name}@{body.version}")
+        version = _resolve_or_none(session, f"{name}@{body.version}")
         if version is None:
             raise NotFound(f"no model {name}@{body.version}", param="version", code="model_not_found")
         registry.set_alias(session, name=name, alias=alias, version=version)
@@ -125,7 +134,7 @@ def delete_model_version(
     name: str, number: int, _: AdminPrincipal, sessions: SessionsDep, settings: SettingsDep
 ) -> dict[str, Any]:
     with transaction(sessions) as session:
-        version = registry.resolve(session, f"{name}@{number}") if number >= 1 else None
+        version = _resolve_or_none(session, f"{name}@{number}")
         if version is None:
             raise NotFound(f"no model {name}@{number}", param="number", code="model_not_found")
         if registry.in_use(session, version_id=version.id):

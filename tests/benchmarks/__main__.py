@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     for bench_id in selected:
         log(f"{bench_id}: starting")
-        began = time.perf_counter()
+        began, load_before = time.perf_counter(), os.getloadavg()[0]
         try:
             result = registry[bench_id]()
         except Exception as error:  # one crashed benchmark must not cost the others' figures
@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             crashed = True
             result = Result(bench_id, math.nan, None, None, "", "", None, {"error": f"{type(error).__name__}: {error}"})
         result.extra["seconds"] = round(time.perf_counter() - began, 1)
+        # How busy the machine was: the ratios hold up under load, the absolute figures do not.
+        result.extra["load_avg_1m"] = [round(load_before, 1), round(os.getloadavg()[0], 1)]
         result.extra["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         if args.quick:
             result.extra["quick"] = "smoke run with tiny workloads: figures are not meaningful"
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(entries, indent=2) + "\n")
     print(_table([r.to_json() for r in results]))
-    print(f"\n{len(results)} benchmark(s) in {total:.0f} s; written to {args.output}")
+    print(f"\n{len(results)} benchmark(s) in {total:.0f} s on {os.cpu_count()} CPUs; written to {args.output}")
     return 1 if crashed else 0
 
 

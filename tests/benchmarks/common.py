@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import httpx
 import psutil
@@ -228,7 +228,8 @@ class Stack:
 
             from api.app import create_app
 
-            return self._stack.enter_context(TestClient(create_app(self.settings)))
+            # TestClient speaks httpx.Client's interface (it subclasses it in current Starlette).
+            return cast(httpx.Client, self._stack.enter_context(TestClient(create_app(self.settings))))
         port = free_port()
         # The argv of `lmbatch up` (api/launcher.py api_spec), on a free port.
         argv = [sys.executable, "-m", "uvicorn", "--factory", "api.app:create_app", "--host", "127.0.0.1"]

@@ -67,7 +67,7 @@ def _child(steps: int) -> dict[str, Any]:
     from workers.engines import finetune_ds as ds
     from workers.engines.finetune_params import FinetuneParams
 
-    ds.single_process_env(os.environ)  # type: ignore[arg-type]
+    ds.single_process_env(os.environ)
     import deepspeed
     from deepspeed.utils import logger as deepspeed_logger
 

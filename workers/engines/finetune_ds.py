@@ -11,7 +11,7 @@ import re
 import shutil
 import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ _TAG = re.compile(r"^step(\d+)$")
 _CHECKPOINT_EXTRAS = ("latest", "zero_to_fp32.py", "zero_to_torch.py")
 
 
-def single_process_env(env: dict[str, str]) -> None:
+def single_process_env(env: MutableMapping[str, str]) -> None:
     """Fill in the torch.distributed variables a lone process lacks (rank 0 of 1, on a free local port).
 
     Values already present win: under torchrun or the ``deepspeed`` launcher they describe the real group.
@@ -48,7 +48,7 @@ def ensure_distributed() -> tuple[int, int]:
         if "RANK" not in os.environ:
             # Called from a REPL or a test rather than a launcher; the variables are torch.distributed's
             # contract, so they go into this process's environment.
-            single_process_env(os.environ)  # type: ignore[arg-type]
+            single_process_env(os.environ)
         # gloo on CPU: NCCL needs GPUs. DeepSpeed's own CPU backend (ccl) needs oneCCL, which we do not ship.
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), dist.get_world_size()

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     from workers.errors import JobError, RetryableJobError
 
     spec = FinetuneSpec.from_json(args.spec.read_text())
-    single_process_env(os.environ)  # type: ignore[arg-type]
+    single_process_env(os.environ)
     is_rank0 = os.environ["RANK"] == "0"
 
     def emit(prefix: str, payload: dict) -> None:
