@@ -18,6 +18,7 @@ from celery import Celery
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
+from api.intake import check_tenant_quota
 from api.openai_format import ENDPOINT_KINDS, error_line, output_line, parse_batch_file
 from api.schemas import epoch
 from db import batches as batch_repo
@@ -73,6 +74,8 @@ def create_batch(
             )
             session.refresh(batch)
             return batch, []
+        # Over the quota nothing stands, the batch row included: the transaction rolls back.
+        check_tenant_quota(session, tenant_id=tenant_id, adding=len(parsed.items), settings=settings)
         new = job_repo.create_job(
             session,
             tenant_id=tenant_id,

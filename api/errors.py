@@ -87,7 +87,8 @@ _UNION_TAG = re.compile(r"^(int|float|str|bool|constrained-[a-z]+|literal\[.*\])
 
 def _location(loc: tuple[Any, ...]) -> str:
     # ("body", "inputs", 3, "prompt") → "inputs[3].prompt"
-    parts = [p for p in loc if p not in ("body", "query", "path", "header")]
+    # Only the first element says where (a field may well be called "path", like POST /v1/models's).
+    parts = list(loc[1:] if loc and loc[0] in ("body", "query", "path", "header") else loc)
     parts = [p for i, p in enumerate(parts) if i == 0 or not (isinstance(p, str) and _UNION_TAG.match(p))]
     text = ""
     for part in parts:

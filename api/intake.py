@@ -78,9 +78,10 @@ def items_from_request(kind: str, inputs: list[dict[str, Any]], settings: Settin
     return [_shard_item(kind, raw, f"inputs[{i}]") for i, raw in enumerate(inputs)]
 
 
-def items_from_file(kind: str, stored: StoredFile, settings: Settings) -> list[dict[str, Any]]:
-    """Read a JSONL input file line by line; a bad line is refused with its (1-based) line number."""
-    items = []
+def items_from_file(kind: str, stored: StoredFile, settings: Settings) -> Iterator[dict[str, Any]]:
+    """Read a JSONL input file line by line, yielding shard items; a bad line is refused with its (1-based)
+    line number. A generator: the caller streams it into shard rows inside its transaction."""
+    count = 0
     for number, line in _lines(Path(stored.storage_path)):
         if not line.strip():
             continue
@@ -90,11 +91,14 @@ def items_from_file(kind: str, stored: StoredFile, settings: Settings) -> list[d
             raise BadRequest(
                 f"input_file_id: line {number} is not valid JSON ({error})", param="input_file_id"
             ) from error
-        items.append(_shard_item(kind, raw, f"input_file_id: line {number}"))
-        _check_count(len(items), settings, param="input_file_id")
-    if not items:
+        count += 1
+        _check_count(count, settings, param="input_file_id")
+        yield _shard_item(kind, raw, f"input_file_id: line {number}")
+
+
+def require_items(total: int) -> None:
+    if total == 0:
         raise BadRequest("input_file_id: the file holds no items", param="input_file_id", code="empty_inputs")
-    return items
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -116,6 +120,8 @@ def _check_count(count: int, settings: Settings, *, param: str) -> None:
 
 
 def check_tenant_quota(session: Session, *, tenant_id: int, adding: int, settings: Settings) -> None:
+    """Refuse when the tenant's unfinished items (including a job just written in this transaction) pass the
+    limit; the caller's transaction then rolls the new job back."""
     queued = session.scalar(
         select(func.coalesce(func.sum(Job.total - Job.succeeded - Job.failed), 0)).where(
             Job.tenant_id == tenant_id, Job.status.in_(ACTIVE_JOB_STATES)
@@ -124,6 +130,7 @@ def check_tenant_quota(session: Session, *, tenant_id: int, adding: int, setting
     limit = settings.max_queued_items_per_tenant
     if int(queued or 0) + adding > limit:
         raise TooManyRequests(
-            f"this tenant would have more than {limit} items queued ({queued} already); wait for jobs to finish",
+            f"this job would bring the tenant's unfinished items to {int(queued or 0) + adding}, over the limit of "
+            f"{limit}; wait for running jobs to finish",
             code="queued_items_limit",
         )

@@ -13,7 +13,7 @@ happened. Two workers racing for one shard therefore cannot both win, whatever t
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -51,14 +51,18 @@ def create_job(
     model_ref: str,
     model_version_id: int,
     params: dict[str, Any],
-    items: Sequence[dict[str, Any]],
+    items: Iterable[dict[str, Any]],
     shard_size: int,
     input_file_id: str | None = None,
     priority: int = 0,
     metadata: dict[str, Any] | None = None,
     job_id: str | None = None,
 ) -> NewJob:
-    """Write the job and all its shards in the caller's transaction; enqueue only after commit."""
+    """Write the job and all its shards in the caller's transaction; enqueue only after commit.
+
+    `items` may be a generator (an input file read line by line): shards are inserted a chunk at a time, so a
+    200,000-item job never sits in memory whole. An exception from the generator rolls everything back.
+    """
     job = Job(
         id=job_id or new_id("job"),
         tenant_id=tenant_id,
@@ -69,27 +73,60 @@ def create_job(
         params=params,
         input_file_id=input_file_id,
         priority=priority,
-        total=len(items),
-        shard_count=-(-len(items) // shard_size) if items else 1,
         metadata_=metadata or {},
     )
     session.add(job)
     session.flush()
     now = utcnow()
-    rows = [
-        {
-            "job_id": job.id,
-            "index": shard_index,
-            "start": start,
-            "end": min(start + shard_size, len(items)),
-            "items": list(items[start : start + shard_size]),
-            "status": "queued",
-            "enqueued_at": now,
-        }
-        for shard_index, start in enumerate(range(0, max(len(items), 1), shard_size))
-    ]
-    shard_ids = list(session.scalars(insert(Shard).returning(Shard.id), rows))
+    shard_ids: list[int] = []
+    total = 0
+    pending: list[dict[str, Any]] = []
+
+    def flush_shards() -> None:
+        if pending:
+            shard_ids.extend(session.scalars(insert(Shard).returning(Shard.id), pending))
+            pending.clear()
+
+    for chunk in _chunks(items, shard_size):
+        pending.append(
+            {
+                "job_id": job.id,
+                "index": len(shard_ids) + len(pending),
+                "start": total,
+                "end": total + len(chunk),
+                "items": chunk,
+                "status": "queued",
+                "enqueued_at": now,
+            }
+        )
+        total += len(chunk)
+        if len(pending) >= SHARDS_PER_INSERT:
+            flush_shards()
+    if total == 0:  # a job with no items still gets its one (empty) shard, so it can finish
+        pending.append(
+            {"job_id": job.id, "index": 0, "start": 0, "end": 0, "items": [], "status": "queued", "enqueued_at": now}
+        )
+    flush_shards()
+    job.total = total
+    job.shard_count = len(shard_ids)
+    session.flush()
     return NewJob(job=job, shard_ids=shard_ids)
+
+
+# Shards per INSERT statement while streaming a job in: large enough to amortise round trips, small enough that
+# a chunk of large items stays a few MB.
+SHARDS_PER_INSERT = 64
+
+
+def _chunks(items: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    chunk: list[dict[str, Any]] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def claim_shard(session: Session, *, shard_id: int, worker: str, lease_seconds: float) -> Claim:

@@ -151,6 +151,7 @@ def create_fine_tuning_job(
         run["validation_file"] = validation.id
     native = params.model_dump()
     with transaction(sessions) as write:
+        intake.check_tenant_quota(write, tenant_id=principal.tenant_id, adding=1, settings=settings)
         new = job_repo.create_job(
             write,
             tenant_id=principal.tenant_id,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
@@ -63,6 +63,7 @@ def create_job(
     sender: SenderDep,
 ) -> JobPublic:
     version = intake.resolve_model(session, ref=body.model, kind=body.kind)
+    items: Iterable[dict[str, Any]]
     if body.kind == "finetune":
         params, items = _finetune_intake(session, principal, body, version, settings)
     else:
@@ -73,8 +74,8 @@ def create_job(
             assert body.input_file_id is not None
             stored = owned_file(session, principal, body.input_file_id)
             items = intake.items_from_file(body.kind, stored, settings)
+    # An input file streams into shard rows in this transaction; any refusal below rolls all of it back.
     with transaction(sessions) as write:
-        intake.check_tenant_quota(write, tenant_id=principal.tenant_id, adding=len(items), settings=settings)
         new = job_repo.create_job(
             write,
             tenant_id=principal.tenant_id,
@@ -88,6 +89,8 @@ def create_job(
             priority=body.priority,
             metadata=body.metadata,
         )
+        intake.require_items(new.job.total)
+        intake.check_tenant_quota(write, tenant_id=principal.tenant_id, adding=0, settings=settings)
     submit(sender, queue=queue_for(body.kind, params), shard_ids=new.shard_ids)
     return job_public(session, new.job)
 

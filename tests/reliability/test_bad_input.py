@@ -12,14 +12,15 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select
+from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
 from db.models import Base
 from db.settings import Settings
-from tests.conftest import make_key
+from tests.conftest import empty_tables, make_key
 from tests.reliability.bad_requests import CATEGORIES, CORPUS, LIMITS, NO_BODY, Bad
+from workers.builtins import ensure_builtin_models
 
 # The database matters here, so one backend: PostgreSQL, the stricter one (NUL bytes, integer ranges).
 on_postgresql = pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
@@ -38,7 +39,8 @@ class Door:
 
 
 def _upload(client: TestClient, headers: dict[str, str], content: bytes, purpose: str = "batch") -> str:
-    response = client.post("/v1/files", files={"file": ("f.jsonl", content)}, data={"purpose": purpose}, headers=headers)
+    files = {"file": ("f.jsonl", content)}
+    response = client.post("/v1/files", files=files, data={"purpose": purpose}, headers=headers)
     assert response.status_code == 200, response.text
     return str(response.json()["id"])
 
@@ -72,15 +74,23 @@ def _objects(client: TestClient, headers: dict[str, str]) -> dict[str, str]:
     }
 
 
-@pytest.fixture
-def door(settings: Settings, registry: sessionmaker[Session], tmp_path: Path) -> Iterator[Door]:
-    imports = tmp_path / "imports"
-    imports.mkdir()
+@pytest.fixture(scope="module")
+def door(
+    settings: Settings,
+    engine: Engine,
+    sessions: sessionmaker[Session],
+    builtin_models_ready: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Door]:
+    """One door for the whole corpus: each case asserts it changed nothing, so the next finds the same state."""
+    empty_tables(engine)
+    ensure_builtin_models(settings)
+    imports = tmp_path_factory.mktemp("imports")
     small = settings.model_copy(update={**LIMITS, "model_import_roots": [imports]})
-    tenant = {"Authorization": f"Bearer {make_key(registry, 'tenant-a')}"}
-    admin = {"Authorization": f"Bearer {make_key(registry, 'ops', scope='admin')}"}
+    tenant = {"Authorization": f"Bearer {make_key(sessions, 'tenant-a')}"}
+    admin = {"Authorization": f"Bearer {make_key(sessions, 'ops', scope='admin')}"}
     with TestClient(create_app(small)) as client:
-        yield Door(client, tenant, admin, _objects(client, tenant), registry, small.files_dir)
+        yield Door(client, tenant, admin, _objects(client, tenant), sessions, small.files_dir)
 
 
 def snapshot(sessions: sessionmaker[Session], files_dir: Path) -> dict[str, Any]:
@@ -104,6 +114,10 @@ def fill(value: Any, ids: dict[str, str]) -> Any:
         for name, object_id in ids.items():
             value = value.replace("{" + name + "}", object_id)
         return value
+    if isinstance(value, bytes):
+        for name, object_id in ids.items():
+            value = value.replace(b"{" + name.encode() + b"}", object_id.encode())
+        return value
     if isinstance(value, dict):
         return {key: fill(item, ids) for key, item in value.items()}
     if isinstance(value, list):
@@ -119,7 +133,7 @@ def send(door: Door, bad: Bad) -> httpx.Response:
     if bad.body is not NO_BODY:
         request["json"] = fill(bad.body, door.ids)
     if bad.content is not None:
-        content = bad.content
+        content = fill(bad.content, door.ids)
         # A generator has no length: httpx streams it chunked, with no Content-Length to refuse it by.
         request["content"] = (content[i : i + 4096] for i in range(0, len(content), 4096)) if bad.chunked else content
     if bad.files is not None:
@@ -156,3 +170,16 @@ def test_a_malformed_request_gets_a_named_4xx_and_changes_nothing(bad: Bad, door
     if bad.mentions is not None:
         assert bad.mentions in error["message"], error
     assert snapshot(door.sessions, door.files_dir) == before
+
+
+@on_postgresql
+def test_the_snapshot_sees_a_write_a_state_change_and_a_file(door: Door) -> None:
+    # Given the snapshot the corpus compares, I expect it to notice a new row and file, then a soft delete.
+    before = snapshot(door.sessions, door.files_dir)
+    file_id = _upload(door.client, door.headers, b'{"text": "a"}\n', purpose="jobs")
+    uploaded = snapshot(door.sessions, door.files_dir)
+    assert uploaded["rows"] != before["rows"] and uploaded["files"] != before["files"]
+    door.client.delete(f"/v1/files/{file_id}", headers=door.headers).raise_for_status()
+    deleted = snapshot(door.sessions, door.files_dir)
+    assert deleted["rows"] == uploaded["rows"] and deleted["states"] != uploaded["states"]
+    assert deleted["files"] == before["files"]
