@@ -125,8 +125,11 @@ def input_upload(path: Path, kind: str) -> Iterator[tuple[IO[bytes], str]]:
     # Spooled: a small CSV never touches the disk, a large one never fills the memory.
     with tempfile.SpooledTemporaryFile(max_size=16 * 1024 * 1024) as converted:
         # utf-8-sig: spreadsheet exports often start with a byte-order mark that would rename the first column.
-        with path.open(newline="", encoding="utf-8-sig") as source:
-            csv_to_jsonl(source, kind, converted, name=str(path))
+        try:
+            with path.open(newline="", encoding="utf-8-sig") as source:
+                csv_to_jsonl(source, kind, converted, name=str(path))
+        except (UnicodeDecodeError, csv.Error) as error:
+            raise CliError(f"{path}: not a readable UTF-8 CSV ({error})") from None
         converted.seek(0)
         yield converted, path.stem + ".jsonl"
 
@@ -168,12 +171,14 @@ def eta_text(job: dict[str, Any]) -> str:
     return duration(job["eta_seconds"]) if job["eta_seconds"] is not None else "-"
 
 
-def poll(client: Client, job_id: str, started_waiting: float) -> dict[str, Any]:
+def poll(client: Client, job_id: str) -> dict[str, Any]:
+    """The job now; an API that does not answer is retried for UNREACHABLE_GRACE_S before giving up."""
+    started = time.monotonic()
     while True:
         try:
             return client.get_job(job_id)
         except ApiUnreachable:
-            if time.monotonic() - started_waiting > UNREACHABLE_GRACE_S:
+            if time.monotonic() - started > UNREACHABLE_GRACE_S:
                 raise
             time.sleep(2.0)
 
@@ -200,7 +205,7 @@ def follow_job(client: Client, job: dict[str, Any], *, console: Console) -> dict
             if job["status"] in TERMINAL_STATES:
                 return job
             time.sleep(POLL_SECONDS)
-            job = poll(client, job["id"], time.monotonic())
+            job = poll(client, job["id"])
 
 
 def job_error(job: dict[str, Any]) -> str:

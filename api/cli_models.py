@@ -109,10 +109,10 @@ def event_line(event: dict[str, Any], previous_loss: float | None) -> str:
 
 def follow_finetune(client: Client, job: dict[str, Any], *, console: Console) -> dict[str, Any]:
     """Print the run's events (losses as they fall) until the job ends."""
-    after, previous_loss, started = 0, None, time.monotonic()
+    after, previous_loss = 0, None
     while True:
         # The job's state is read before its events: once it is terminal, every event it wrote is in this read.
-        job = poll(client, job["id"], started)
+        job = poll(client, job["id"])
         while True:
             page = client.job_events(job["id"], after=after, limit=1000)
             for event in page["data"]:
@@ -179,5 +179,5 @@ def finetune(
         job = follow_finetune(client, job, console=err)
     if job["status"] != "succeeded":
         raise CliError(f"job {job['id']} {job['status']}{job_error(job)}")
-    err.print(f"job {job['id']} succeeded: new model version")
-    out.print(job["model_version"] or "-")
+    err.print(f"job {job['id']} succeeded: the new model version is {job['model_version']}")
+    out.print(job["model_version"] or "-")  # the last line on stdout, for scripts: `… | tail -n 1`

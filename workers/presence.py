@@ -44,14 +44,18 @@ class PresenceThread(threading.Thread):
         self._stopped = threading.Event()
 
     def _publish(self) -> None:
+        device = dict(self._describe())
+        # The device's own "name" (a GPU or CPU model) must not shadow the worker's.
+        device["device_name"] = device.pop("name", None)
         record = {
+            **device,
             "name": self._name,
             "pid": os.getpid(),
             "queues": self._queues,
             "started_at": int(self._born),
             "seen_at": int(time.time()),
+            # The pinning itself, as the launcher set it before the pool forked (not configuration).
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-            **self._describe(),
         }
         self._client.set(worker_key(self._name), json.dumps(record), ex=TTL_SECONDS)
 

@@ -11,6 +11,7 @@ import contextlib
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -135,6 +136,54 @@ def timed(fn: Callable[[], T]) -> tuple[float, T]:
     start = time.perf_counter()
     value = fn()
     return time.perf_counter() - start, value
+
+
+@dataclass
+class Paired:
+    """Rates (higher is better) of a subject and its baseline, measured back to back in rounds.
+
+    Other processes on the machine slow either side by several times for seconds at a time (measured here: the
+    same engine call took 248 s and then 32 s). A ratio taken within one round sees one load; the median over
+    rounds drops the rounds a load spike split unevenly. That median is the reported ratio, so it is not
+    exactly figure / baseline (each the median of its own side).
+    """
+
+    subject: list[float] = field(default_factory=list)
+    baseline: list[float] = field(default_factory=list)
+
+    @property
+    def ratios(self) -> list[float]:
+        return [s / b for s, b in zip(self.subject, self.baseline, strict=True)]
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(self.ratios)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "ratio_is": "median over rounds of the ratio within each round",
+            "round_ratios": [round(r, 3) for r in self.ratios],
+        }
+
+
+def paired_rounds(rounds: int, subject: Callable[[int], float], baseline: Callable[[int], float]) -> Paired:
+    """Run ``rounds`` rounds of both (each callable gets the round number and returns a rate), alternating which
+    goes first so that neither always runs right after the other's warm caches or cool CPU."""
+    paired = Paired()
+    for number in range(rounds):
+        if number % 2 == 0:
+            s = subject(number)
+            b = baseline(number)
+        else:
+            b = baseline(number)
+            s = subject(number)
+        paired.subject.append(s)
+        paired.baseline.append(b)
+    return paired
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
 
 
 def log(message: str) -> None:

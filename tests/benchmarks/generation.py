@@ -11,7 +11,17 @@ from typing import Any
 
 import torch
 
-from tests.benchmarks.common import Result, Stack, load_builtin, log, production_defaults, sizes, timed
+from tests.benchmarks.common import (
+    Result,
+    Stack,
+    load_builtin,
+    log,
+    median,
+    paired_rounds,
+    production_defaults,
+    sizes,
+    timed,
+)
 from tests.benchmarks.workloads import chat_prompts
 from workers.engines.params import GenerateParams, parse_item
 from workers.engines.types import EngineItem, ItemResult
@@ -52,46 +62,56 @@ def plain_loop(model: Any, raw_items: list[dict[str, Any]]) -> list[str]:
     return texts
 
 
+ENGINE_ROUNDS = 4
+
+
 def bench_gen_engine() -> Result:
+    """Each round: the engine on every prompt, and the plain loop on the next quarter of them (each prompt
+    goes through the loop once in all)."""
     batch_size = production_defaults()["batch_size"]
     model = load_builtin(MODEL, "causal-lm")
     raw = chat_prompts(sizes().gen_prompts)
     items = engine_items(raw, "generate")
     run_engine(model, items[:2], batch_size)  # warm-up: first-call allocations and lazy inits
-    half = len(raw) // 2
-    # Interleaved (engine, loop half, engine, loop half) so that a change in machine load hits both sides.
-    engine_times, loop_times, loop_texts = [], [], []
+    quarter = -(-len(raw) // ENGINE_ROUNDS)
     engine_results: list[ItemResult] = []
-    for part in (raw[:half], raw[half:]):
+    loop_texts: list[str] = []
+
+    def engine(_round: int) -> float:
+        nonlocal engine_results
         seconds, engine_results = timed(lambda: run_engine(model, items, batch_size))
-        engine_times.append(seconds)
-        log(f"gen-engine: engine {len(items)} prompts in {seconds:.1f} s")
-        seconds, texts = timed(lambda part=part: plain_loop(model, part))  # type: ignore[misc]
-        loop_times.append(seconds)
+        log(f"gen-engine: engine, {len(items)} prompts in {seconds:.1f} s")
+        return len(items) / seconds
+
+    def loop(number: int) -> float:
+        part = raw[number * quarter : (number + 1) * quarter]
+        seconds, texts = timed(lambda: plain_loop(model, part))
         loop_texts.extend(texts)
-        log(f"gen-engine: plain loop {len(part)} prompts in {seconds:.1f} s")
-    engine_rate = len(items) / (sum(engine_times) / len(engine_times))
-    loop_rate = len(raw) / sum(loop_times)
+        log(f"gen-engine: plain loop, {len(part)} prompts in {seconds:.1f} s")
+        return len(part) / seconds
+
+    paired = paired_rounds(ENGINE_ROUNDS, engine, loop)
     agree = sum(r.output is not None and r.output["text"] == t for r, t in zip(engine_results, loop_texts, strict=True))
-    ratio = engine_rate / loop_rate
     return Result(
         "gen-engine",
-        engine_rate,
-        loop_rate,
-        ratio,
+        median(paired.subject),
+        median(paired.baseline),
+        paired.ratio,
         "items/s",
         ">= 6x",
-        ratio >= 6,
+        paired.ratio >= 6,
         {
+            **paired.summary(),
             "prompts": len(items),
             "batch_size": batch_size,
             "new_tokens": NEW_TOKENS,
-            "engine_seconds": [round(s, 2) for s in engine_times],
-            "loop_seconds": round(sum(loop_times), 2),
             "same_text_as_loop": f"{agree}/{len(items)}",
             "completion_tokens": sum(r.completion_tokens for r in engine_results),
         },
     )
+
+
+E2E_ROUNDS = 3
 
 
 def bench_gen_e2e() -> Result:
@@ -110,28 +130,30 @@ def bench_gen_e2e() -> Result:
         # once per worker process; a deployment pays that once, not per job.
         stack.run_job({**body, "inputs": raw[:2]}, timeout=300)
         run_engine(model, items[:2], defaults["batch_size"])
-        engine_times, e2e_times = [], []
-        for _ in range(2):
-            engine_times.append(timed(lambda: run_engine(model, items, defaults["batch_size"]))[0])
-            log(f"gen-e2e: engine in-process {engine_times[-1]:.1f} s")
-            e2e_times.append(stack.run_job(body, timeout=600))
-            log(f"gen-e2e: job through the stack {e2e_times[-1]:.1f} s")
-    engine_rate = len(items) / (sum(engine_times) / len(engine_times))
-    e2e_rate = len(items) / (sum(e2e_times) / len(e2e_times))
-    ratio = e2e_rate / engine_rate
+
+        def e2e(_round: int) -> float:
+            seconds = stack.run_job(body, timeout=900)
+            log(f"gen-e2e: job through the stack in {seconds:.1f} s")
+            return len(items) / seconds
+
+        def engine(_round: int) -> float:
+            seconds = timed(lambda: run_engine(model, items, defaults["batch_size"]))[0]
+            log(f"gen-e2e: engine in-process in {seconds:.1f} s")
+            return len(items) / seconds
+
+        paired = paired_rounds(E2E_ROUNDS, e2e, engine)
     return Result(
         "gen-e2e",
-        e2e_rate,
-        engine_rate,
-        ratio,
+        median(paired.subject),
+        median(paired.baseline),
+        paired.ratio,
         "items/s",
         ">= 0.90",
-        ratio >= 0.90,
+        paired.ratio >= 0.90,
         {
+            **paired.summary(),
             "prompts": len(items),
             "settings": {k: defaults[k] for k in ("shard_size", "batch_size")},
-            "e2e_seconds": [round(s, 2) for s in e2e_times],
-            "engine_seconds": [round(s, 2) for s in engine_times],
             "database": "postgresql",
         },
     )

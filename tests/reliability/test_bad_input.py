@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, func, select
@@ -125,7 +124,7 @@ def fill(value: Any, ids: dict[str, str]) -> Any:
     return value
 
 
-def send(door: Door, bad: Bad) -> httpx.Response:
+def send(door: Door, bad: Bad) -> Any:
     headers = {**(door.admin if bad.admin else door.headers), **bad.headers}
     if bad.content_type is not None:
         headers["content-type"] = bad.content_type
