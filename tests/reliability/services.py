@@ -6,6 +6,7 @@ run on free loopback ports in temporary directories and die with the test.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -98,8 +99,6 @@ class PrivatePostgres:
         self._as_postgres(["pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop"])
 
     def destroy(self) -> None:
-        try:
+        with contextlib.suppress(subprocess.CalledProcessError):  # already stopped
             self.stop()
-        except subprocess.CalledProcessError:
-            pass  # already stopped
         shutil.rmtree(self.root, ignore_errors=True)
