@@ -15,6 +15,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from db.models import Batch, utcnow
+from db.pagination import listed_after
 from db.session import changed
 
 STATUS_TIMESTAMP = {
@@ -51,10 +52,7 @@ def list_batches(session: Session, *, tenant_id: int, after: str | None, limit: 
     if after:
         anchor = get_batch(session, tenant_id=tenant_id, batch_id=after)
         if anchor is not None:
-            query = query.where(
-                (Batch.created_at < anchor.created_at)
-                | ((Batch.created_at == anchor.created_at) & (Batch.id < anchor.id))
-            )
+            query = query.where(listed_after(Batch, anchor))
     return list(session.scalars(query.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit)))
 
 

@@ -6,6 +6,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.models import StoredFile, utcnow
+from db.pagination import listed_after
 
 
 def get_file(session: Session, *, tenant_id: int, file_id: str) -> StoredFile | None:
@@ -26,10 +27,7 @@ def list_files(
     if after:
         anchor = get_file(session, tenant_id=tenant_id, file_id=after)
         if anchor is not None:
-            query = query.where(
-                (StoredFile.created_at < anchor.created_at)
-                | ((StoredFile.created_at == anchor.created_at) & (StoredFile.id < anchor.id))
-            )
+            query = query.where(listed_after(StoredFile, anchor))
     return list(session.scalars(query.order_by(StoredFile.created_at.desc(), StoredFile.id.desc()).limit(limit)))
 
 

@@ -20,6 +20,7 @@ from api.routes.jobs import submit
 from api.schemas import ObjectId, Strict, epoch
 from db import jobs as job_repo
 from db.models import Job, JobEvent, new_id
+from db.pagination import listed_after
 from db.session import transaction
 from db.tenants import Principal
 from workers.enqueue import queue_for
@@ -179,9 +180,7 @@ def list_fine_tuning_jobs(
     query = select(Job).where(Job.tenant_id == principal.tenant_id, Job.kind == "finetune")
     if after:
         anchor = owned_ftjob(session, principal, after)
-        query = query.where(
-            (Job.created_at < anchor.created_at) | ((Job.created_at == anchor.created_at) & (Job.id < anchor.id))
-        )
+        query = query.where(listed_after(Job, anchor))
     rows = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
     return {"object": "list", "data": [ftjob_public(session, j) for j in rows[:limit]], "has_more": len(rows) > limit}
 

@@ -29,6 +29,7 @@ from api.schemas import (
 )
 from db import jobs as job_repo
 from db.models import Job, JobEvent, ModelVersion
+from db.pagination import listed_after
 from db.results import iter_results, public_result, result_page
 from db.session import transaction
 from db.settings import Settings
@@ -138,9 +139,7 @@ def list_jobs(
         query = query.where(Job.kind == kind)
     if after:
         anchor = owned_job(session, principal, after)
-        query = query.where(
-            (Job.created_at < anchor.created_at) | ((Job.created_at == anchor.created_at) & (Job.id < anchor.id))
-        )
+        query = query.where(listed_after(Job, anchor))
     rows = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
     data = [job_public(session, job) for job in rows[:limit]]
     return JobList(

@@ -22,6 +22,7 @@ from typing import Any, BinaryIO, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from workers.engines.params import ChatMessage
 from workers.errors import PermanentJobError
 
 FinetuneTask = Literal["causal-lm", "sequence-classification"]
@@ -102,9 +103,8 @@ class _StrictRow(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class Message(_StrictRow):
-    role: Literal["system", "user", "assistant", "tool"]
-    content: str
+# The same message shape the generate engine takes: what a model is trained on is what it is asked with.
+Message = ChatMessage
 
 
 class ChatRow(_StrictRow):
