@@ -38,14 +38,14 @@ class _Strict(BaseModel):
 
 class Hyperparameters(_Strict):
     epochs: int = Field(3, ge=1, le=100)
-    max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs when set")
+    max_steps: int | None = Field(None, ge=1, le=10_000_000, description="optimizer steps; overrides epochs when set")
     learning_rate: float = Field(5e-5, gt=0.0, le=1.0)
     batch_size: int = Field(8, ge=1, le=1024, description="examples per micro-batch on each process")
     gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0, le=10_000_000)
     weight_decay: float = Field(0.0, ge=0.0, le=1.0)
     max_seq_len: int = Field(512, ge=8, le=8192)
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=2**32 - 1)  # what numpy and torch accept as a seed
     eval_every: int = Field(10, ge=0, description="optimizer steps between evaluations; 0: only at the end")
     checkpoint_every: int = Field(10, ge=0, description="optimizer steps between checkpoints; 0: none")
     log_every: int = Field(1, ge=1)
