@@ -57,6 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.benchmarks", description=__doc__)
     parser.add_argument("ids", nargs="*", metavar="ID", help=f"benchmarks to run (default: all): {', '.join(IDS)}")
     parser.add_argument("--quick", action="store_true", help="tiny workloads: checks the benchmarks run, no figures")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per process, both sides of every ratio (default 1; 0: torch's default, all cores)",
+    )
     parser.add_argument("--output", type=Path, default=BENCH_DIR / "latest.json")
     args = parser.parse_args(argv)
     unknown = [i for i in args.ids if i not in IDS]
@@ -65,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     selected = args.ids or list(IDS)
     if args.quick:
         common.use_sizes(common.QUICK)
+    common.use_threads(args.threads)
 
     registry = _registry()
     results: list[Result] = []
@@ -81,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             result = Result(bench_id, math.nan, None, None, "", "", None, {"error": f"{type(error).__name__}: {error}"})
         result.extra["seconds"] = round(time.perf_counter() - began, 1)
         # How busy the machine was: the ratios hold up under load, the absolute figures do not.
+        result.extra["torch_threads"] = args.threads or "default"
         result.extra["load_avg_1m"] = [round(load_before, 1), round(os.getloadavg()[0], 1)]
         result.extra["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         if args.quick:

@@ -54,7 +54,6 @@ PRODUCTION_JOB_SETTINGS = (
     "lease_seconds",
     "heartbeat_seconds",
     "sweep_interval_seconds",
-    "torch_threads",
 )
 
 
@@ -87,10 +86,28 @@ QUICK = Sizes(
     ft_steps=1,
 )
 _sizes = FULL
+# torch threads in every process of a benchmark (this one, workers, the fine-tune child); 0: torch's default, one
+# per core. 1 by default because this project's machines are shared: measured on 2 cores with other work running,
+# SmolLM2 took 8.7-14 s per prompt with 2 threads and 2.1-2.2 s with 1 (OpenMP threads wait at every op for a
+# sibling the scheduler has parked). Both sides of every ratio use the same count.
+_threads = 1
 
 
 def sizes() -> Sizes:
     return _sizes
+
+
+def torch_threads() -> int:
+    return _threads
+
+
+def use_threads(count: int) -> None:
+    global _threads
+    _threads = count
+    if count:
+        import torch
+
+        torch.set_num_threads(count)
 
 
 def use_sizes(chosen: Sizes) -> None:
@@ -226,7 +243,7 @@ class Stack:
         self.var_dir = BENCH_DIR / "runs" / f"{os.getpid()}-{name}"
         self.with_worker = worker
         self.api_mode = api
-        self.overrides = {**production_defaults(), **overrides}
+        self.overrides = {**production_defaults(), "torch_threads": torch_threads(), **overrides}
         self.worker: WorkerProcess | None = None
         self.api_process: subprocess.Popen[bytes] | None = None
         self.base_url = ""

@@ -17,7 +17,7 @@ import sys
 import time
 from typing import Any
 
-from tests.benchmarks.common import REPO, Result, log, median, sizes
+from tests.benchmarks.common import REPO, Result, log, median, sizes, torch_threads
 from tests.stack import MODEL_CACHE
 
 RESULT_PREFIX = "BENCH_RESULT "
@@ -29,7 +29,7 @@ def bench_ft_step() -> Result:
 
     prepare_builtin_models(MODEL_CACHE)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    command = [sys.executable, "-m", "tests.benchmarks.finetune_step", str(sizes().ft_steps)]
+    command = [sys.executable, "-m", "tests.benchmarks.finetune_step", str(sizes().ft_steps), str(torch_threads())]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if done.returncode != 0 or not lines:
@@ -56,6 +56,7 @@ def bench_ft_step() -> Result:
             "deepspeed_seconds": measured["deepspeed"],
             "plain_seconds": measured["plain"],
             "initialize_seconds": measured["initialize_seconds"],
+            "child_torch_threads": measured["threads"],
             "zero_stage": 2,
             "precision": "fp32",
             "note": "one warm-up step each, then steps alternate; few steps because one takes seconds on this CPU",
@@ -63,7 +64,7 @@ def bench_ft_step() -> Result:
     )
 
 
-def _child(steps: int) -> dict[str, Any]:
+def _child(steps: int, threads: int) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -92,6 +93,8 @@ def _child(steps: int) -> dict[str, Any]:
         config=ds.deepspeed_config(params, precision_name="fp32"),
     )
     initialize_seconds = time.perf_counter() - started
+    if threads:
+        torch.set_num_threads(threads)  # after initialize, which may set its own
     plain_optimizer = ds.build_optimizer(plain_model, params)
     ids = torch.randint(0, ds_model.config.vocab_size, (BATCH, SEQ_LEN), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
@@ -116,11 +119,11 @@ def _child(steps: int) -> dict[str, Any]:
             fn()
             if step:
                 times[name].append(round(time.perf_counter() - start, 3))
-    return {**times, "initialize_seconds": round(initialize_seconds, 1)}
+    return {**times, "initialize_seconds": round(initialize_seconds, 1), "threads": torch.get_num_threads()}
 
 
 if __name__ == "__main__":
-    measured = _child(int(sys.argv[1]))
+    measured = _child(int(sys.argv[1]), int(sys.argv[2]))
     print(RESULT_PREFIX + json.dumps(measured), flush=True)
     import torch.distributed as dist
 

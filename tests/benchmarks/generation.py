@@ -62,18 +62,18 @@ def plain_loop(model: Any, raw_items: list[dict[str, Any]]) -> list[str]:
     return texts
 
 
-ENGINE_ROUNDS = 4
+ENGINE_ROUNDS = 3
 
 
 def bench_gen_engine() -> Result:
-    """Each round: the engine on every prompt, and the plain loop on the next quarter of them (each prompt
+    """Each round: the engine on every prompt, and the plain loop on the next third of them (each prompt
     goes through the loop once in all)."""
     batch_size = production_defaults()["batch_size"]
     model = load_builtin(MODEL, "causal-lm")
     raw = chat_prompts(sizes().gen_prompts)
     items = engine_items(raw, "generate")
     run_engine(model, items[:2], batch_size)  # warm-up: first-call allocations and lazy inits
-    quarter = -(-len(raw) // ENGINE_ROUNDS)
+    share = -(-len(raw) // ENGINE_ROUNDS)
     engine_results: list[ItemResult] = []
     loop_texts: list[str] = []
 
@@ -84,7 +84,7 @@ def bench_gen_engine() -> Result:
         return len(items) / seconds
 
     def loop(number: int) -> float:
-        part = raw[number * quarter : (number + 1) * quarter]
+        part = raw[number * share : (number + 1) * share]
         seconds, texts = timed(lambda: plain_loop(model, part))
         loop_texts.extend(texts)
         log(f"gen-engine: plain loop, {len(part)} prompts in {seconds:.1f} s")

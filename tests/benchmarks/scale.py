@@ -23,7 +23,7 @@ MODEL = "bench-tiny-classifier"
 RSS_LIMIT = GIB
 # The large job is cut down to what this machine does in about this long (measured on the small job), so that
 # `make bench` stays bounded on a slow or busy machine; the entry records the size it used.
-LARGE_JOB_BUDGET_S = 300.0
+LARGE_JOB_BUDGET_S = 240.0
 
 
 def ensure_tiny_classifier() -> Path:

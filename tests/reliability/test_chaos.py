@@ -42,7 +42,7 @@ from workers.enqueue import enqueue_shards
 
 pytestmark = pytest.mark.slow
 
-ITEMS = 480
+ITEMS = 320
 LABELS = ["positive", "negative"]
 
 
