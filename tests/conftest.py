@@ -169,7 +169,10 @@ def tenant_b(db: sessionmaker[Session]) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def worker(settings: Settings, session_var: Path, builtin_models_ready: Path) -> Iterator[WorkerProcess]:
     """A real Celery worker process on this backend's database, shared by the session's tests."""
-    process = WorkerProcess(settings, session_var / f"worker-{(settings.is_sqlite and 'sqlite') or 'pg'}.log")
+    # No sweeper in the shared worker: tests that kill workers run their own, and a sweeper here would also
+    # pick up their shards through the shared database.
+    quiet = settings.model_copy(update={"sweeper_enabled": False})
+    process = WorkerProcess(quiet, session_var / f"worker-{(settings.is_sqlite and 'sqlite') or 'pg'}.log")
     try:
         process.wait_ready()
         yield process

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -72,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         common.use_sizes(common.QUICK)
     common.use_threads(args.threads)
+    common.use_selection(selected)
 
     registry = _registry()
     results: list[Result] = []
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as error:  # one crashed benchmark must not cost the others' figures
             traceback.print_exc()
             crashed = True
-            result = Result(bench_id, math.nan, None, None, "", "", None, {"error": f"{type(error).__name__}: {error}"})
+            result = Result(bench_id, None, None, None, "", "", None, {"error": f"{type(error).__name__}: {error}"})
         result.extra["seconds"] = round(time.perf_counter() - began, 1)
         # How busy the machine was: the ratios hold up under load, the absolute figures do not.
         result.extra["torch_threads"] = args.threads or "default"
@@ -117,8 +117,6 @@ def _merge(path: Path, fresh: list[dict]) -> list[dict]:
 
 def _fmt(value: object) -> str:
     if isinstance(value, float):
-        if math.isnan(value):
-            return "-"
         return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
     return "-" if value is None else str(value)
 

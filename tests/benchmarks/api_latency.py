@@ -23,6 +23,10 @@ from tests.benchmarks.workloads import SENTIMENT_LABELS, review_texts
 POST_TARGET_MS = 50.0
 GET_TARGET_MS = 20.0
 SOLO_REQUESTS = 40
+PHASE_DEADLINE_S = 30.0
+# A POST holds two pooled connections at once (its request session, then its write transaction), and the pool
+# allows 15 (SQLAlchemy's 5 + 10 overflow): 7 clients is the most that cannot starve it.
+POOL_SAFE_CLIENTS = 7
 
 Request = Callable[[httpx.AsyncClient, int, int], Awaitable[httpx.Response]]
 
@@ -31,19 +35,29 @@ def _percentile(samples: list[float], q: int) -> float:
     return statistics.quantiles(samples, n=100, method="inclusive")[q - 1]
 
 
-async def _closed_loop(base_url: str, clients: int, per_client: int, request: Request) -> dict[str, Any]:
+async def _closed_loop(
+    base_url: str, clients: int, per_client: int, request: Request, *, deadline_s: float = PHASE_DEADLINE_S
+) -> dict[str, Any]:
+    """``clients`` closed loops of ``per_client`` requests; a failed request counts with the time it took to fail.
+    No request starts after ``deadline_s``, so a stalled server costs a bounded time."""
     latencies: list[float] = []
     errors = 0
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=120) as client:
+        stop_at = time.perf_counter() + deadline_s
 
         async def one_client(c: int) -> None:
             nonlocal errors
             for i in range(per_client):
+                if time.perf_counter() > stop_at:
+                    return
                 start = time.perf_counter()
-                response = await request(client, c, i)
+                try:
+                    failed = (await request(client, c, i)).status_code >= 400
+                except httpx.HTTPError:
+                    failed = True
                 latencies.append(time.perf_counter() - start)
-                errors += response.status_code >= 400
+                errors += failed
 
         start = time.perf_counter()
         await asyncio.gather(*(one_client(c) for c in range(clients)))
@@ -51,6 +65,7 @@ async def _closed_loop(base_url: str, clients: int, per_client: int, request: Re
     ms = [1000 * s for s in latencies]
     return {
         "requests": len(ms),
+        "planned": clients * per_client,
         "errors": errors,
         "p50_ms": round(_percentile(ms, 50), 1),
         "p95_ms": round(_percentile(ms, 95), 1),
@@ -82,6 +97,8 @@ def bench_api() -> Result:
 
         solo_post = asyncio.run(_closed_loop(stack.base_url, 1, SOLO_REQUESTS, post))
         log(f"api: POST alone {solo_post}")
+        few_posts = asyncio.run(_closed_loop(stack.base_url, POOL_SAFE_CLIENTS, size.api_posts_per_client, post))
+        log(f"api: POST x{POOL_SAFE_CLIENTS} {few_posts}")
         posts = asyncio.run(_closed_loop(stack.base_url, size.api_clients, size.api_posts_per_client, post))
         log(f"api: POST x{size.api_clients} {posts}")
         solo_get = asyncio.run(_closed_loop(stack.base_url, 1, SOLO_REQUESTS, get))
@@ -105,12 +122,13 @@ def bench_api() -> Result:
             "post": posts,
             "get": gets,
             "post_alone": solo_post,
+            f"post_{POOL_SAFE_CLIENTS}_clients": few_posts,
             "get_alone": solo_get,
             "clients": size.api_clients,
             "note": (
                 f"{size.api_posts_per_client} POSTs and {size.api_gets_per_client} GETs per client instead of "
-                "2,000 each (100,000 requests per endpoint would take tens of minutes here); one uvicorn "
-                "process, PostgreSQL, no worker"
+                "2,000 each (100,000 requests per endpoint would take tens of minutes here), and no request "
+                f"started after {PHASE_DEADLINE_S:.0f} s in a phase; one uvicorn process, PostgreSQL, no worker"
             ),
         },
     )

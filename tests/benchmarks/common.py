@@ -66,7 +66,7 @@ class Sizes:
     cls_items: int = 5_000
     api_clients: int = 50
     api_posts_per_client: int = 40
-    api_gets_per_client: int = 100
+    api_gets_per_client: int = 60
     scale_small: int = 2_000
     scale_large: int = 200_000
     write_rows: int = 20_000
@@ -93,8 +93,21 @@ _sizes = FULL
 _threads = 1
 
 
+_selected: tuple[str, ...] = ()
+
+
 def sizes() -> Sizes:
     return _sizes
+
+
+def selected() -> tuple[str, ...]:
+    """The ids this run measures: benchmarks sharing work (gen-engine, gen-e2e) skip what no selected id needs."""
+    return _selected
+
+
+def use_selection(ids: list[str]) -> None:
+    global _selected
+    _selected = tuple(ids)
 
 
 def torch_threads() -> int:
@@ -124,7 +137,7 @@ class Result:
     """One line of var/bench/latest.json. ``ratio`` is figure / baseline unless ``extra["ratio_is"]`` says else."""
 
     id: str
-    figure: float
+    figure: float | None
     baseline: float | None
     ratio: float | None
     unit: str

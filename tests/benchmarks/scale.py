@@ -23,7 +23,7 @@ MODEL = "bench-tiny-classifier"
 RSS_LIMIT = GIB
 # The large job is cut down to what this machine does in about this long (measured on the small job), so that
 # `make bench` stays bounded on a slow or busy machine; the entry records the size it used.
-LARGE_JOB_BUDGET_S = 240.0
+LARGE_JOB_BUDGET_S = 150.0
 
 
 def ensure_tiny_classifier() -> Path:
@@ -80,8 +80,8 @@ def _upload(stack: Stack, count: int) -> str:
     return str(response.json()["id"])
 
 
-def _job(stack: Stack, count: int, timeout: float) -> tuple[float, float]:
-    """(seconds from POST /v1/jobs to the job's end, seconds the POST itself took) for ``count`` items."""
+def _job(stack: Stack, count: int, timeout: float) -> tuple[float, float, str]:
+    """(seconds from POST /v1/jobs to the job's end, seconds the POST itself took, the job id)."""
     file_id = _upload(stack, count)
     start = time.time()
     job_id = stack.submit({"kind": "classify", "model": MODEL, "input_file_id": file_id})
@@ -89,7 +89,22 @@ def _job(stack: Stack, count: int, timeout: float) -> tuple[float, float]:
     status, finished = stack.wait_job(job_id, timeout=timeout, interval=0.5)
     if status != "succeeded":
         raise RuntimeError(f"job {job_id} of {count} items ended {status}")
-    return finished - start, posted
+    return finished - start, posted, job_id
+
+
+def _shard_seconds(stack: Stack, job_id: str) -> list[float]:
+    """How long each shard of a job took inside its worker, in shard order (recorded by finish_shard)."""
+    from sqlalchemy import select
+
+    from db.models import Shard
+
+    with stack.sessions() as session:
+        rows = session.scalars(select(Shard.duration_seconds).where(Shard.job_id == job_id).order_by(Shard.index))
+        return [float(d) for d in rows if d is not None]
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / max(len(values), 1)
 
 
 def bench_scale() -> Result:
@@ -104,12 +119,15 @@ def bench_scale() -> Result:
             small = [_job(stack, size.scale_small, timeout=600)]
             small_rate = size.scale_small / small[0][0]
             log(f"scale: {size.scale_small} items in {small[0][0]:.1f} s ({small_rate:.0f} items/s)")
+            before_large = dict(rss.peak)
             large_n = min(size.scale_large, max(size.scale_small, int(small_rate * LARGE_JOB_BUDGET_S) // 1000 * 1000))
             large = _job(stack, large_n, timeout=max(900.0, 4 * LARGE_JOB_BUDGET_S))
             log(f"scale: {large_n} items in {large[0]:.1f} s ({large_n / large[0]:.0f} items/s)")
             small.append(_job(stack, size.scale_small, timeout=600))
             log(f"scale: {size.scale_small} items in {small[1][0]:.1f} s")
-    small_rate = size.scale_small / (sum(s for s, _ in small) / len(small))
+        shards = _shard_seconds(stack, large[2])
+        small_shards = [d for job in small for d in _shard_seconds(stack, job[2])]
+    small_rate = size.scale_small / (sum(s for s, _, _ in small) / len(small))
     large_rate = large_n / large[0]
     ratio = large_rate / small_rate
     peak_api, peak_worker = rss.peak["api"], rss.peak["worker"]
@@ -118,9 +136,15 @@ def bench_scale() -> Result:
         "small_items": size.scale_small,
         "large_seconds": round(large[0], 1),
         "large_post_seconds": round(large[1], 2),
-        "small_seconds": [round(s, 2) for s, _ in small],
+        "small_seconds": [round(s, 2) for s, _, _ in small],
+        # Within the large job: does a shard cost more once thousands are done? (flat = nothing grows with N)
+        "large_job_shard_seconds_first_tenth": round(_mean(shards[: len(shards) // 10]), 4),
+        "large_job_shard_seconds_last_tenth": round(_mean(shards[-(len(shards) // 10) :]), 4),
+        "small_job_shard_seconds": round(_mean(small_shards), 4),
         "api_peak_rss_mib": round(peak_api / MIB),
         "worker_peak_rss_mib": round(peak_worker / MIB),
+        "api_peak_rss_mib_before_large_job": round(before_large["api"] / MIB),
+        "worker_peak_rss_mib_before_large_job": round(before_large["worker"] / MIB),
         "rss_under_1_gib": peak_api < RSS_LIMIT and peak_worker < RSS_LIMIT,
         "settings": {"shard_size": defaults["shard_size"], "batch_size": defaults["batch_size"]},
         "database": "postgresql",

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -141,9 +142,13 @@ def test_bad_finetune_requests_are_refused_at_the_door(
 def test_a_killed_worker_is_replaced_and_the_job_resumes_from_its_checkpoint(
     ft_stack: Any, settings: Any, session_var: Path
 ) -> None:
-    client, tenant = ft_stack
+    _, tenant = ft_stack
+    # A Redis DB of its own: the session's shared worker (which also takes fine-tunes) must not see this job.
+    own = settings.model_copy(update={"redis_url": settings.redis_url.rsplit("/", 1)[0] + "/10"})
+    redis.Redis.from_url(own.redis_url).flushdb()
+    client = stack_client = TestClient(create_app(own)).__enter__()
     file_id = upload(client, tenant, chat_rows(FACTS, repeat=8))
-    first = WorkerProcess(settings, session_var / "ft-first.log", name="ft-first", queues="finetune,maintenance")
+    first = WorkerProcess(own, session_var / "ft-first.log", name="ft-first", queues="finetune,maintenance")
     first.wait_ready()
     try:
         job = client.post(
@@ -163,12 +168,13 @@ def test_a_killed_worker_is_replaced_and_the_job_resumes_from_its_checkpoint(
     finally:
         os.killpg(first.process.pid, signal.SIGKILL)
         first.stop()
-    second = WorkerProcess(settings, session_var / "ft-second.log", name="ft-second", queues="finetune,maintenance")
+    second = WorkerProcess(own, session_var / "ft-second.log", name="ft-second", queues="finetune,maintenance")
     try:
         second.wait_ready()
         done = wait_job(client, tenant, job["id"], timeout=300)
     finally:
         second.stop()
+        stack_client.__exit__(None, None, None)
     assert done["status"] == "succeeded", done
     resumed = [e for e in events(client, tenant, job["id"]) if e["message"] == "resumed"]
     trail = [(e["message"], e["step"]) for e in events(client, tenant, job["id"]) if "loss" not in e["metrics"]]
