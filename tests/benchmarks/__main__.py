@@ -25,6 +25,7 @@ for _key in [k for k in os.environ if k.startswith("LMBATCH_")]:
 
 from tests.benchmarks import common  # noqa: E402
 from tests.benchmarks.common import BENCH_DIR, Result, log  # noqa: E402
+from tests.benchmarks.services import prune_run_dirs  # noqa: E402
 
 
 def _registry() -> dict[str, Callable[[], Result]]:
@@ -68,10 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown benchmark(s) {unknown}; choose from {', '.join(IDS)}")
     selected = args.ids or list(IDS)
-    if args.quick:
-        common.use_sizes(common.QUICK)
-    common.use_threads(args.threads)
-    common.use_selection(selected)
+    common.configure(chosen_sizes=common.QUICK if args.quick else common.FULL, ids=selected, threads=args.threads)
+    prune_run_dirs()
 
     registry = _registry()
     results: list[Result] = []

@@ -17,7 +17,8 @@ from typing import Any
 
 import httpx
 
-from tests.benchmarks.common import Result, Stack, log, sizes
+from tests.benchmarks.common import Result, log, sizes
+from tests.benchmarks.services import Stack
 from tests.benchmarks.workloads import SENTIMENT_LABELS, review_texts
 
 POST_TARGET_MS = 50.0

@@ -10,18 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.benchmarks.common import (
-    Result,
-    Stack,
-    load_builtin,
-    log,
-    median,
-    paired_rounds,
-    production_defaults,
-    sizes,
-    timed,
-)
+from tests.benchmarks.common import Result, log, median, paired_rounds, production_defaults, sizes, timed
 from tests.benchmarks.generation import engine_items
+from tests.benchmarks.services import Stack, load_builtin
 from tests.benchmarks.workloads import SENTIMENT_LABELS, review_texts
 from workers.engines.params import ClassifyParams
 from workers.engines.types import EngineItem, ItemResult

@@ -95,9 +95,12 @@ def _child(steps: int, threads: int) -> dict[str, Any]:
     initialize_seconds = time.perf_counter() - started
     if threads:
         torch.set_num_threads(threads)  # after initialize, which may set its own
+    # Where DeepSpeed put its model (a GPU when there is one); the plain loop computes on the same device.
+    plain_model.to(engine.device)
     plain_optimizer = ds.build_optimizer(plain_model, params)
     ids = torch.randint(0, ds_model.config.vocab_size, (BATCH, SEQ_LEN), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    batch = {key: value.to(engine.device) for key, value in batch.items()}
 
     def deepspeed_step() -> None:
         loss = engine(**batch).loss

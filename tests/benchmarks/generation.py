@@ -15,18 +15,8 @@ from typing import Any
 
 import torch
 
-from tests.benchmarks.common import (
-    Paired,
-    Result,
-    Stack,
-    load_builtin,
-    log,
-    median,
-    production_defaults,
-    selected,
-    sizes,
-    timed,
-)
+from tests.benchmarks.common import Paired, Result, log, median, production_defaults, selected, sizes, timed
+from tests.benchmarks.services import Stack, load_builtin
 from tests.benchmarks.workloads import chat_prompts
 from workers.engines.params import GenerateParams, parse_item
 from workers.engines.types import EngineItem, ItemResult
@@ -59,7 +49,7 @@ def plain_loop(model: Any, raw_items: list[dict[str, Any]]) -> list[str]:
     with torch.inference_mode():
         for raw in raw_items:
             prompt = tokenizer.apply_chat_template(raw["messages"], add_generation_prompt=True, tokenize=False)
-            encoded = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
+            encoded = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").to(model.device)
             output = model.model.generate(
                 **encoded, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id
             )

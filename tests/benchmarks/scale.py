@@ -15,7 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.benchmarks.common import GIB, MIB, PeakRss, Result, Stack, log, production_defaults, sizes
+from tests.benchmarks.common import GIB, MIB, Result, log, production_defaults, sizes
+from tests.benchmarks.services import PeakRss, Stack
 from tests.benchmarks.workloads import review_texts
 from tests.stack import MODEL_CACHE
 

@@ -20,7 +20,8 @@ from db.models import Tenant, utcnow
 from db.registry import resolve
 from db.results import upsert_results
 from db.session import transaction
-from tests.benchmarks.common import Result, Stack, log, median, paired_rounds, production_defaults, sizes, timed
+from tests.benchmarks.common import Result, log, median, paired_rounds, production_defaults, sizes, timed
+from tests.benchmarks.services import Stack
 
 COLUMNS = '"job_id", "index", "custom_id", "output", "error", "prompt_tokens", "completion_tokens", "created_at"'
 INSERT = f"INSERT INTO bench_results ({COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
