@@ -173,6 +173,17 @@ def wait_for(predicate: Callable[[], Any], *, timeout: float, interval: float = 
     raise TimeoutError(f"{what} not reached within {timeout} s")
 
 
+def on_private_redis_db(settings: Settings, database: int) -> Settings:
+    """The same settings on a Redis DB that no shared test worker listens on, emptied first.
+
+    For tests that must own every message they enqueue: the session's shared worker serves every queue
+    of the default test DB, and would otherwise take (and change) their jobs.
+    """
+    url = settings.redis_url.rsplit("/", 1)[0] + f"/{database}"
+    redis.Redis.from_url(url).flushdb()
+    return settings.model_copy(update={"redis_url": url})
+
+
 def redis_available(url: str) -> bool:
     try:
         return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())

@@ -10,14 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
 from tests.conftest import make_key
 from tests.integration.test_jobs_e2e import wait_job
-from tests.stack import WorkerProcess, wait_for
+from tests.stack import WorkerProcess, on_private_redis_db, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.parametrize("backend", ["postgresql"], indirect=True)]
 
@@ -144,8 +143,7 @@ def test_a_killed_worker_is_replaced_and_the_job_resumes_from_its_checkpoint(
 ) -> None:
     _, tenant = ft_stack
     # A Redis DB of its own: the session's shared worker (which also takes fine-tunes) must not see this job.
-    own = settings.model_copy(update={"redis_url": settings.redis_url.rsplit("/", 1)[0] + "/10"})
-    redis.Redis.from_url(own.redis_url).flushdb()
+    own = on_private_redis_db(settings, 10)
     client = stack_client = TestClient(create_app(own)).__enter__()
     file_id = upload(client, tenant, chat_rows(FACTS, repeat=8))
     first = WorkerProcess(own, session_var / "ft-first.log", name="ft-first", queues="finetune,maintenance")

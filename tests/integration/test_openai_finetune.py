@@ -110,7 +110,9 @@ def test_sdk_pause_keeps_the_checkpoint_and_resume_finishes(sdk: OpenAI) -> None
     # The run stops at its next step and says so; only then does the resume have something to resume.
     wait_for(
         lambda: any(e.message == "paused" for e in sdk.fine_tuning.jobs.list_events(job.id, limit=1000)),
-        timeout=60, interval=0.3, what="the run to pause",
+        timeout=60,
+        interval=0.3,
+        what="the run to pause",
     )
     assert sdk.fine_tuning.jobs.retrieve(job.id).status == "paused"
     checkpoint = next(iter(sdk.fine_tuning.jobs.checkpoints.list(job.id)))

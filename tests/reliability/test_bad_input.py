@@ -19,6 +19,7 @@ from db.models import Base
 from db.settings import Settings
 from tests.conftest import empty_tables, make_key
 from tests.reliability.bad_requests import CATEGORIES, CORPUS, LIMITS, NO_BODY, Bad
+from tests.stack import on_private_redis_db
 from workers.builtins import ensure_builtin_models
 
 # The database matters here, so one backend: PostgreSQL, the stricter one (NUL bytes, integer ranges).
@@ -85,7 +86,8 @@ def door(
     empty_tables(engine)
     ensure_builtin_models(settings)
     imports = tmp_path_factory.mktemp("imports")
-    small = settings.model_copy(update={**LIMITS, "model_import_roots": [imports]})
+    # A Redis DB no worker serves: a worker finishing the door's job would change the state each case compares.
+    small = on_private_redis_db(settings, 11).model_copy(update={**LIMITS, "model_import_roots": [imports]})
     tenant = {"Authorization": f"Bearer {make_key(sessions, 'tenant-a')}"}
     admin = {"Authorization": f"Bearer {make_key(sessions, 'ops', scope='admin')}"}
     with TestClient(create_app(small)) as client:
