@@ -25,6 +25,10 @@ WRITE_OPTION = "lmbatch_write"
 
 def make_engine(settings: Settings, **overrides: Any) -> Engine:
     settings.ensure_dirs()
+    if "poolclass" not in overrides and ":memory:" not in settings.database_url:
+        # Only the default QueuePool takes these (NullPool and the in-memory pool refuse them).
+        pool = {"pool_size": settings.database_pool_size, "max_overflow": settings.database_max_overflow}
+        overrides = {**pool, **overrides}
     if settings.is_sqlite:
         engine = create_engine(
             settings.database_url,
@@ -74,6 +78,17 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
 def begin_write(session: Session) -> None:
     """Mark the session's transaction as a writer (SQLite: BEGIN IMMEDIATE; elsewhere nothing)."""
     session.connection(execution_options={WRITE_OPTION: True})
+
+
+def end_reads(session: Session) -> None:
+    """End a session's read transaction, handing its pooled connection back before the caller writes.
+
+    A request that reads through one session and then writes through ``transaction()`` would otherwise
+    hold two connections at once; under load every request holds one and waits for a second, and the
+    pool starves (measured: p99 of 30 s, the pool timeout, at 50 concurrent POSTs). Loaded objects stay
+    usable: the session factory does not expire them on commit.
+    """
+    session.commit()
 
 
 def ping(engine: Engine) -> None:

@@ -27,6 +27,10 @@ class Settings(BaseSettings):
     # (db/session.py) let the API and several worker processes share it.
     database_url: str = "sqlite:///./var/lmbatch.db"
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # Connections per process (SQLAlchemy's defaults). A request holds at most one at a time
+    # (db.session.end_reads), so a small pool only queues requests; it never deadlocks them.
+    database_pool_size: int = Field(5, ge=1, le=1000)
+    database_max_overflow: int = Field(10, ge=0, le=1000)
     var_dir: Path = Path("./var")
     model_store: Path = Path("./var/models")
     files_dir: Path = Path("./var/files")

@@ -15,6 +15,7 @@ from api.routes.files import owned_file
 from api.schemas import ObjectId, Strict
 from db import batches as batch_repo
 from db.models import Batch
+from db.session import end_reads
 from db.tenants import Principal
 
 router = APIRouter(tags=["batches"])
@@ -49,6 +50,7 @@ def create_batch(
     stored = owned_file(session, principal, body.input_file_id)
     if stored.purpose != "batch":
         raise BadRequest("the input file's purpose must be 'batch'", param="input_file_id", code="invalid_purpose")
+    end_reads(session)
     batch, shard_ids = batches_service.create_batch(
         sessions,
         tenant_id=principal.tenant_id,
@@ -67,7 +69,9 @@ def create_batch(
 def get_batch(
     batch_id: str, principal: CurrentPrincipal, session: SessionDep, sessions: SessionsDep, settings: SettingsDep
 ) -> dict[str, Any]:
-    batch = batches_service.refresh(sessions, owned_batch(session, principal, batch_id), settings)
+    batch = owned_batch(session, principal, batch_id)
+    end_reads(session)
+    batch = batches_service.refresh(sessions, batch, settings)
     return batches_service.batch_public(sessions, batch)
 
 
@@ -81,6 +85,7 @@ def list_batches(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> dict[str, Any]:
     rows = batch_repo.list_batches(session, tenant_id=principal.tenant_id, after=after, limit=limit + 1)
+    end_reads(session)
     data = [
         batches_service.batch_public(sessions, batches_service.refresh(sessions, b, settings)) for b in rows[:limit]
     ]
@@ -98,6 +103,7 @@ def cancel_batch(
     batch_id: str, principal: CurrentPrincipal, session: SessionDep, sessions: SessionsDep, settings: SettingsDep
 ) -> dict[str, Any]:
     batch = owned_batch(session, principal, batch_id)
+    end_reads(session)
     batches_service.cancel(sessions, batch)
     with sessions() as fresh_session:
         fresh = owned_batch(fresh_session, principal, batch_id)

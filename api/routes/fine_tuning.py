@@ -21,7 +21,7 @@ from api.schemas import ObjectId, Strict, epoch
 from db import jobs as job_repo
 from db.models import Job, JobEvent, new_id
 from db.pagination import listed_after
-from db.session import transaction
+from db.session import end_reads, transaction
 from db.tenants import Principal
 from workers.enqueue import queue_for
 
@@ -151,6 +151,7 @@ def create_fine_tuning_job(
         finetune_intake.check_training_file(validation, params, param="validation_file")
         run["validation_file"] = validation.id
     native = params.model_dump()
+    end_reads(session)
     with transaction(sessions) as write:
         intake.check_tenant_quota(write, tenant_id=principal.tenant_id, adding=1, settings=settings)
         new = job_repo.create_job(

@@ -31,7 +31,7 @@ from db import jobs as job_repo
 from db.models import Job, JobEvent, ModelVersion
 from db.pagination import listed_after
 from db.results import iter_results, public_result, result_page
-from db.session import transaction
+from db.session import end_reads, transaction
 from db.settings import Settings
 from db.tenants import Principal
 from workers.enqueue import enqueue_shards, queue_for
@@ -75,6 +75,7 @@ def create_job(
             assert body.input_file_id is not None
             stored = owned_file(session, principal, body.input_file_id)
             items = intake.items_from_file(body.kind, stored, settings)
+    end_reads(session)
     # An input file streams into shard rows in this transaction; any refusal below rolls all of it back.
     with transaction(sessions) as write:
         new = job_repo.create_job(

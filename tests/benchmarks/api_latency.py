@@ -25,8 +25,8 @@ POST_TARGET_MS = 50.0
 GET_TARGET_MS = 20.0
 SOLO_REQUESTS = 40
 PHASE_DEADLINE_S = 30.0
-# A POST holds two pooled connections at once (its request session, then its write transaction), and the pool
-# allows 15 (SQLAlchemy's 5 + 10 overflow): 7 clients is the most that cannot starve it.
+# A middle load, to show how latency grows with clients. (Before db.session.end_reads a POST held two pooled
+# connections at once and more than 7 clients starved the pool of 15: p99 was the 30 s pool timeout.)
 POOL_SAFE_CLIENTS = 7
 
 Request = Callable[[httpx.AsyncClient, int, int], Awaitable[httpx.Response]]
