@@ -85,6 +85,7 @@ def create_batch(
             params={},
             items=parsed.items,
             shard_size=settings.shard_size,
+            sort_window=settings.shard_sort_window,
             input_file_id=stored.id,
             metadata={"batch_id": batch.id},
         )

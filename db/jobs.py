@@ -13,7 +13,7 @@ happened. Two workers racing for one shard therefore cannot both win, whatever t
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from db.models import Job, Shard, new_id, utcnow
 from db.session import changed
+from db.sharding import cut_shards
 
 ACTIVE_JOB_STATES = ("queued", "running", "cancelling", "paused")
 TERMINAL_JOB_STATES = ("succeeded", "failed", "cancelled")
@@ -53,6 +54,7 @@ def create_job(
     params: dict[str, Any],
     items: Iterable[dict[str, Any]],
     shard_size: int,
+    sort_window: int = 1,
     input_file_id: str | None = None,
     priority: int = 0,
     metadata: dict[str, Any] | None = None,
@@ -62,6 +64,7 @@ def create_job(
 
     `items` may be a generator (an input file read line by line): shards are inserted a chunk at a time, so a
     200,000-item job never sits in memory whole. An exception from the generator rolls everything back.
+    `sort_window` > 1 groups items of similar length into the same shards (db/sharding.py).
     """
     job = Job(
         id=job_id or new_id("job"),
@@ -87,19 +90,19 @@ def create_job(
             shard_ids.extend(session.scalars(insert(Shard).returning(Shard.id), pending))
             pending.clear()
 
-    for chunk in _chunks(items, shard_size):
+    for cut in cut_shards(items, shard_size=shard_size, sort_window=sort_window):
         pending.append(
             {
                 "job_id": job.id,
                 "index": len(shard_ids) + len(pending),
-                "start": total,
-                "end": total + len(chunk),
-                "items": chunk,
+                "start": cut.start,
+                "end": cut.end,
+                "items": cut.items,
                 "status": "queued",
                 "enqueued_at": now,
             }
         )
-        total += len(chunk)
+        total += len(cut.items)
         if len(pending) >= SHARDS_PER_INSERT:
             flush_shards()
     if total == 0:  # a job with no items still gets its one (empty) shard, so it can finish
@@ -116,17 +119,6 @@ def create_job(
 # Shards per INSERT statement while streaming a job in: large enough to amortise round trips, small enough that
 # a chunk of large items stays a few MB.
 SHARDS_PER_INSERT = 64
-
-
-def _chunks(items: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
-    chunk: list[dict[str, Any]] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 def claim_shard(session: Session, *, shard_id: int, worker: str, lease_seconds: float) -> Claim:

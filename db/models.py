@@ -178,9 +178,11 @@ class Shard(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     index: Mapped[int] = mapped_column(Integer)
-    start: Mapped[int] = mapped_column(Integer)  # first item index, inclusive
-    end: Mapped[int] = mapped_column(Integer)  # last item index, exclusive
-    # The shard's input items, each {"custom_id": …, "input": {…}}: a shard reads one row, not N.
+    # Its items' indexes fall in [start, end): contiguous in arrival order, spread over a window when the job's
+    # items were sorted by length (db/sharding.py).
+    start: Mapped[int] = mapped_column(Integer)
+    end: Mapped[int] = mapped_column(Integer)
+    # The shard's input items, each {"custom_id": …, "input": {…}, "index"?: …}: a shard reads one row, not N.
     items: Mapped[list[Any]] = mapped_column(default=list)
     status: Mapped[str] = mapped_column(String(16), default="queued")
     attempts: Mapped[int] = mapped_column(Integer, default=0)

@@ -39,6 +39,9 @@ class Settings(BaseSettings):
 
     # Jobs.
     shard_size: int = Field(64, ge=1, le=100_000)
+    # Shards' worth of items sorted by length before they are cut into shards, so each shard's batches pad
+    # little (db/sharding.py); 1 keeps arrival order. The window is held in memory while a job is created.
+    shard_sort_window: int = Field(8, ge=1, le=1_000)
     max_inputs_per_job: int = Field(1_000_000, ge=1)
     # OpenAI caps a batch file at 50,000 requests; lmbatch streams the file, so it can take more.
     max_batch_lines: int = Field(1_000_000, ge=1)

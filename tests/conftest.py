@@ -27,11 +27,14 @@ from tests.stack import (
     create_postgres_database,
     drop_postgres_database,
     make_test_settings,
+    on_private_redis_db,
     redis_available,
 )
 
 TEST_REDIS_URL = os.environ.get("LMBATCH_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
 IN_CI = os.environ.get("CI") == "true"
+# Redis DBs: 9 is the shared worker's, 10 and 11 belong to single tests, 13 to the benchmarks.
+UNSERVED_REDIS_DB = 12
 BACKENDS = ("sqlite", "postgresql")
 
 
@@ -148,6 +151,19 @@ def registry(db: sessionmaker[Session], settings: Settings, builtin_models_ready
 @pytest.fixture
 def client(settings: Settings, db: sessionmaker[Session]) -> Iterator[TestClient]:
     with TestClient(create_app(settings)) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def unserved_settings(settings: Settings) -> Settings:
+    """The same settings on a Redis DB no test worker serves: what the API enqueues stays queued, whatever
+    the session's shared worker is doing."""
+    return on_private_redis_db(settings, UNSERVED_REDIS_DB)
+
+
+@pytest.fixture
+def unserved_client(unserved_settings: Settings, db: sessionmaker[Session]) -> Iterator[TestClient]:
+    with TestClient(create_app(unserved_settings)) as test_client:
         yield test_client
 
 

@@ -26,6 +26,7 @@ from db import jobs
 from db.models import Job, JobEvent, ModelVersion, Shard
 from db.results import upsert_results
 from db.session import transaction
+from db.sharding import item_index
 from workers.engines.params import PARAMS_BY_KIND
 from workers.engines.types import EngineItem, ItemResult
 from workers.errors import PermanentJobError, RetryableJobError
@@ -206,11 +207,12 @@ def _load_work(session: Any, shard_id: int) -> ShardWork:
     shard = session.get(Shard, shard_id)
     job = session.get(Job, shard.job_id)
     version = session.get(ModelVersion, job.model_version_id)
+    indexes = [item_index(item, shard_start=shard.start, offset=offset) for offset, item in enumerate(shard.items)]
     items = [
-        EngineItem(index=shard.start + offset, custom_id=item.get("custom_id"), input=item["input"])
-        for offset, item in enumerate(shard.items)
+        EngineItem(index=index, custom_id=item.get("custom_id"), input=item["input"])
+        for index, item in zip(indexes, shard.items, strict=True)
     ]
-    overrides = {shard.start + offset: item["params"] for offset, item in enumerate(shard.items) if item.get("params")}
+    overrides = {index: item["params"] for index, item in zip(indexes, shard.items, strict=True) if item.get("params")}
     return ShardWork(
         shard.id, job.id, job.kind, dict(job.params), shard.attempts, items, VersionInfo.of(version), overrides
     )

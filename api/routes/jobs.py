@@ -87,6 +87,7 @@ def create_job(
             params=params,
             items=items,
             shard_size=settings.shard_size,
+            sort_window=settings.shard_sort_window,
             input_file_id=body.input_file_id,
             priority=body.priority,
             metadata=body.metadata,

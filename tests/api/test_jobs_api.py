@@ -116,8 +116,9 @@ def test_missing_wrong_and_revoked_keys_get_401(client: TestClient, registry: se
 
 
 def test_another_tenants_job_is_invisible(
-    client: TestClient, tenant_a: dict[str, str], tenant_b: dict[str, str], registry: sessionmaker[Session]
+    unserved_client: TestClient, tenant_a: dict[str, str], tenant_b: dict[str, str], registry: sessionmaker[Session]
 ) -> None:
+    client = unserved_client
     # Given a job of tenant A (no worker runs it: it stays queued)
     job = client.post("/v1/jobs", json=GOOD_CLASSIFY, headers=tenant_a).json()
     assert job["status"] == "queued" and job["counts"]["total"] == 1

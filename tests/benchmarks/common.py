@@ -23,6 +23,7 @@ BENCH_DIR = REPO / "var" / "bench"
 # follow a change of default. tests/stack.py shortens all of these for fast tests.
 PRODUCTION_JOB_SETTINGS = (
     "shard_size",
+    "shard_sort_window",
     "batch_size",
     "lease_seconds",
     "heartbeat_seconds",

@@ -94,7 +94,9 @@ def _tenant_a_objects(client: TestClient, a: dict[str, str]) -> TenantA:
 
 
 @pytest.fixture
-def walk(settings: Settings, registry: sessionmaker[Session]) -> Iterator[Walk]:
+def walk(unserved_settings: Settings, registry: sessionmaker[Session]) -> Iterator[Walk]:
+    # No worker may run tenant A's job: each case compares its state before and after.
+    settings = unserved_settings
     a = {"Authorization": f"Bearer {make_key(registry, 'tenant-a')}"}
     b = {"Authorization": f"Bearer {make_key(registry, 'tenant-b')}"}
     admin = {"Authorization": f"Bearer {make_key(registry, 'ops', scope='admin')}"}
@@ -264,7 +266,8 @@ def test_a_revoked_or_missing_key_gets_401_on_every_route(walk: Walk) -> None:
 
 
 @on_postgresql
-def test_the_queued_items_quota_is_per_tenant(settings: Settings, registry: sessionmaker[Session]) -> None:
+def test_the_queued_items_quota_is_per_tenant(unserved_settings: Settings, registry: sessionmaker[Session]) -> None:
+    settings = unserved_settings
     a = {"Authorization": f"Bearer {make_key(registry, 'tenant-a')}"}
     b = {"Authorization": f"Bearer {make_key(registry, 'tenant-b')}"}
     with TestClient(create_app(settings.model_copy(update={"max_queued_items_per_tenant": 3}))) as client:
