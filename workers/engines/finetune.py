@@ -7,7 +7,7 @@ out of long-lived worker processes.
 
 Events (``on_event`` on rank 0), each a JSON-ready dict with an ``event`` key:
     started     step, total_steps, steps_per_epoch, train_examples, validation_examples, world_size,
-                zero_stage, precision
+                zero_stage (the one run: 0 on a single rank), zero_stage_requested, precision
     resumed     step, resumed_from_step, checkpoint
     train       step, loss, learning_rate, tokens_per_second, epoch
     eval        step, eval_loss, (eval_accuracy for sequence-classification), epoch
@@ -126,11 +126,12 @@ def run_finetune(
     per_epoch = ds.steps_per_epoch(len(prepared.train), hp, world_size)
     total_steps = hp.max_steps or hp.epochs * per_epoch
     optimizer = ds.build_optimizer(model, params)
+    zero_stage = ds.effective_zero_stage(params, world_size)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
         lr_scheduler=ds.linear_schedule(optimizer, hp, total_steps),
-        config=ds.deepspeed_config(params, precision_name=precision_name),
+        config=ds.deepspeed_config(params, precision_name=precision_name, zero_stage=zero_stage),
     )
     for message in [*prepared.warnings, *([precision_warning] if precision_warning else [])]:
         emit({"event": "warning", "message": message})
@@ -150,7 +151,8 @@ def run_finetune(
             "train_examples": len(prepared.train),
             "validation_examples": len(prepared.validation),
             "world_size": world_size,
-            "zero_stage": params.deepspeed.zero_stage,
+            "zero_stage": zero_stage,
+            "zero_stage_requested": params.deepspeed.zero_stage,
             "precision": precision_name,
         }
     )
@@ -268,7 +270,7 @@ def _save_final(
     import torch.distributed as dist
     from transformers import GenerationConfig
 
-    stage = params.deepspeed.zero_stage
+    stage = ds.effective_zero_stage(params, dist.get_world_size())
     tag = None
     if stage > 0:
         # The fp32 weights are spread over optimizer partitions: a checkpoint gathers them (and would let a
