@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(256 * 1024 * 1024, ge=1024)
     max_queued_items_per_tenant: int = Field(5_000_000, ge=1)
     batch_size: int = Field(32, ge=1, le=4096)
+    # Generation on the CPU: padded positions (rows x (prompt + new tokens)) per batch, so long prompts go in
+    # smaller batches. On a GPU the budget comes from free memory instead (workers/engines/generate.py).
+    generate_batch_tokens: int = Field(6144, ge=1)
     max_new_tokens_cap: int = Field(4096, ge=1)
 
     # Workers.

@@ -155,10 +155,15 @@ def _run_inference(
         if on_progress is not None:
             on_progress(tally.done, len(work.items))
 
+    batching: dict[str, Any] = {"batch_size": runtime.settings.batch_size}
+    if work.kind == "generate":
+        from workers.engines.generate import batch_token_budget
+
+        batching["max_batch_tokens"] = batch_token_budget(model, runtime.settings.generate_batch_tokens)
     for params, items in _param_groups(work):
         if should_stop():
             break
-        engine(model, items, params, batch_size=runtime.settings.batch_size, should_stop=should_stop, on_batch=on_batch)
+        engine(model, items, params, should_stop=should_stop, on_batch=on_batch, **batching)
 
 
 def _engine_for(kind: str) -> Callable[..., list[ItemResult]]:

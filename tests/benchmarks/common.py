@@ -25,6 +25,7 @@ PRODUCTION_JOB_SETTINGS = (
     "shard_size",
     "shard_sort_window",
     "batch_size",
+    "generate_batch_tokens",
     "lease_seconds",
     "heartbeat_seconds",
     "sweep_interval_seconds",

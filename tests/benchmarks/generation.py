@@ -36,10 +36,12 @@ def engine_items(raw_items: list[dict[str, Any]], kind: str) -> list[EngineItem]
 
 
 def run_engine(model: Any, items: list[EngineItem], batch_size: int) -> list[ItemResult]:
-    from workers.engines.generate import generate
+    """The engine as a worker runs it: the production batch size and token budget."""
+    from workers.engines.generate import batch_token_budget, generate
 
     params = GenerateParams(max_new_tokens=NEW_TOKENS, temperature=0.0)
-    return generate(model, items, params, batch_size=batch_size)
+    budget = batch_token_budget(model, production_defaults()["generate_batch_tokens"])
+    return generate(model, items, params, batch_size=batch_size, max_batch_tokens=budget)
 
 
 def plain_loop(model: Any, raw_items: list[dict[str, Any]]) -> list[str]:

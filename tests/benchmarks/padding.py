@@ -82,6 +82,14 @@ def bench_padding() -> Result:
             },
             "gen_prompts": f"{len(chat)} chat prompts (tokens {min(chat)}-{max(chat)}), batch {batch_size}",
             "gen_bucketed_percent": round(100 * padding_fraction(chat, bucket_by_length(chat, batch_size)), 1),
+            # As the generate engine cuts them on the CPU: also by padded positions (prompt + 32 new tokens).
+            "gen_token_budget_percent": round(
+                100
+                * padding_fraction(
+                    chat, bucket_by_length(chat, batch_size, defaults["generate_batch_tokens"], extra_tokens=32)
+                ),
+                1,
+            ),
             "gen_arrival_percent": round(100 * padding_fraction(chat, arrival_batches(len(chat), batch_size)), 1),
         },
     )

@@ -42,3 +42,14 @@ def test_given_varied_lengths_when_bucketed_expect_far_less_padding_than_arrival
     bucketed = padding_fraction(lengths, bucket_by_length(lengths, 16))
     arrival = padding_fraction(lengths, arrival_batches(len(lengths), 16))
     assert bucketed < 0.1 < 0.3 < arrival
+
+
+def test_given_a_token_budget_when_bucketing_expect_long_items_in_smaller_batches() -> None:
+    lengths = [100, 10, 100, 10, 100, 10, 10, 10, 300]
+    # Budget 240 with 20 new tokens per row: one 300 alone (over budget, still a batch), two 100s (2 x 120),
+    # then the last 100 with one 10, and the remaining 10s up to the batch size of 4 (4 x 30 = 120).
+    batches = bucket_by_length(lengths, 4, 240, extra_tokens=20)
+    assert [[lengths[i] for i in b] for b in batches] == [[300], [100, 100], [100, 10], [10, 10, 10, 10]]
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    # Without a budget the same items fill batches by count alone.
+    assert [len(b) for b in bucket_by_length(lengths, 4)] == [4, 4, 1]

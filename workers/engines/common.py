@@ -37,6 +37,8 @@ def run_batches(
     batch_size: int,
     should_stop: ShouldStop,
     on_batch: OnBatch | None,
+    max_tokens: int | None = None,
+    extra_tokens: int = 0,
 ) -> list[ItemResult]:
     """Run ``run_batch`` over length-bucketed batches and return every result so far, ordered by index.
 
@@ -56,7 +58,8 @@ def run_batches(
             return results
         emit(list(rejected))
     runner = _HalvingRunner(run_batch)
-    for positions in bucket_by_length([len(ids) for _, ids in prepared], batch_size):
+    lengths = [len(ids) for _, ids in prepared]
+    for positions in bucket_by_length(lengths, batch_size, max_tokens, extra_tokens=extra_tokens):
         if should_stop():
             break
         emit(runner.run([prepared[p] for p in positions]))

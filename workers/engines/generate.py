@@ -24,11 +24,13 @@ def generate(
     batch_size: int,
     should_stop: Callable[[], bool] = lambda: False,
     on_batch: Callable[[list[ItemResult]], None] | None = None,
+    max_batch_tokens: int | None = None,
 ) -> list[ItemResult]:
     """Generate a completion for each item; bad items get an error result and the rest goes on.
 
     Output per item: ``{"text", "finish_reason": "stop" | "length", "usage": {...}}``. ``text`` is cut before the
     first ``params.stop`` string. With a seed, sampling is reproducible for the same items and batch size.
+    ``max_batch_tokens`` caps a batch's padded positions, prompt plus new tokens (see ``batch_token_budget``).
     """
     if model.task != "causal-lm":
         raise PermanentJobError(f"generate needs a causal LM; {model.path} is a {model.task} model")
@@ -48,7 +50,36 @@ def generate(
     def run_batch(batch: list[Prepared]) -> list[ItemResult]:
         return _generate_batch(model, batch, params, config, eos_ids)
 
-    return run_batches(prepared, rejected, run_batch, batch_size=batch_size, should_stop=should_stop, on_batch=on_batch)
+    return run_batches(
+        prepared,
+        rejected,
+        run_batch,
+        batch_size=batch_size,
+        should_stop=should_stop,
+        on_batch=on_batch,
+        max_tokens=max_batch_tokens,
+        extra_tokens=params.max_new_tokens,
+    )
+
+
+def batch_token_budget(model: LoadedModel, cpu_budget: int, *, memory_share: float = 0.5) -> int:
+    """Padded positions (rows x (prompt + new tokens)) one generation batch may hold.
+
+    On a GPU, from its free memory: the KV cache takes 2 x layers x KV heads x head width values per position,
+    and ``memory_share`` of what is free goes to it (logits and activations need the rest). On the CPU, memory
+    is not the limit but the prefill is: every padded position costs a full forward pass, so long prompts go in
+    smaller batches. ``cpu_budget`` is the setting's value (6,144 measured best on SmolLM2 here, 10-20% over
+    fixed batches of 32).
+    """
+    if model.device.type != "cuda":
+        return cpu_budget
+    config = model.model.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    bytes_per_position = 2 * config.num_hidden_layers * kv_heads * head_dim * model.model.dtype.itemsize
+    free, _total = torch.cuda.mem_get_info(model.device)
+    return max(1, int(free * memory_share) // bytes_per_position)
 
 
 def _tokenize(
