@@ -5,11 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
 from tests.finetune.conftest import write_jsonl
+from workers.engines.finetune_ds import effective_zero_stage
 from workers.engines.finetune_params import FinetuneParams, TrainingDataError, validate_training_file
 from workers.errors import PermanentJobError
 
@@ -23,7 +25,7 @@ def test_given_no_params_expect_the_documented_defaults() -> None:
     assert params.hyperparameters.epochs == 3
     assert params.hyperparameters.learning_rate == 5e-5
     assert params.hyperparameters.batch_size == 8
-    assert params.deepspeed.zero_stage == 2
+    assert params.deepspeed.zero_stage is None  # chosen by world size: see the test below
     assert params.validation_fraction == 0.1
     assert params.num_gpus == 1
 
@@ -123,3 +125,20 @@ def test_given_the_params_module_expect_no_torch_import() -> None:
     # The API imports it; torch there would cost seconds and gigabytes per API process.
     code = "import sys, workers.engines.finetune_params; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize(
+    ("deepspeed", "world_size", "stage"),
+    [
+        ({}, 1, 0),  # one rank: nothing to partition, so no ZeRO copies
+        ({}, 2, 2),
+        ({"offload_optimizer": True}, 1, 2),  # offloading needs ZeRO
+        ({"zero_stage": 2}, 1, 2),  # a stage asked for is the stage run
+        ({"zero_stage": 3}, 4, 3),
+    ],
+)
+def test_the_zero_stage_run_is_the_one_asked_for_else_chosen_by_world_size(
+    deepspeed: dict[str, Any], world_size: int, stage: int
+) -> None:
+    params = FinetuneParams.model_validate({"deepspeed": deepspeed})
+    assert effective_zero_stage(params, world_size) == stage

@@ -19,7 +19,7 @@ from workers.engines.finetune_params import TrainingDataError
 pytestmark = pytest.mark.slow
 
 
-def test_given_zero2_on_one_rank_when_fine_tuning_expect_stage_0_falling_loss_and_a_plain_transformers_output(
+def test_given_zero2_when_fine_tuning_expect_falling_loss_and_a_plain_transformers_output(
     tmp_path: Path, tiny_causal_lm: Path
 ) -> None:
     train = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(20))
@@ -36,9 +36,9 @@ def test_given_zero2_on_one_rank_when_fine_tuning_expect_stage_0_falling_loss_an
 
     result = finished.result
     assert not result.stopped and result.steps == result.total_steps == 12
-    # One rank has nothing to partition: it runs stage 0, and says so.
+    # A stage asked for is the stage run, even where one rank has nothing to partition.
     started = finished.of("started")[0]
-    assert (started["zero_stage"], started["zero_stage_requested"], started["world_size"]) == (0, 2, 1)
+    assert (started["zero_stage"], started["zero_stage_requested"], started["world_size"]) == (2, 2, 1)
     losses = [e["loss"] for e in finished.of("train")]
     assert [e["step"] for e in finished.of("train")] == list(range(1, 13))
     assert sum(losses[-3:]) / 3 < 0.75 * sum(losses[:3]) / 3, losses
@@ -138,12 +138,14 @@ def test_given_an_encoder_when_fine_tuning_a_classifier_expect_a_saved_label_map
         train,
         task="sequence-classification",
         hyperparameters={"epochs": 2, "batch_size": 8, "learning_rate": 1e-3, "max_seq_len": 32},
-        # Stage 0: the model is consolidated from the module itself, not from a ZeRO checkpoint.
-        deepspeed={"zero_stage": 0},
+        # No stage given: one rank runs stage 0, and the model is consolidated from the module itself.
         validation_fraction=0.25,
     )
 
     finished = run(spec)
+
+    started = finished.of("started")[0]
+    assert (started["zero_stage"], started["zero_stage_requested"], started["world_size"]) == (0, None, 1)
 
     assert finished.result.labels == ["negative", "positive"]
     assert finished.result.eval_accuracy is not None

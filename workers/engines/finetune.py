@@ -7,7 +7,7 @@ out of long-lived worker processes.
 
 Events (``on_event`` on rank 0), each a JSON-ready dict with an ``event`` key:
     started     step, total_steps, steps_per_epoch, train_examples, validation_examples, world_size,
-                zero_stage (the one run: 0 on a single rank), zero_stage_requested, precision
+                zero_stage (the one run), zero_stage_requested (None: the default for the world size), precision
     resumed     step, resumed_from_step, checkpoint
     train       step, loss, learning_rate, tokens_per_second, epoch
     eval        step, eval_loss, (eval_accuracy for sequence-classification), epoch

@@ -52,7 +52,8 @@ class Hyperparameters(_Strict):
 
 
 class DeepSpeedOptions(_Strict):
-    zero_stage: int = Field(2, ge=0, le=3)
+    # None (the default): stage 0 on a single rank, 2 on several (finetune_ds.effective_zero_stage).
+    zero_stage: int | None = Field(None, ge=0, le=3)
     bf16: bool = False
     fp16: bool = False
     offload_optimizer: bool = False
