@@ -29,6 +29,7 @@ from tests.stack import (
     make_test_settings,
     on_private_redis_db,
     redis_available,
+    serve_in_thread,
 )
 
 TEST_REDIS_URL = os.environ.get("LMBATCH_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
@@ -199,26 +200,8 @@ def worker(settings: Settings, session_var: Path, builtin_models_ready: Path) ->
 @pytest.fixture
 def live_server(settings: Settings, db: sessionmaker[Session]) -> Iterator[str]:
     """The API served by a real uvicorn on a free loopback port; yields its base URL."""
-    import socket
-    import threading
-    import time
-
-    import uvicorn
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline:
-            raise TimeoutError("uvicorn did not start")
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    with serve_in_thread(create_app(settings)) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

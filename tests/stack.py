@@ -5,18 +5,21 @@ Imported by tests/conftest.py, integration tests and benchmarks; no pytest fixtu
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import redis
 from sqlalchemy import create_engine, text
 
+from api.broker import free_port
 from db.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -182,6 +185,23 @@ def on_private_redis_db(settings: Settings, database: int) -> Settings:
     url = settings.redis_url.rsplit("/", 1)[0] + f"/{database}"
     redis.Redis.from_url(url).flushdb()
     return settings.model_copy(update={"redis_url": url})
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: Any) -> Iterator[str]:
+    """``app`` served by a real uvicorn on a free loopback port, in a thread; yields its base URL."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, timeout=20, interval=0.05, what="uvicorn started")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
 
 
 def redis_available(url: str) -> bool:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ import psutil
 import redis
 from sqlalchemy import select
 
+from api.broker import free_port
 from db.models import Job
 from db.session import make_engine, make_session_factory, transaction
 from db.settings import Settings
@@ -39,15 +39,9 @@ from tests.stack import (
     settings_env,
 )
 
-# A Redis database no test uses (tests take 9), flushed before each stack starts.
+# A Redis database no test uses (tests take 9-12), flushed before each stack starts.
 BENCH_REDIS_URL = os.environ.get("LMBATCH_BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")
 TERMINAL = ("succeeded", "failed", "cancelled")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def prune_run_dirs() -> None:

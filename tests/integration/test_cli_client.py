@@ -11,10 +11,7 @@ import csv
 import io
 import json
 import os
-import socket
 import subprocess
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +19,6 @@ from typing import Any
 import httpx
 import pytest
 import redis
-import uvicorn
 
 from api.app import create_app
 from api.broker import free_port
@@ -42,6 +38,7 @@ from tests.stack import (
     drop_postgres_database,
     make_test_settings,
     redis_available,
+    serve_in_thread,
 )
 from workers.builtins import ensure_builtin_models
 
@@ -153,19 +150,8 @@ def cli_worker(ops_settings: Settings) -> Iterator[WorkerProcess]:
 @pytest.fixture(scope="module")
 def api_url(ops_settings: Settings) -> Iterator[str]:
     """The API served by a real uvicorn on a free loopback port, as the CLI reaches it over HTTP."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(ops_settings), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    with serve_in_thread(create_app(ops_settings)) as url:
+        yield url
 
 
 def run_cli(cwd: Path, *args: str, url: str, key: str | None, **env: str) -> subprocess.CompletedProcess[str]:

@@ -22,12 +22,13 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
+from api.broker import free_port
 from db.migrate import upgrade
 from db.models import ItemResult, Shard
 from db.session import make_engine, make_session_factory
 from db.settings import Settings
 from tests.conftest import make_key
-from tests.reliability.services import PrivatePostgres, PrivateRedis, free_port
+from tests.reliability.services import PrivatePostgres, PrivateRedis
 from tests.stack import (
     REPO,
     WorkerProcess,
