@@ -23,10 +23,11 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
+from workers.allocator import with_allocator_env
 from workers.engines.finetune import FinetuneResult, FinetuneSpec
 from workers.engines.finetune_main import ERROR_PREFIX, EVENT_PREFIX, RESULT_PREFIX, die_with_parent
 from workers.engines.finetune_params import TrainingDataError
@@ -40,6 +41,12 @@ _SIGNALLED_WORKER = re.compile(r"exitcode\s*:\s*-\d+")
 # Inherited rendezvous variables would point the child at its parent's group (a test or an outer launcher).
 _DIST_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
 _KILL_GRACE_S = 60.0
+
+
+def finetune_env(parent: Mapping[str, str]) -> dict[str, str]:
+    """The child's environment: the parent's without its rendezvous variables, plus the allocator settings."""
+    inherited = {k: v for k, v in parent.items() if k not in _DIST_VARIABLES and not k.startswith("TORCHELASTIC_")}
+    return with_allocator_env(inherited)
 
 
 def finetune_command(spec_file: Path, num_procs: int) -> list[str]:
@@ -65,7 +72,7 @@ def launch_finetune(
     """
     if num_procs < 1:
         raise PermanentJobError(f"num_procs must be at least 1, got {num_procs}")
-    env = {k: v for k, v in os.environ.items() if k not in _DIST_VARIABLES and not k.startswith("TORCHELASTIC_")}
+    env = finetune_env(os.environ)
     fd, name = tempfile.mkstemp(prefix="lmbatch-finetune-", suffix=".json")
     spec_file = Path(name)
     with os.fdopen(fd, "w") as handle:

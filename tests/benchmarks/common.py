@@ -45,7 +45,7 @@ class Sizes:
     scale_small: int = 2_000
     scale_large: int = 200_000
     write_rows: int = 20_000
-    ft_steps: int = 3
+    ft_steps: int = 5
 
 
 FULL = Sizes()

@@ -1,11 +1,12 @@
 """ft-step: one DeepSpeed ZeRO-2 training step of SmolLM2 (batch 8 x 64 tokens, fp32, CPU) against a plain
 PyTorch AdamW step on the same model and batch.
 
-Both run in one child process (``python -m tests.benchmarks.finetune_step``), as the fine-tune engine does
-(workers/finetune_process.py): DeepSpeed's global state and process group die with it. The two models start from
-the same weights, use the project's own optimizer groups and DeepSpeed config (workers/engines/finetune_ds.py), and
-their steps alternate, so a change in machine load hits both. The plain step clips gradients at 1.0 as the
-DeepSpeed config does.
+Both run in one child process (``python -m tests.benchmarks.finetune_step``) with the environment the fine-tune
+engine gives its own child (workers/finetune_process.py: allocator settings included), and DeepSpeed's global
+state and process group die with it. The two models start from the same weights and the same optimizer groups;
+the DeepSpeed side uses the engine's optimizer (fused AdamW) and DeepSpeed config (workers/engines/finetune_ds.py),
+the plain side torch's AdamW as one writes it by hand. Their steps alternate, so a change in machine load hits
+both. The plain step clips gradients at 1.0 as the DeepSpeed config does.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ BATCH, SEQ_LEN = 8, 64
 
 
 def bench_ft_step() -> Result:
+    from workers.finetune_process import finetune_env
     from workers.model_store import prepare_builtin_models
 
     prepare_builtin_models(MODEL_CACHE)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env = finetune_env(os.environ)  # the fine-tune engine's child environment, allocator settings included
     command = [sys.executable, "-m", "tests.benchmarks.finetune_step", str(sizes().ft_steps), str(torch_threads())]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
@@ -59,6 +61,7 @@ def bench_ft_step() -> Result:
             "child_torch_threads": measured["threads"],
             "zero_stage": 2,
             "precision": "fp32",
+            "optimizers": {"deepspeed": "AdamW(fused=True), the engine's", "plain": "AdamW, torch's default"},
             "note": "one warm-up step each, then steps alternate; few steps because one takes seconds on this CPU",
         },
     )
@@ -97,7 +100,12 @@ def _child(steps: int, threads: int) -> dict[str, Any]:
         torch.set_num_threads(threads)  # after initialize, which may set its own
     # Where DeepSpeed put its model (a GPU when there is one); the plain loop computes on the same device.
     plain_model.to(engine.device)
-    plain_optimizer = ds.build_optimizer(plain_model, params)
+    # What one writes by hand: torch's AdamW with its default implementation, on the engine's parameter groups.
+    groups = ds.build_optimizer(plain_model, params).param_groups
+    plain_optimizer = torch.optim.AdamW(
+        [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in groups],
+        lr=params.hyperparameters.learning_rate,
+    )
     ids = torch.randint(0, ds_model.config.vocab_size, (BATCH, SEQ_LEN), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     batch = {key: value.to(engine.device) for key, value in batch.items()}

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from workers.allocator import ALLOCATOR_ENV
 from workers.engines.finetune import FinetuneResult, FinetuneSpec
 from workers.engines.finetune_params import TrainingDataError
 from workers.errors import PermanentJobError, RetryableJobError
-from workers.finetune_process import _job_error, _outcome, finetune_command
+from workers.finetune_process import _job_error, _outcome, finetune_command, finetune_env
 
 TORCHRUN_SIGNAL_REPORT = """torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
 Root Cause (first observed failure):
@@ -43,6 +44,23 @@ def test_given_one_or_more_processes_expect_python_or_torchrun(tmp_path: Path) -
     assert single == [sys.executable, "-m", "workers.engines.finetune_main", str(tmp_path / "spec.json")]
     assert multi[:5] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4"]
     assert multi[5:] == single[1:]
+
+
+def test_given_a_parent_environment_expect_the_child_without_rendezvous_and_with_allocator_settings() -> None:
+    parent = {"PATH": "/bin", "RANK": "3", "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "x"}
+
+    env = finetune_env(parent)
+
+    assert env == {"PATH": "/bin", **ALLOCATOR_ENV}
+    assert env["THP_MEM_ALLOC_ENABLE"] == "1"
+
+
+def test_given_an_operator_allocator_setting_expect_it_to_win() -> None:
+    env = finetune_env({"THP_MEM_ALLOC_ENABLE": "0", "MALLOC_TRIM_THRESHOLD_": "131072"})
+
+    assert env["THP_MEM_ALLOC_ENABLE"] == "0"
+    assert env["MALLOC_TRIM_THRESHOLD_"] == "131072"
+    assert env["MALLOC_MMAP_THRESHOLD_"] == ALLOCATOR_ENV["MALLOC_MMAP_THRESHOLD_"]
 
 
 def outcome(returncode: int, stderr: str = "", **kwargs: object) -> FinetuneResult:
