@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from tests.benchmarks.common import Paired, Result, log, median, production_defaults, selected, sizes, timed
+from tests.benchmarks.compute import matmul_peak_flops, useful_flops
 from tests.benchmarks.services import Stack, load_builtin
 from tests.benchmarks.workloads import chat_prompts
 from workers.engines.params import GenerateParams, parse_item
@@ -72,7 +73,9 @@ class GenerationRun:
     prompts: int = 0
     loop_prompts: int = 0
     same_text: int = 0
+    prompt_tokens: int = 0
     completion_tokens: int = 0
+    compute: dict[str, Any] = field(default_factory=dict)
 
 
 _run: GenerationRun | None = None
@@ -110,6 +113,7 @@ def _generation_run() -> GenerationRun:
         nonlocal engine_texts
         seconds, results = timed(lambda: run_engine(model, items, batch_size))
         engine_texts = [(r.output or {}).get("text") for r in results]
+        run.prompt_tokens = sum(r.prompt_tokens for r in results)
         run.completion_tokens = sum(r.completion_tokens for r in results)
         run.engine.append(len(items) / seconds)
         log(f"generation: engine in-process, {len(items)} prompts in {seconds:.1f} s")
@@ -142,8 +146,36 @@ def _generation_run() -> GenerationRun:
             for step in steps if number % 2 == 0 else steps[::-1]:
                 step()
     run.same_text = sum(engine_texts[p] == t for p, t in loop_texts.items())
+    if with_loop:
+        run.compute = _compute_figures(model.model, run)
     _run = run
     return run
+
+
+def _compute_figures(model: Any, run: GenerationRun) -> dict[str, Any]:
+    """Useful GFLOP/s of each side against the matmul peak measured now, and what the target would need.
+
+    The loop runs every other prompt of the same shuffled mix, so both sides are credited the mean FLOPs per prompt
+    of the whole set."""
+    per_prompt = useful_flops(model, run.prompt_tokens, run.completion_tokens) / run.prompts
+    peaks = {rows: matmul_peak_flops(model, rows) for rows in (32, 2048)}
+    engine_flops, loop_flops = per_prompt * median(run.engine), per_prompt * median(run.loop)
+    needed = 6 * loop_flops
+
+    def share(flops: float) -> str:
+        return f"{flops / peaks[2048]:.0%}"
+
+    return {
+        "useful_gflop_per_prompt": round(per_prompt / 1e9, 2),
+        "engine_gflop_s": round(engine_flops / 1e9, 1),
+        "loop_gflop_s": round(loop_flops / 1e9, 1),
+        "matmul_peak_gflop_s": {f"{rows}_rows": round(flops / 1e9, 1) for rows, flops in peaks.items()},
+        "engine_share_of_peak": share(engine_flops),
+        "target_6x_needs_gflop_s": round(needed / 1e9, 1),
+        "target_6x_share_of_peak": share(needed),
+        "compute_note": "peak: one MLP-shaped matmul (2,048 rows, prefill-sized; 32 rows, a decode step) on "
+        "this core now; useful FLOPs count no padding or attention",
+    }
 
 
 def _paired(subject: list[float], baseline: list[float]) -> Paired:
@@ -168,7 +200,9 @@ def bench_gen_engine() -> Result:
             "batch_size": production_defaults()["batch_size"],
             "new_tokens": NEW_TOKENS,
             "same_text_as_loop": f"{run.same_text}/{run.loop_prompts}",
+            "prompt_tokens": run.prompt_tokens,
             "completion_tokens": run.completion_tokens,
+            **run.compute,
             "note": "the plain loop runs on every other prompt (half of them) to fit the time budget; "
             "rounds shared with gen-e2e when both run",
         },
