@@ -41,6 +41,8 @@ def matmul_peak_flops(model: Any, rows: int, *, seconds: float = 1.0) -> float:
     with torch.inference_mode():
         for _ in range(3):
             torch.nn.functional.linear(x, weight)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the warm-up's queued kernels must not count in the timed runs
         runs, started = 0, time.perf_counter()
         while time.perf_counter() - started < seconds:
             torch.nn.functional.linear(x, weight)
