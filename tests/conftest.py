@@ -6,13 +6,16 @@ Redis or PostgreSQL missing: tests that need them are skipped locally, but fail 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
@@ -114,14 +117,25 @@ def sessions(engine: Engine) -> sessionmaker[Session]:
     return make_session_factory(engine)
 
 
-def empty_tables(engine: Engine) -> None:
-    with engine.begin() as connection:
-        if engine.dialect.name == "postgresql":
-            names = ", ".join(f'"{table.name}"' for table in Base.metadata.sorted_tables)
-            connection.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
-        else:
+def empty_tables(engine: Engine, *, attempts: int = 5) -> None:
+    if engine.dialect.name != "postgresql":
+        with engine.begin() as connection:
             for table in reversed(Base.metadata.sorted_tables):
                 connection.execute(table.delete())
+        return
+    names = ", ".join(f'"{table.name}"' for table in Base.metadata.sorted_tables)
+    for attempt in range(attempts):
+        try:
+            with engine.begin() as connection:
+                connection.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
+            return
+        except DBAPIError as error:
+            # TRUNCATE locks its tables one after another; a worker still finishing an earlier test's shard can
+            # hold one of them while waiting for another, and PostgreSQL then aborts one side as a deadlock
+            # (seen once in CI). The worker's transaction is short: try again.
+            if not isinstance(error.orig, psycopg.errors.DeadlockDetected) or attempt == attempts - 1:
+                raise
+            time.sleep(0.2)
 
 
 @pytest.fixture
