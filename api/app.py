@@ -16,7 +16,7 @@ from api.errors import error_body, install_error_handlers
 from api.routes import batches, files, fine_tuning, health, jobs, metrics, models, workers
 from db.session import make_engine, make_session_factory
 from db.settings import Settings
-from workers.enqueue import make_sender
+from workers.shards.enqueue import make_sender
 
 
 class BodySizeLimit:

@@ -148,7 +148,7 @@ def db(engine: Engine, sessions: sessionmaker[Session]) -> sessionmaker[Session]
 @pytest.fixture(scope="session")
 def builtin_models_ready() -> Path:
     """Convert the built-in models into the shared test cache once."""
-    from workers.model_store import prepare_builtin_models
+    from workers.models.store import prepare_builtin_models
 
     prepare_builtin_models(MODEL_CACHE)
     return MODEL_CACHE
@@ -157,7 +157,7 @@ def builtin_models_ready() -> Path:
 @pytest.fixture
 def registry(db: sessionmaker[Session], settings: Settings, builtin_models_ready: Path) -> sessionmaker[Session]:
     """The database holds the two built-in models, as after `lmbatch db upgrade`."""
-    from workers.builtins import ensure_builtin_models
+    from workers.models.builtins import ensure_builtin_models
 
     ensure_builtin_models(settings)
     return db

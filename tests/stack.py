@@ -19,7 +19,7 @@ from typing import Any
 import redis
 from sqlalchemy import create_engine, text
 
-from api.broker import free_port
+from api.cli.stack.embedded_redis import free_port
 from db.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]

@@ -21,7 +21,7 @@ from db.session import make_engine, make_session_factory, transaction
 from db.settings import Settings
 from workers.presence import PresenceThread
 from workers.runtime import Runtime, build_runtime, get_runtime, set_runtime
-from workers.sweeper import SweeperThread
+from workers.shards.sweeper import SweeperThread
 
 log = logging.getLogger("lmbatch.worker")
 

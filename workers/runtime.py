@@ -18,7 +18,7 @@ from db.settings import Settings
 if TYPE_CHECKING:
     import torch
 
-    from workers.model_cache import ModelCache
+    from workers.models.cache import ModelCache
 
 
 @dataclass
@@ -36,7 +36,7 @@ _current: Runtime | None = None
 
 
 def build_runtime(settings: Settings, *, worker_name: str | None = None) -> Runtime:
-    from workers.model_cache import ModelCache
+    from workers.models.cache import ModelCache
     from workers.pinning import pick_device
 
     engine = make_engine(settings)

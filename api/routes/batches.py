@@ -7,12 +7,12 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query
 from pydantic import Field
 
-from api import batches_service
 from api.deps import CurrentPrincipal, SenderDep, SessionDep, SessionsDep, SettingsDep
 from api.errors import BadRequest, NotFound
 from api.openai_format import ENDPOINT_KINDS
 from api.routes.files import owned_file
 from api.schemas import ObjectId, Strict
+from api.services import batches as batches_service
 from db import batches as batch_repo
 from db.models import Batch
 from db.session import end_reads

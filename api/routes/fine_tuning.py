@@ -13,17 +13,17 @@ from pydantic import Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api import finetune_intake, intake
 from api.deps import CurrentPrincipal, SenderDep, SessionDep, SessionsDep, SettingsDep
 from api.errors import BadRequest, Conflict, NotFound
 from api.routes.jobs import submit
 from api.schemas import ObjectId, Strict, epoch
+from api.services import finetune_intake, intake
 from db import jobs as job_repo
 from db.models import Job, JobEvent, new_id
 from db.pagination import listed_after
 from db.session import end_reads, transaction
 from db.tenants import Principal
-from workers.enqueue import queue_for
+from workers.shards.enqueue import queue_for
 
 router = APIRouter(tags=["fine-tuning"])
 

@@ -12,7 +12,6 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api import finetune_intake, intake
 from api.deps import CurrentPrincipal, SenderDep, SessionDep, SessionsDep, SettingsDep
 from api.errors import Conflict, NotFound
 from api.routes.files import owned_file
@@ -27,6 +26,7 @@ from api.schemas import (
     ResultPublic,
     epoch,
 )
+from api.services import finetune_intake, intake
 from db import jobs as job_repo
 from db.models import Job, JobEvent, ModelVersion
 from db.pagination import listed_after
@@ -34,7 +34,7 @@ from db.results import iter_results, public_result, result_page
 from db.session import end_reads, transaction
 from db.settings import Settings
 from db.tenants import Principal
-from workers.enqueue import enqueue_shards, queue_for
+from workers.shards.enqueue import enqueue_shards, queue_for
 
 router = APIRouter(tags=["jobs"])
 log = logging.getLogger("lmbatch.api")

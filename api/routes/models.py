@@ -13,8 +13,8 @@ from sqlalchemy.orm import Session
 
 from api.deps import AdminPrincipal, CurrentPrincipal, SessionDep, SessionsDep, SettingsDep
 from api.errors import BadRequest, Conflict, NotFound
-from api.model_import import import_model
 from api.schemas import Strict, epoch
+from api.services.model_import import import_model
 from db import registry
 from db.models import ModelVersion
 from db.session import transaction

@@ -1,6 +1,6 @@
 """api: latency of ``POST /v1/jobs`` (100 items) and ``GET /v1/jobs/{id}`` under 50 concurrent clients.
 
-The API runs as production runs it (one uvicorn process, api/launcher.py) on PostgreSQL, with no worker: the
+The API runs as production runs it (one uvicorn process, api/cli/stack/launcher.py) on PostgreSQL, with no worker: the
 measurement is the API alone, and the queued jobs pile up as they would behind busy workers. Clients are closed
 loops (each sends its next request when the last one is answered), so by Little's law the latency they see is
 at least ``clients / throughput``: with 50 clients, a p99 under 50 ms needs more than 1,000 requests/s. The

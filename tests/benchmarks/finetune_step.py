@@ -2,9 +2,9 @@
 PyTorch AdamW step on the same model and batch.
 
 Both run in one child process (``python -m tests.benchmarks.finetune_step``) with the environment the fine-tune
-engine gives its own child (workers/finetune_process.py: allocator settings included), and DeepSpeed's global
+engine gives its own child (workers/shards/finetune_process.py: allocator settings included), and DeepSpeed's global
 state and process group die with it. The two models start from the same weights and the same optimizer groups;
-the DeepSpeed side uses the engine's optimizer (fused AdamW) and DeepSpeed config (workers/engines/finetune_ds.py),
+the DeepSpeed side uses the engine's optimizer (fused AdamW) and DeepSpeed config (workers/engines/finetune/ds.py),
 the plain side torch's AdamW as one writes it by hand. Their steps alternate, so a change in machine load hits
 both. The plain step clips gradients at 1.0 as the DeepSpeed config does.
 """
@@ -26,8 +26,8 @@ BATCH, SEQ_LEN = 8, 64
 
 
 def bench_ft_step() -> Result:
-    from workers.finetune_process import finetune_env
-    from workers.model_store import prepare_builtin_models
+    from workers.models.store import prepare_builtin_models
+    from workers.shards.finetune_process import finetune_env
 
     prepare_builtin_models(MODEL_CACHE)
     env = finetune_env(os.environ)  # the fine-tune engine's child environment, allocator settings included
@@ -71,8 +71,8 @@ def _child(steps: int, threads: int) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from workers.engines import finetune_ds as ds
-    from workers.engines.finetune_params import FinetuneParams
+    from workers.engines.finetune import ds
+    from workers.engines.finetune.params import FinetuneParams
 
     ds.single_process_env(os.environ)
     import deepspeed

@@ -13,7 +13,7 @@ from tests.benchmarks.common import Result, production_defaults, sizes
 from tests.benchmarks.workloads import chat_prompts, review_texts
 from tests.stack import MODEL_CACHE
 from workers.engines.batching import arrival_batches, bucket_by_length, padding_fraction
-from workers.model_store import prepare_builtin_models
+from workers.models.store import prepare_builtin_models
 
 
 def _chat_lengths(count: int) -> list[int]:

@@ -30,7 +30,7 @@ LARGE_JOB_BUDGET_S = 150.0
 def ensure_tiny_classifier() -> Path:
     """Build the tiny classifier once into the shared model cache (workers load only from under the store)."""
     from tests.tiny_models import build_tiny_classifier
-    from workers.model_store import prepare_builtin_models
+    from workers.models.store import prepare_builtin_models
 
     dest = MODEL_CACHE / MODEL / "1"
     if (dest / "config.json").is_file():
@@ -51,7 +51,7 @@ def ensure_tiny_classifier() -> Path:
 def _register(stack: Stack, path: Path) -> None:
     from db.registry import register_version
     from db.session import transaction
-    from workers.model_store import directory_sha256, kinds_for_task
+    from workers.models.store import directory_sha256, kinds_for_task
 
     with transaction(stack.sessions) as session:
         register_version(

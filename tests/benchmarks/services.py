@@ -24,7 +24,7 @@ import psutil
 import redis
 from sqlalchemy import select
 
-from api.broker import free_port
+from api.cli.stack.embedded_redis import free_port
 from db.models import Job
 from db.session import make_engine, make_session_factory, transaction
 from db.settings import Settings
@@ -59,8 +59,8 @@ def prune_run_dirs() -> None:
 def load_builtin(name: str, task: str) -> Any:
     """A built-in model loaded in this process, once per run (the in-process baselines share it), on the device a
     worker would pick, so that baseline and worker compute alike."""
-    from workers.loading import load_model
-    from workers.model_store import prepare_builtin_models
+    from workers.models.loading import load_model
+    from workers.models.store import prepare_builtin_models
     from workers.pinning import pick_device
 
     prepare_builtin_models(MODEL_CACHE)
@@ -104,7 +104,7 @@ class Stack:
     def _start(self) -> None:
         from db.migrate import upgrade
         from db.tenants import create_key
-        from workers.builtins import ensure_builtin_models
+        from workers.models.builtins import ensure_builtin_models
 
         shutil.rmtree(self.var_dir, ignore_errors=True)
         self.var_dir.mkdir(parents=True)
@@ -138,7 +138,7 @@ class Stack:
             # TestClient speaks httpx.Client's interface (it subclasses it in current Starlette).
             return cast(httpx.Client, self._stack.enter_context(TestClient(create_app(self.settings))))
         port = free_port()
-        # The argv of `lmbatch up` (api/launcher.py api_spec), on a free port.
+        # The argv of `lmbatch up` (api/cli/stack/launcher.py api_spec), on a free port.
         argv = [sys.executable, "-m", "uvicorn", "--factory", "api.app:create_app", "--host", "127.0.0.1"]
         out = (self.var_dir / "api.log").open("ab")
         self._stack.callback(out.close)

@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 
 from tests import tiny_models
-from workers.engines.finetune import FinetuneResult, FinetuneSpec
-from workers.finetune_process import launch_finetune
-from workers.model_store import PreparedModel, prepare_builtin_models
+from workers.engines.finetune.run import FinetuneResult, FinetuneSpec
+from workers.models.store import PreparedModel, prepare_builtin_models
+from workers.shards.finetune_process import launch_finetune
 
 # Persists between runs (git-ignored var/), shared with the other test suites.
 BUILTIN_CACHE = Path(__file__).resolve().parents[2] / "var" / "test-cache" / "models"

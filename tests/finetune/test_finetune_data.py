@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from workers.engines.finetune_data import (
+from workers.engines.finetune.data import (
     IGNORE_INDEX,
     Example,
     classification_labels,

@@ -11,8 +11,8 @@ import pytest
 from pydantic import ValidationError
 
 from tests.finetune.conftest import write_jsonl
-from workers.engines.finetune_ds import effective_zero_stage
-from workers.engines.finetune_params import FinetuneParams, TrainingDataError, validate_training_file
+from workers.engines.finetune.ds import effective_zero_stage
+from workers.engines.finetune.params import FinetuneParams, TrainingDataError, validate_training_file
 from workers.errors import PermanentJobError
 
 CHAT = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
@@ -123,7 +123,7 @@ def test_given_an_empty_or_missing_file_expect_a_training_data_error(tmp_path: P
 
 def test_given_the_params_module_expect_no_torch_import() -> None:
     # The API imports it; torch there would cost seconds and gigabytes per API process.
-    code = "import sys, workers.engines.finetune_params; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, workers.engines.finetune.params; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from workers.allocator import ALLOCATOR_ENV
-from workers.engines.finetune import FinetuneResult, FinetuneSpec
-from workers.engines.finetune_params import TrainingDataError
+from workers.engines.finetune.params import TrainingDataError
+from workers.engines.finetune.run import FinetuneResult, FinetuneSpec
 from workers.errors import PermanentJobError, RetryableJobError
-from workers.finetune_process import _job_error, _outcome, finetune_command, finetune_env
+from workers.shards.finetune_process import _job_error, _outcome, finetune_command, finetune_env
 
 TORCHRUN_SIGNAL_REPORT = """torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
 Root Cause (first observed failure):
@@ -41,7 +41,7 @@ def test_given_one_or_more_processes_expect_python_or_torchrun(tmp_path: Path) -
     single = finetune_command(tmp_path / "spec.json", 1)
     multi = finetune_command(tmp_path / "spec.json", 4)
 
-    assert single == [sys.executable, "-m", "workers.engines.finetune_main", str(tmp_path / "spec.json")]
+    assert single == [sys.executable, "-m", "workers.engines.finetune.main", str(tmp_path / "spec.json")]
     assert multi[:5] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4"]
     assert multi[5:] == single[1:]
 

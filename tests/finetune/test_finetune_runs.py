@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from tests.finetune.conftest import arithmetic_rows, make_spec, run, write_jsonl
-from workers.engines.finetune_params import TrainingDataError
+from workers.engines.finetune.params import TrainingDataError
 
 pytestmark = pytest.mark.slow
 

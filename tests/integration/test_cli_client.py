@@ -1,4 +1,4 @@
-"""The `lmbatch` client commands (api/cli_jobs.py, api/cli_models.py, api/client.py) as an operator runs them.
+"""The `lmbatch` client commands (api/cli/jobs.py, api/cli/models.py, api/client.py) as an operator runs them.
 
 The end-to-end tests run the CLI as a subprocess against a live uvicorn server and a real worker, on their own
 PostgreSQL database and Redis DB 12 (LMBATCH_TEST_OPS_REDIS_URL). The first tests need neither: they pin the input
@@ -21,10 +21,10 @@ import pytest
 import redis
 
 from api.app import create_app
-from api.broker import free_port
-from api.cli_common import CliError
-from api.cli_jobs import csv_to_jsonl, items_done, parse_params
-from api.cli_models import event_line
+from api.cli.common import CliError
+from api.cli.jobs import csv_to_jsonl, items_done, parse_params
+from api.cli.models import event_line
+from api.cli.stack.embedded_redis import free_port
 from api.client import ApiUnreachable, Client, ClientError
 from db.migrate import upgrade
 from db.session import make_engine, make_session_factory
@@ -40,7 +40,7 @@ from tests.stack import (
     redis_available,
     serve_in_thread,
 )
-from workers.builtins import ensure_builtin_models
+from workers.models.builtins import ensure_builtin_models
 
 # ------------------------------------------------------------------------------------- in process, no services
 

@@ -17,8 +17,8 @@ import httpx
 import pytest
 import redis
 
-from api.broker import find_redis_server, free_port
-from api.launcher import LaunchError, flower_spec, settings_env
+from api.cli.stack.embedded_redis import find_redis_server, free_port
+from api.cli.stack.launcher import LaunchError, flower_spec, settings_env
 from db.settings import Settings
 from tests.stack import MODEL_CACHE, redis_available, wait_for
 
@@ -28,7 +28,7 @@ FLOWER_PASSWORD = "launcher-test-pw"
 
 def lmbatch_argv() -> list[str]:
     script = Path(sys.executable).with_name("lmbatch")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "api.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "api.cli.main"]
 
 
 def descendants(pid: int) -> set[int]:

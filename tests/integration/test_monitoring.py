@@ -24,7 +24,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
-from api.broker import free_port
+from api.cli.stack.embedded_redis import free_port
 from db.migrate import upgrade
 from db.models import Shard
 from db.session import make_engine, make_session_factory
@@ -42,7 +42,7 @@ from tests.stack import (
     settings_env,
     wait_for,
 )
-from workers.builtins import ensure_builtin_models
+from workers.models.builtins import ensure_builtin_models
 
 pytestmark = pytest.mark.slow
 

@@ -26,7 +26,7 @@ def sdk(
 
     admin = {"Authorization": f"Bearer {make_key(registry, 'ops', scope='admin')}"}
     # The live server was built from `settings`; imports need a root, so register through the store directly.
-    from api.model_import import import_model
+    from api.services.model_import import import_model
 
     import_model(
         registry,

@@ -1,4 +1,4 @@
-"""One Celery worker per GPU, started exactly as `lmbatch worker --gpus 0,1` plans them (workers/launch.py).
+"""One Celery worker per GPU, started exactly as `lmbatch worker --gpus 0,1` plans them (workers/plan.py).
 
 This machine has no GPU: CUDA_VISIBLE_DEVICES pins nothing here and torch computes on the CPU either way, but each
 worker must still carry and report its own value, share the job's shards with the other, and, on SIGTERM in the
@@ -42,8 +42,8 @@ from tests.stack import (
     settings_env,
     wait_for,
 )
-from workers.builtins import ensure_builtin_models
-from workers.launch import WorkerPlan, plan_workers
+from workers.models.builtins import ensure_builtin_models
+from workers.plan import WorkerPlan, plan_workers
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import redis
 from sqlalchemy import create_engine, text
 
-from api.broker import free_port
+from api.cli.stack.embedded_redis import free_port
 
 
 def _wait(predicate: object, timeout: float, what: str) -> None:

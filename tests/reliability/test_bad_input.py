@@ -20,7 +20,7 @@ from db.settings import Settings
 from tests.conftest import empty_tables, make_key
 from tests.reliability.bad_requests import CATEGORIES, CORPUS, LIMITS, NO_BODY, Bad
 from tests.stack import on_private_redis_db
-from workers.builtins import ensure_builtin_models
+from workers.models.builtins import ensure_builtin_models
 
 # The database matters here, so one backend: PostgreSQL, the stricter one (NUL bytes, integer ranges).
 on_postgresql = pytest.mark.parametrize("backend", ["postgresql"], indirect=True)

@@ -22,7 +22,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
-from api.broker import free_port
+from api.cli.stack.embedded_redis import free_port
 from db.migrate import upgrade
 from db.models import ItemResult, Shard
 from db.session import make_engine, make_session_factory
@@ -38,8 +38,8 @@ from tests.stack import (
     settings_env,
     wait_for,
 )
-from workers.builtins import ensure_builtin_models
-from workers.enqueue import enqueue_shards
+from workers.models.builtins import ensure_builtin_models
+from workers.shards.enqueue import enqueue_shards
 
 pytestmark = pytest.mark.slow
 
@@ -202,7 +202,7 @@ def test_api_restart_mid_job_has_no_effect(stack: Stack) -> None:
     env = settings_env(stack.settings.model_copy(update={"api_port": port}))
 
     def start_api() -> subprocess.Popen[bytes]:
-        api = subprocess.Popen([sys.executable, "-m", "api.cli", "api", "--port", str(port)], cwd=REPO, env=env,
+        api = subprocess.Popen([sys.executable, "-m", "api.cli.main", "api", "--port", str(port)], cwd=REPO, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         wait_for(lambda: _answers(f"http://127.0.0.1:{port}/healthz"), timeout=60, what="the API")
         return api

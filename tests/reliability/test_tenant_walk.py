@@ -291,7 +291,7 @@ def test_celery_accepts_and_sends_json_only() -> None:
 
     import celeryconfig
     from workers.app import app
-    from workers.enqueue import make_sender
+    from workers.shards.enqueue import make_sender
 
     assert celeryconfig.accept_content == ["json"]
     assert celeryconfig.task_serializer == celeryconfig.result_serializer == celeryconfig.event_serializer == "json"

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from tests import tiny_models
-from workers.loading import LoadedModel, load_model
-from workers.model_store import PreparedModel, prepare_builtin_models
+from workers.models.loading import LoadedModel, load_model
+from workers.models.store import PreparedModel, prepare_builtin_models
 
 # Persists between runs (git-ignored var/), so SmolLM2's ~15 s conversion happens once per clone.
 BUILTIN_CACHE = Path(__file__).resolve().parents[2] / "var" / "test-cache" / "models"

@@ -8,7 +8,7 @@ from workers.engines.classify import classify
 from workers.engines.params import ClassifyParams
 from workers.engines.types import EngineItem, ItemResult
 from workers.errors import PermanentJobError
-from workers.loading import LoadedModel
+from workers.models.loading import LoadedModel
 
 TEXTS = ["I loved it", "Terrible, would not buy again", "It arrived on a Tuesday", "ok"]
 LABELS = ["positive", "negative", "neutral"]

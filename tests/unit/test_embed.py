@@ -11,7 +11,7 @@ from workers.engines.common import mean_pool
 from workers.engines.embed import embed
 from workers.engines.params import EmbedParams
 from workers.engines.types import EngineItem, ItemResult
-from workers.loading import LoadedModel
+from workers.models.loading import LoadedModel
 
 TEXTS = ["a short one", "a somewhat longer sentence about nothing in particular", "x", "middle length text"]
 

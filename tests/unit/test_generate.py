@@ -9,7 +9,7 @@ from workers.engines.generate import generate
 from workers.engines.params import GenerateParams
 from workers.engines.types import EngineItem, ItemResult
 from workers.errors import PermanentJobError
-from workers.loading import LoadedModel
+from workers.models.loading import LoadedModel
 
 PROMPTS = [
     "Hello there",

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from workers.errors import PermanentJobError
-from workers.loading import LoadedModel, load_model
+from workers.models.loading import LoadedModel, load_model
 from workers.pinning import describe_device, pick_device
 
 
@@ -49,5 +49,5 @@ def test_given_no_gpu_when_picking_a_device_expect_the_cpu_described() -> None:
 
 
 def test_given_a_fresh_process_when_importing_pinning_expect_cuda_not_initialized() -> None:
-    code = "import torch, workers.pinning, workers.model_cache; assert not torch.cuda.is_initialized()"
+    code = "import torch, workers.pinning, workers.models.cache; assert not torch.cuda.is_initialized()"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from workers.loading import LoadedModel
-from workers.model_cache import ModelCache
+from workers.models.cache import ModelCache
+from workers.models.loading import LoadedModel
 
 MB = 1 << 20
 
@@ -93,7 +93,7 @@ def test_given_a_real_tiny_model_when_evicted_expect_its_weights_freed(tiny_dirs
     import gc
     import weakref
 
-    from workers.loading import load_model
+    from workers.models.loading import load_model
 
     cache = ModelCache(max_bytes=1)
     loaded = cache.get("bert", lambda: load_model(tiny_dirs["encoder"], task="encoder", device=torch.device("cpu")))

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-import workers.model_store as model_store
+import workers.models.store as model_store
 from workers.errors import ModelIntegrityError, PermanentJobError
-from workers.model_store import (
+from workers.models.store import (
     MARKER,
     PathNotAllowedError,
     PreparedModel,

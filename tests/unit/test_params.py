@@ -93,5 +93,5 @@ def test_given_structurally_wrong_item_when_parsed_expect_value_error_naming_the
 
 
 def test_given_the_api_when_it_imports_params_and_model_store_expect_no_torch() -> None:
-    code = "import sys, workers.engines.params, workers.model_store; sys.exit('torch' in sys.modules)"
+    code = "import sys, workers.engines.params, workers.models.store; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -10,7 +10,7 @@ from workers.engines.embed import embed
 from workers.engines.generate import generate
 from workers.engines.params import ClassifyParams, EmbedParams, GenerateParams
 from workers.engines.types import EngineItem
-from workers.loading import LoadedModel
+from workers.models.loading import LoadedModel
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ import pytest
 
 from db.settings import Settings
 from tests.stack import REPO
-from workers.launch import MULTI_GPU_QUEUE, WorkerPlan, WorkerPlanError, plan_workers
+from workers.plan import MULTI_GPU_QUEUE, WorkerPlan, WorkerPlanError, plan_workers
 
 
 def settings(**overrides: object) -> Settings:
@@ -101,7 +101,7 @@ def test_gpu_discovery_and_the_cli_do_not_import_torch() -> None:
     # Given a fresh interpreter
     # When the CLI is imported and the GPUs are discovered (this machine: nvidia-smi or nothing)
     code = (
-        "import sys, api.cli, api.launcher; from workers.launch import discover_gpus; "
+        "import sys, api.cli.main, api.cli.stack.launcher; from workers.plan import discover_gpus; "
         "gpus = discover_gpus(); assert 'torch' not in sys.modules, 'torch imported'; print(gpus)"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)

@@ -11,7 +11,7 @@ from db.models import ItemResult, Job, Shard
 from db.session import transaction
 from tests.db.test_transitions import make_job
 from workers.runtime import build_runtime
-from workers.shard_runner import run_shard
+from workers.shards.runner import run_shard
 
 
 def test_a_shard_that_killed_its_worker_every_time_fails_with_the_reason(

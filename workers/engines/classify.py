@@ -17,7 +17,7 @@ from workers.engines.common import Prepared, encode_sequences, pad_batch, pad_id
 from workers.engines.params import ClassifyParams
 from workers.engines.types import EngineItem, ItemResult
 from workers.errors import PermanentJobError
-from workers.loading import LoadedModel
+from workers.models.loading import LoadedModel
 
 # Cosine similarities of sentence embeddings differ by a few hundredths between labels; softmax over them raw
 # would give near-uniform scores. CLIP multiplies by ~100 for the same reason.

@@ -10,7 +10,7 @@ import torch
 
 from workers.engines.batching import bucket_by_length
 from workers.engines.types import CONTEXT_LENGTH_EXCEEDED, INVALID_ITEM, OUT_OF_MEMORY, EngineItem, ItemResult
-from workers.loading import LoadedModel
+from workers.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import torch
 from workers.engines.common import Prepared, encode_sequences, run_batches, tokenize_texts
 from workers.engines.params import EmbedParams
 from workers.engines.types import EngineItem, ItemResult
-from workers.loading import LoadedModel
+from workers.models.loading import LoadedModel
 
 
 def embed(

@@ -13,7 +13,7 @@ from workers.engines.common import Prepared, pad_batch, pad_id, run_batches, too
 from workers.engines.params import GenerateParams
 from workers.engines.types import INVALID_ITEM, EngineItem, ItemResult
 from workers.errors import PermanentJobError
-from workers.loading import LoadedModel
+from workers.models.loading import LoadedModel
 
 
 def generate(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from workers.app import app
 from workers.lifecycle import current_runtime
-from workers.sweeper import sweep_once
+from workers.shards.sweeper import sweep_once
 
 
 @app.task(name="lmbatch.sweep")

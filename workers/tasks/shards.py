@@ -1,4 +1,4 @@
-"""The shard task: ids in, engine out, results in the database. The work is workers/shard_runner.py."""
+"""The shard task: ids in, engine out, results in the database. The work is workers/shards/runner.py."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from typing import Any
 from celery import Task
 
 from workers.app import app
-from workers.enqueue import RUN_SHARD
 from workers.lifecycle import current_runtime
-from workers.shard_runner import run_shard
+from workers.shards.enqueue import RUN_SHARD
+from workers.shards.runner import run_shard
 
 
 @app.task(name=RUN_SHARD, bind=True, max_retries=None)

@@ -2,7 +2,7 @@
 
 ``plan_workers`` is pure: it returns the argv and environment of every worker process, so tests check
 them without starting anything. ``lmbatch worker`` and ``lmbatch up`` hand the plans to the supervisor
-(api/supervisor.py), which starts them as child processes.
+(api/cli/stack/supervisor.py), which starts them as child processes.
 
 Why one process per GPU, with ``CUDA_VISIBLE_DEVICES`` set in its environment before it starts: CUDA must
 never be initialised before the prefork pool forks ("Cannot re-initialize CUDA in forked subprocess"), and a

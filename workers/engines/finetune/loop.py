@@ -14,9 +14,8 @@ from typing import Any
 
 import torch
 
-from workers.engines import finetune_data as data
-from workers.engines import finetune_ds as ds
-from workers.engines.finetune_params import FinetuneParams
+from workers.engines.finetune import data, ds
+from workers.engines.finetune.params import FinetuneParams
 
 Event = dict[str, Any]
 

@@ -20,8 +20,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from api.broker import free_port, port_is_free
-from api.demo_data import CHAT_PROMPTS, EMBED_TEXTS, REVIEWS
+from api.cli.demo.data import CHAT_PROMPTS, EMBED_TEXTS, REVIEWS
+from api.cli.stack.embedded_redis import free_port, port_is_free
 from db.session import make_engine, make_session_factory, transaction
 from db.settings import Settings
 from db.tenants import create_key
@@ -37,7 +37,7 @@ def run_demo(settings: Settings, console: Console, *, keep_running: bool) -> int
     base = f"http://{settings.api_host}:{api_port}"
     console.print(f"[bold]lmbatch demo[/]: starting the stack (`lmbatch up`), logs in {settings.var_dir}/logs/")
     stack = subprocess.Popen(
-        [sys.executable, "-m", "api.cli", "up", "--flower-port", str(flower_port), "--workers", "1"],
+        [sys.executable, "-m", "api.cli.main", "up", "--flower-port", str(flower_port), "--workers", "1"],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,

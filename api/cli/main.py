@@ -1,7 +1,7 @@
 """``lmbatch``: the operator's command line.
 
 Each group of commands is a Typer sub-app added with one ``app.add_typer`` line; shared helpers live in
-api/cli_common.py. Commands stay thin: process management is api/launcher.py and workers/launch.py, data is
+api/cli/common.py. Commands stay thin: process management is api/cli/stack/launcher.py and workers/plan.py, data is
 db/. Nothing heavy is imported at module level (torch never: ``lmbatch --help`` must be instant, and the
 launcher must stay a small process).
 
@@ -17,9 +17,9 @@ from typing import Annotated
 
 import typer
 
-from api.cli_common import CliError, err, expected_errors, one_line, out, settings_of
-from api.cli_jobs import jobs_app
-from api.cli_models import finetune_app, models_app
+from api.cli.common import CliError, err, expected_errors, one_line, out, settings_of
+from api.cli.jobs import jobs_app
+from api.cli.models import finetune_app, models_app
 
 app = typer.Typer(
     name="lmbatch",
@@ -30,7 +30,7 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="The SQL database: schema and built-in models.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys of tenants.", no_args_is_help=True)
-# One line per sub-app; a sub-app in its own module imports its helpers from api.cli_common.
+# One line per sub-app; a sub-app in its own module imports its helpers from api.cli.common.
 app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
 app.add_typer(jobs_app)  # no name: submit, status, results, cancel and jobs are top-level commands
@@ -62,7 +62,7 @@ def db_upgrade(
     out.print(f"database {shown}: schema at {', '.join(current_heads(settings))}")
     if not builtins:
         return
-    from workers.builtins import ensure_builtin_models
+    from workers.models.builtins import ensure_builtin_models
 
     out.print(f"built-in models: preparing in {settings.model_store}")
     registered = ensure_builtin_models(settings)
@@ -146,7 +146,7 @@ def up(
     ready_timeout: Annotated[float, typer.Option(help="Seconds to wait for /healthz.")] = 180.0,
 ) -> None:
     """Run the whole stack in the foreground: broker (embedded if none answers), API, workers, Flower."""
-    from api.launcher import StackOptions, run_stack
+    from api.cli.stack.launcher import StackOptions, run_stack
 
     options = StackOptions(
         api_port=api_port,
@@ -186,8 +186,8 @@ def worker(
     loglevel: Annotated[str, typer.Option()] = "INFO",
 ) -> None:
     """Run this host's Celery workers in the foreground: one process per GPU (or GPU group), else CPU workers."""
-    from api.launcher import run_processes, settings_env, worker_specs
-    from workers.launch import plan_workers
+    from api.cli.stack.launcher import run_processes, settings_env, worker_specs
+    from workers.plan import plan_workers
 
     settings = settings_of(ctx)
     plans = plan_workers(
@@ -212,7 +212,7 @@ def worker(
 @app.command()
 def flower(ctx: typer.Context, port: Annotated[int, typer.Option()] = 5555) -> None:
     """Run Flower (the Celery monitor) behind basic auth, in the foreground."""
-    from api.launcher import flower_spec, run_processes, settings_env, with_flower_password
+    from api.cli.stack.launcher import flower_spec, run_processes, settings_env, with_flower_password
 
     settings, generated = with_flower_password(settings_of(ctx))
     if generated:
@@ -229,7 +229,7 @@ def demo(
     keep_running: Annotated[bool, typer.Option(help="Leave the stack up after the demo (Ctrl-C stops it).")] = False,
 ) -> None:
     """Bring the stack up on the embedded defaults and run generation, classification and embedding jobs."""
-    from api.demo import run_demo
+    from api.cli.demo.run import run_demo
 
     raise typer.Exit(run_demo(settings_of(ctx), out, keep_running=keep_running))
 

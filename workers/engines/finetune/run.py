@@ -2,7 +2,7 @@
 
 ``run_finetune`` runs on every rank of a torch.distributed group (one process alone is a group of one); only
 rank 0 reports events and writes the final model. It is meant to run in a child process
-(``finetune_main`` / ``workers.finetune_process``), which keeps DeepSpeed's global state and the process group
+(``finetune_main`` / ``workers.shards.finetune_process``), which keeps DeepSpeed's global state and the process group
 out of long-lived worker processes.
 
 Events (``on_event`` on rank 0), each a JSON-ready dict with an ``event`` key:
@@ -30,10 +30,9 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from workers.engines import finetune_data as data
-from workers.engines import finetune_ds as ds
-from workers.engines.finetune_loop import PreparedData, TrainingLoop, Window
-from workers.engines.finetune_params import FinetuneParams, TrainingDataError, validate_training_file
+from workers.engines.finetune import data, ds
+from workers.engines.finetune.loop import PreparedData, TrainingLoop, Window
+from workers.engines.finetune.params import FinetuneParams, TrainingDataError, validate_training_file
 from workers.errors import PermanentJobError
 
 Event = dict[str, Any]

@@ -30,8 +30,8 @@ from db.sharding import item_index
 from workers.engines.params import PARAMS_BY_KIND
 from workers.engines.types import EngineItem, ItemResult
 from workers.errors import PermanentJobError, RetryableJobError
+from workers.models.versions import VersionInfo, load_version
 from workers.runtime import Runtime
-from workers.versions import VersionInfo, load_version
 
 log = logging.getLogger("lmbatch.shard")
 
@@ -108,7 +108,7 @@ def run_shard(runtime: Runtime, shard_id: int, *, on_progress: ProgressCallback 
 
     try:
         if work.kind == "finetune":
-            from workers.finetune_runner import run_finetune_work
+            from workers.shards.finetune_runner import run_finetune_work
 
             run_finetune_work(runtime, work, should_stop=should_stop, keeper=keeper, tally=tally)
         else:

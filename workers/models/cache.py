@@ -10,7 +10,7 @@ from collections.abc import Callable, Hashable
 
 import torch
 
-from workers.loading import LoadedModel
+from workers.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
 

@@ -29,10 +29,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
 
-from api.broker import embedded_redis, port_is_free, redis_answers
-from api.supervisor import Child, ChildSpec, StopSignals, Supervisor
+from api.cli.stack.embedded_redis import embedded_redis, port_is_free, redis_answers
+from api.cli.stack.supervisor import Child, ChildSpec, StopSignals, Supervisor
 from db.settings import Settings
-from workers.launch import WorkerPlan, plan_workers
+from workers.plan import WorkerPlan, plan_workers
 
 # Flower writes its state file this often (ms): a crash loses at most a minute of task history; a clean
 # stop saves it anyway.
@@ -109,7 +109,7 @@ def api_spec(settings: Settings, env: Mapping[str, str]) -> ChildSpec:
 
 
 def db_upgrade_spec(env: Mapping[str, str], *, builtins: bool) -> ChildSpec:
-    argv = [sys.executable, "-m", "api.cli", "db", "upgrade", *([] if builtins else ["--no-builtins"])]
+    argv = [sys.executable, "-m", "api.cli.main", "db", "upgrade", *([] if builtins else ["--no-builtins"])]
     return ChildSpec("db", argv, dict(env))
 
 

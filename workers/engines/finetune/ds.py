@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from workers.engines.finetune_params import FinetuneParams, Hyperparameters
+from workers.engines.finetune.params import FinetuneParams, Hyperparameters
 from workers.errors import PermanentJobError
 from workers.torch_extensions import prepare_extensions_dir
 

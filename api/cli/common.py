@@ -1,7 +1,7 @@
 """What every ``lmbatch`` sub-app shares: the consoles, the settings of this invocation, expected errors.
 
-A new sub-app (``api/cli_<name>.py``) imports from here, never from ``api.cli``, so that ``api.cli`` can import
-it and add it with one ``app.add_typer`` line without an import cycle.
+A new sub-app (``api/cli/<name>.py``) imports from here, never from ``api.cli.main``, so that ``api.cli.main`` can
+import it and add it with one ``app.add_typer`` line without an import cycle.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from pydantic import ValidationError
     from sqlalchemy.exc import SQLAlchemyError
 
-    from api.launcher import LaunchError
-    from workers.launch import WorkerPlanError
+    from api.cli.stack.launcher import LaunchError
+    from workers.plan import WorkerPlanError
 
     return (CliError, LaunchError, WorkerPlanError, ValidationError, SQLAlchemyError, httpx.HTTPError, OSError)
 

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from api.errors import BadRequest
 from db.models import ModelVersion, StoredFile
 from db.settings import Settings
-from workers.engines.finetune_params import FinetuneParams, TrainingDataError, validate_training_file
+from workers.engines.finetune.params import FinetuneParams, TrainingDataError, validate_training_file
 from workers.presence import read_workers
 
 # Which base model tasks each fine-tuning task can start from.

@@ -1,4 +1,4 @@
-"""``python -m workers.engines.finetune_main SPEC.json``: one fine-tune, in this process or as one rank of many.
+"""``python -m workers.engines.finetune.main SPEC.json``: one fine-tune, in this process or as one rank of many.
 
 Alone it makes itself rank 0 of a group of one; under ``torchrun`` or the ``deepspeed`` launcher it joins their
 group. Only rank 0 writes the protocol lines below to stdout (one JSON object per line, after a prefix);
@@ -12,7 +12,7 @@ anything else on stdout or stderr is library chatter:
 SIGTERM asks for a stop before the next optimizer step. The process also gets SIGTERM when its parent dies,
 so an orphaned run never trains on beside the retry that resumes it.
 
-Module level imports nothing heavy: the launcher (``workers.finetune_process``) imports these names.
+Module level imports nothing heavy: the launcher (``workers.shards.finetune_process``) imports these names.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def die_with_parent() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m workers.engines.finetune_main")
+    parser = argparse.ArgumentParser(prog="python -m workers.engines.finetune.main")
     parser.add_argument("spec", type=Path, help="a FinetuneSpec as JSON")
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -55,9 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     # A flag, not an exception: the step in flight (and any checkpoint being written) finishes first.
     signal.signal(signal.SIGTERM, lambda _signum, _frame: stop.set())
 
-    from workers.engines.finetune import FinetuneSpec, run_finetune
-    from workers.engines.finetune_ds import single_process_env
-    from workers.engines.finetune_params import TrainingDataError
+    from workers.engines.finetune.ds import single_process_env
+    from workers.engines.finetune.params import TrainingDataError
+    from workers.engines.finetune.run import FinetuneSpec, run_finetune
     from workers.errors import JobError, RetryableJobError
 
     spec = FinetuneSpec.from_json(args.spec.read_text())

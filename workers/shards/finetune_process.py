@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from workers.allocator import with_allocator_env
-from workers.engines.finetune import FinetuneResult, FinetuneSpec
-from workers.engines.finetune_main import ERROR_PREFIX, EVENT_PREFIX, RESULT_PREFIX, die_with_parent
-from workers.engines.finetune_params import TrainingDataError
+from workers.engines.finetune.main import ERROR_PREFIX, EVENT_PREFIX, RESULT_PREFIX, die_with_parent
+from workers.engines.finetune.params import TrainingDataError
+from workers.engines.finetune.run import FinetuneResult, FinetuneSpec
 from workers.errors import JobError, PermanentJobError, RetryableJobError
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def finetune_env(parent: Mapping[str, str]) -> dict[str, str]:
 
 
 def finetune_command(spec_file: Path, num_procs: int) -> list[str]:
-    module = ["-m", "workers.engines.finetune_main", str(spec_file)]
+    module = ["-m", "workers.engines.finetune.main", str(spec_file)]
     if num_procs == 1:
         return [sys.executable, *module]
     # torch.distributed.run is torchrun itself; running it from this interpreter avoids trusting PATH.

@@ -17,8 +17,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from api.cli_common import CliError, err, out
-from api.cli_jobs import POLL_SECONDS, KeyOpt, OneLineUsage, UrlOpt, connect, job_error, poll, show, when
+from api.cli.common import CliError, err, out
+from api.cli.jobs import POLL_SECONDS, KeyOpt, OneLineUsage, UrlOpt, connect, job_error, poll, show, when
 from api.client import DEFAULT_URL, TERMINAL_STATES, Client
 
 models_app = typer.Typer(help="The model registry: versions and aliases.", no_args_is_help=True)

@@ -13,7 +13,7 @@ from db.settings import Settings
 def ensure_builtin_models(settings: Settings) -> list[str]:
     """Idempotent: converts what is missing (SmolLM2 takes ~15 s once), registers what is unregistered.
     Returns the refs registered by this call."""
-    from workers.model_store import prepare_builtin_models  # torch, lazily: the CLI imports this module
+    from workers.models.store import prepare_builtin_models  # torch, lazily: the CLI imports this module
 
     prepared = prepare_builtin_models(settings.model_store)
     engine = make_engine(settings)

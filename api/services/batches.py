@@ -18,9 +18,9 @@ from celery import Celery
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.intake import check_tenant_quota
 from api.openai_format import ENDPOINT_KINDS, error_line, output_line, parse_batch_file
 from api.schemas import epoch
+from api.services.intake import check_tenant_quota
 from db import batches as batch_repo
 from db import jobs as job_repo
 from db.models import Batch, Job, ModelVersion, StoredFile, new_id, utcnow
@@ -28,7 +28,7 @@ from db.registry import InvalidModelRef, resolve
 from db.results import iter_results
 from db.session import changed, transaction
 from db.settings import Settings
-from workers.enqueue import queue_for
+from workers.shards.enqueue import queue_for
 
 FINALIZE_STALE = timedelta(minutes=5)
 WINDOWS = {"24h": timedelta(hours=24)}

@@ -31,7 +31,7 @@ try:  # typer 0.2x carries its own copy of click, whose exceptions are not click
 except ImportError:  # pragma: no cover - a typer that uses click itself
     from click.exceptions import UsageError  # type: ignore[assignment]
 
-from api.cli_common import CliError, err, out
+from api.cli.common import CliError, err, out
 from api.client import DEFAULT_URL, TERMINAL_STATES, ApiResponseError, ApiUnreachable, Client, ClientError
 
 jobs_app = typer.Typer()  # merged into the root app: `lmbatch submit`, not `lmbatch jobs submit`

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from workers.engines.finetune_params import label_name, sort_labels
+from workers.engines.finetune.params import label_name, sort_labels
 from workers.errors import PermanentJobError
 
 IGNORE_INDEX = -100  # the label value torch's cross-entropy (and transformers' losses) skip

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import redis
 
-from api.supervisor import ChildSpec
+from api.cli.stack.supervisor import ChildSpec
 
 
 @dataclass(frozen=True)

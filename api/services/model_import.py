@@ -19,7 +19,7 @@ from db.models import ModelVersion
 from db.registry import register_version, set_alias
 from db.session import transaction
 from db.settings import Settings
-from workers.model_store import confine, detect_task, directory_sha256, kinds_for_task
+from workers.models.store import confine, detect_task, directory_sha256, kinds_for_task
 
 
 def import_model(

@@ -20,15 +20,15 @@ from db.models import Job, JobEvent, ModelVersion, StoredFile
 from db.registry import register_version
 from db.results import upsert_results
 from db.session import transaction
-from workers.engines.finetune import FinetuneResult, FinetuneSpec
-from workers.engines.finetune_params import FinetuneParams
+from workers.engines.finetune.params import FinetuneParams
+from workers.engines.finetune.run import FinetuneResult, FinetuneSpec
 from workers.engines.types import ItemResult
 from workers.errors import PermanentJobError
-from workers.finetune_process import launch_finetune
-from workers.model_store import confine, directory_sha256, kinds_for_task, verify_checksum
+from workers.models.store import confine, directory_sha256, kinds_for_task, verify_checksum
+from workers.models.versions import allowed_roots
 from workers.runtime import Runtime
-from workers.shard_runner import LeaseKeeper, ShardWork, Tally
-from workers.versions import allowed_roots
+from workers.shards.finetune_process import launch_finetune
+from workers.shards.runner import LeaseKeeper, ShardWork, Tally
 
 log = logging.getLogger("lmbatch.finetune")
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from db.models import ModelVersion
 from workers.errors import PermanentJobError
-from workers.loading import LoadedModel, load_model
-from workers.model_store import confine, verify_checksum
+from workers.models.loading import LoadedModel, load_model
+from workers.models.store import confine, verify_checksum
 from workers.runtime import Runtime
 
 

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import jobs
 from db.session import transaction
 from db.settings import Settings
-from workers.enqueue import enqueue_shards, queue_for
+from workers.shards.enqueue import enqueue_shards, queue_for
 
 log = logging.getLogger("lmbatch.sweeper")
 
