@@ -11,7 +11,7 @@ from api.deps import CurrentPrincipal, SenderDep, SessionDep, SessionsDep, Setti
 from api.errors import BadRequest, NotFound
 from api.openai_format import ENDPOINT_KINDS
 from api.routes.files import owned_file
-from api.schemas import ObjectId, Strict
+from api.schemas.common import ObjectId, Strict
 from api.services import batches as batches_service
 from db import batches as batch_repo
 from db.models import Batch

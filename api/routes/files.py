@@ -13,7 +13,7 @@ from fastapi.responses import FileResponse
 
 from api.deps import CurrentPrincipal, SessionDep, SessionsDep, SettingsDep
 from api.errors import BadRequest, NotFound, PayloadTooLarge
-from api.schemas import FileDeleted, FileList, FilePublic, FilePurpose
+from api.schemas.files import FileDeleted, FileList, FilePublic, FilePurpose
 from db import files as file_repo
 from db.models import StoredFile, new_id
 from db.session import transaction

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from api.deps import CurrentPrincipal, SenderDep, SessionDep, SessionsDep, SettingsDep
 from api.errors import BadRequest, Conflict, NotFound
 from api.routes.jobs import submit
-from api.schemas import ObjectId, Strict, epoch
+from api.schemas.common import ObjectId, Strict, epoch
 from api.services import finetune_intake, intake
 from db import jobs as job_repo
 from db.models import Job, JobEvent, new_id

@@ -15,17 +15,8 @@ from sqlalchemy.orm import Session
 from api.deps import CurrentPrincipal, SenderDep, SessionDep, SessionsDep, SettingsDep
 from api.errors import Conflict, NotFound
 from api.routes.files import owned_file
-from api.schemas import (
-    MAX_INT32,
-    JobCreate,
-    JobEventList,
-    JobEventPublic,
-    JobList,
-    JobPublic,
-    ResultPage,
-    ResultPublic,
-    epoch,
-)
+from api.schemas.common import MAX_INT32, epoch
+from api.schemas.jobs import JobCreate, JobEventList, JobEventPublic, JobList, JobPublic, ResultPage, ResultPublic
 from api.services import finetune_intake, intake
 from db import jobs as job_repo
 from db.models import Job, JobEvent, ModelVersion

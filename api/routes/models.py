@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from api.deps import AdminPrincipal, CurrentPrincipal, SessionDep, SessionsDep, SettingsDep
 from api.errors import BadRequest, Conflict, NotFound
-from api.schemas import Strict, epoch
+from api.schemas.common import Strict, epoch
 from api.services.model_import import import_model
 from db import registry
 from db.models import ModelVersion

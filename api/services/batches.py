@@ -19,7 +19,7 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.openai_format import ENDPOINT_KINDS, error_line, output_line, parse_batch_file
-from api.schemas import epoch
+from api.schemas.common import epoch
 from api.services.intake import check_tenant_quota
 from db import batches as batch_repo
 from db import jobs as job_repo

@@ -1,0 +1,22 @@
+"""What every part of the HTTP contract shares: strict request bodies, ids, timestamps as epochs."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# An id lmbatch made (`file-…`, `job-…`, `batch_…`): anything else cannot name an object, and is refused before
+# it reaches a query (PostgreSQL text cannot even hold some of it, like NUL).
+ObjectId = Annotated[str, Field(min_length=1, max_length=40, pattern=r"^[A-Za-z0-9_-]+$")]
+# Integer columns are 32-bit: a larger offset or cursor could match nothing, and PostgreSQL refuses to compare it.
+MAX_INT32 = 2**31 - 1
+
+
+def epoch(moment: datetime | None) -> int | None:
+    return int(moment.timestamp()) if moment else None
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
