@@ -9,6 +9,34 @@ from db.models import StoredFile, utcnow
 from db.pagination import listed_after
 
 
+def add_file(
+    session: Session,
+    *,
+    file_id: str,
+    tenant_id: int,
+    filename: str,
+    purpose: str,
+    size: int,
+    sha256: str,
+    line_count: int,
+    storage_path: str,
+) -> StoredFile:
+    """Register bytes already moved into place under settings.files_dir (the one place a file row is made)."""
+    row = StoredFile(
+        id=file_id,
+        tenant_id=tenant_id,
+        filename=filename,
+        purpose=purpose,
+        bytes=size,
+        sha256=sha256,
+        line_count=line_count,
+        storage_path=storage_path,
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
 def get_file(session: Session, *, tenant_id: int, file_id: str) -> StoredFile | None:
     """A tenant's live file; another tenant's id looks exactly like a missing one."""
     return session.scalar(

@@ -15,9 +15,9 @@ from sqlalchemy.orm import Session
 
 from api.deps import CurrentPrincipal, SenderDep, SessionDep, SessionsDep, SettingsDep
 from api.errors import BadRequest, Conflict, NotFound
-from api.routes.jobs import submit
 from api.schemas.common import ObjectId, Strict, epoch
 from api.services import finetune_intake, intake
+from api.services.submit import submit
 from db import jobs as job_repo
 from db.models import Job, JobEvent, new_id
 from db.pagination import listed_after

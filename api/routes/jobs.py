@@ -18,6 +18,7 @@ from api.routes.files import owned_file
 from api.schemas.common import MAX_INT32, epoch
 from api.schemas.jobs import JobCreate, JobEventList, JobEventPublic, JobList, JobPublic, ResultPage, ResultPublic
 from api.services import finetune_intake, intake
+from api.services.submit import submit
 from db import jobs as job_repo
 from db.models import Job, JobEvent, ModelVersion
 from db.pagination import listed_after
@@ -25,7 +26,7 @@ from db.results import iter_results, public_result, result_page
 from db.session import end_reads, transaction
 from db.settings import Settings
 from db.tenants import Principal
-from workers.shards.enqueue import enqueue_shards, queue_for
+from workers.shards.enqueue import queue_for
 
 router = APIRouter(tags=["jobs"])
 log = logging.getLogger("lmbatch.api")
@@ -106,14 +107,6 @@ def _finetune_intake(
         finetune_intake.check_training_file(validation, parsed, param="validation_file")
         run["validation_file"] = validation.id
     return parsed.model_dump(), [{"custom_id": None, "input": run}]
-
-
-def submit(sender: SenderDep, *, queue: str, shard_ids: list[int]) -> None:
-    """Enqueue after commit. If Redis is away the job still stands: the sweeper sends its shards later."""
-    try:
-        enqueue_shards(sender, queue=queue, shard_ids=shard_ids)
-    except Exception:  # kombu raises several connection error types
-        log.exception("could not enqueue %d shard(s); the sweeper will send them", len(shard_ids))
 
 
 @router.get("/jobs", response_model=JobList)

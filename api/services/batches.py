@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.openai_format import ENDPOINT_KINDS, error_line, output_line, parse_batch_file
 from api.schemas.common import epoch
 from api.services.intake import check_tenant_quota
+from api.services.submit import submit
 from db import batches as batch_repo
 from db import jobs as job_repo
 from db.models import Batch, Job, ModelVersion, StoredFile, new_id, utcnow
@@ -260,6 +261,5 @@ def batch_public(sessions: sessionmaker[Session], batch: Batch) -> dict[str, Any
 
 
 def enqueue(sender: Celery, *, kind: str, shard_ids: list[int]) -> None:
-    from api.routes.jobs import submit
 
     submit(sender, queue=queue_for(kind), shard_ids=shard_ids)
