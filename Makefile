@@ -25,6 +25,7 @@ demo: install
 lint: install
 	$(BIN)/ruff check api db workers tests celeryconfig.py
 	$(BIN)/mypy api db workers celeryconfig.py
+	$(BIN)/lint-imports
 
 test: install lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -1,28 +1,24 @@
-"""Celery settings for lmbatch: read by the workers, Flower and the API (which only sends tasks).
+"""Celery settings for lmbatch: loaded by the workers' and Flower's app (workers/app.py) and by the API's sender
+(workers/shards/enqueue.py).
 
-Values come from lmbatch's one settings object (db/settings.py); each setting carries the measured
-reason for it (Celery 5.7, Redis broker, see FACTS.md).
+Importing this module reads no environment. The values that depend on lmbatch's settings (the broker, the
+visibility timeout, the memory cap per pool process) come from ``from_settings(settings)``, which each process
+applies to its own app with the one Settings object it built, so two apps with different settings can live in
+one process. Each value carries the measured reason for it (Celery 5.7, Redis broker).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from kombu import Queue
 
-from db.settings import get_settings
+from db.names import MAINTENANCE_QUEUE, QUEUES
 
-_settings = get_settings()
+if TYPE_CHECKING:
+    from db.settings import Settings
 
-# Job kinds are queues, so a worker consumes only what its hardware can do ("finetune.multi" is for
-# workers that own several GPUs). "maintenance" carries the sweeper's own task.
-QUEUES = ("generate", "classify", "embed", "finetune", "finetune.multi", "maintenance")
-
-broker_url = _settings.redis_url
 broker_connection_retry_on_startup = True
-broker_transport_options = {
-    # A message not acked within this time is delivered again. With acks_late a shard is acked when it
-    # ends, so this must outlast the longest task or a long fine-tune would run twice.
-    "visibility_timeout": _settings.visibility_timeout_seconds,
-}
 
 # JSON only: a pickle payload from anyone who can write to Redis would run code in the worker.
 task_serializer = "json"
@@ -34,10 +30,13 @@ event_serializer = "json"
 task_ignore_result = True
 result_backend = None
 
+# Job kinds are queues (db/names.py), so a worker consumes only what its hardware can do ("finetune.multi" is for
+# workers that own several GPUs). "maintenance" carries the sweeper's own task.
 task_queues = [Queue(name) for name in QUEUES]
-task_default_queue = "generate"
+# Every shard is sent to a named queue (workers/shards/enqueue.py); this only catches a send that names none.
+task_default_queue = QUEUES[0]
 task_routes = {
-    "lmbatch.sweep": {"queue": "maintenance"},
+    "lmbatch.sweep": {"queue": MAINTENANCE_QUEUE},
 }
 
 # Ack after the task ends, and re-queue it when its pool process dies: a SIGKILLed or OOM-killed
@@ -63,9 +62,21 @@ task_track_started = True
 worker_soft_shutdown_timeout = 5.0
 worker_enable_soft_shutdown_on_idle = True
 
-# prefork only: recycle a pool process whose memory grew past the cap (0 = no cap).
-if _settings.worker_max_memory_kb:
-    worker_max_memory_per_child = _settings.worker_max_memory_kb
-
 worker_hijack_root_logger = False
 worker_redirect_stdouts = False
+
+
+def from_settings(settings: Settings) -> dict[str, Any]:
+    """The Celery values that come from lmbatch's settings, for ``app.conf.update``."""
+    values: dict[str, Any] = {
+        "broker_url": settings.redis_url,
+        "broker_transport_options": {
+            # A message not acked within this time is delivered again. With acks_late a shard is acked when it
+            # ends, so this must outlast the longest task or a long fine-tune would run twice.
+            "visibility_timeout": settings.visibility_timeout_seconds,
+        },
+    }
+    # prefork only: recycle a pool process whose memory grew past the cap (0 = no cap).
+    if settings.worker_max_memory_kb:
+        values["worker_max_memory_per_child"] = settings.worker_max_memory_kb
+    return values

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import redis
 from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
@@ -59,17 +60,26 @@ class BodySizeLimit:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
+    """The app, built from ``settings`` alone. Without them (``uvicorn --factory``), this is the process's entry
+    point, and its one Settings object is built here."""
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # The process's shared resources, each opened once here and closed when the server stops.
         engine = make_engine(settings)
         app.state.engine = engine
         app.state.sessions = make_session_factory(engine)
-        app.state.sender = make_sender(settings.redis_url)
-        yield
-        app.state.sender.close()
-        engine.dispose()
+        app.state.sender = make_sender(settings)
+        # Worker presence, queue depths and the broker's health. Short timeouts: a request must not hang on a
+        # Redis that does not answer (/healthz reports it instead).
+        app.state.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=3, socket_connect_timeout=2)
+        try:
+            yield
+        finally:
+            app.state.redis.close()
+            app.state.sender.close()
+            engine.dispose()
 
     app = FastAPI(title="lmbatch", version="0.1.0", lifespan=lifespan, dependencies=[Depends(refuse_nul_bytes)])
     app.state.settings = settings

@@ -6,7 +6,8 @@ Every failure is one of these, and its ``str()`` is one line a person can act on
     ├── ApiResponseError        the API answered 4xx/5xx: ``status``, ``message``, ``param``
     └── ApiUnreachable          no answer at all: connection refused, unknown host, timeout
 
-It imports neither the server code nor torch: a laptop needs only httpx to drive a remote lmbatch.
+It imports neither the server code nor torch (only db/names.py, the shared words, which is plain Python): a
+laptop needs only httpx to drive a remote lmbatch.
 """
 
 from __future__ import annotations
@@ -18,8 +19,12 @@ from typing import IO, Any
 
 import httpx
 
+from db.names import TERMINAL_JOB_STATES
+
 DEFAULT_URL = "http://127.0.0.1:8000"
-TERMINAL_STATES = ("succeeded", "failed", "cancelled")
+# The states a job ends in, for callers that poll one (the CLI's --wait). db/names.py is plain Python, so
+# importing it keeps this client free of the server's dependencies.
+TERMINAL_STATES = TERMINAL_JOB_STATES
 
 
 class ClientError(Exception):

@@ -1,10 +1,13 @@
-"""Dependencies the routes declare: the session, the caller, settings, the task sender."""
+"""Dependencies the routes declare: the session, the caller, settings, the task sender, the Redis client.
+
+Each is built once per process in the app's lifespan (api/app.py) and handed out from ``app.state``."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from typing import Annotated
 
+import redis
 from celery import Celery
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session, sessionmaker
@@ -40,6 +43,10 @@ def get_sender(request: Request) -> Celery:
     return request.app.state.sender
 
 
+def get_redis(request: Request) -> redis.Redis:
+    return request.app.state.redis
+
+
 def get_principal(request: Request) -> Principal:
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
@@ -63,5 +70,7 @@ SessionDep = Annotated[Session, Depends(get_session)]
 # For writes: `with transaction(sessions) as session:` keeps the write transaction short (SQLite locks it).
 SessionsDep = Annotated[sessionmaker[Session], Depends(get_session_factory)]
 SenderDep = Annotated[Celery, Depends(get_sender)]
+# The process's one Redis client (a connection pool underneath, shared by the request threads).
+RedisDep = Annotated[redis.Redis, Depends(get_redis)]
 CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
 AdminPrincipal = Annotated[Principal, Depends(require_admin)]

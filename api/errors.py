@@ -20,6 +20,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 
@@ -64,6 +65,14 @@ class PayloadTooLarge(ApiError):
 class TooManyRequests(ApiError):
     status_code = 429
     error_type = "rate_limit_error"
+
+
+def invalid_field(error: ValidationError, *, prefix: str, code: str) -> BadRequest:
+    """The first problem pydantic found in a nested object the API validates itself (a job's `params`), as a
+    400 that names the field: `params.temperature: Input should be less than or equal to 2`."""
+    first = error.errors()[0]
+    field = f"{prefix}." + ".".join(str(part) for part in first["loc"])
+    return BadRequest(f"{field}: {first['msg']}", param=field, code=code)
 
 
 INVALID = "invalid_request_error"

@@ -1,15 +1,13 @@
-"""OpenAI Batch API lines ⇄ lmbatch items and results.
+"""OpenAI Batch API input lines → lmbatch items.
 
 Input lines are `{"custom_id", "method": "POST", "url", "body"}`; each becomes one job item, with the body's
-sampling fields as that item's params. Results become `chat.completion`, `text_completion` or embedding list
-objects, shaped like OpenAI's, so the openai SDK and existing tooling read them unchanged.
+sampling fields as that item's params. The way back (results → output and error lines) is db/openai_lines.py,
+since the workers write those files when a batch's job ends.
 """
 
 from __future__ import annotations
 
 import json
-import secrets
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,67 +157,3 @@ def _generate_params(body: dict[str, Any], endpoint: str) -> dict[str, Any]:
         theirs = BODY_FIELD_OF_PARAM.get(ours, ours)
         raise LineError("invalid_value", f"body.{theirs}: {problem['msg']}", f"body.{theirs}") from error
     return params
-
-
-def _new_id(prefix: str) -> str:
-    return f"{prefix}{secrets.token_hex(12)}"
-
-
-def response_body(endpoint: str, *, model: str, output: dict[str, Any], created: int | None = None) -> dict[str, Any]:
-    created = created or int(time.time())
-    if endpoint == "/v1/embeddings":
-        return {
-            "object": "list",
-            "data": [{"object": "embedding", "index": 0, "embedding": output["embedding"]}],
-            "model": model,
-            "usage": {"prompt_tokens": output.get("usage", {}).get("prompt_tokens", 0), "total_tokens": 0},
-        }
-    usage = output.get("usage", {})
-    prompt_tokens, completion_tokens = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
-    usage_body = {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-    finish_reason = output.get("finish_reason", "stop")
-    if endpoint == "/v1/completions":
-        choice = {"index": 0, "text": output["text"], "logprobs": None, "finish_reason": finish_reason}
-        return {
-            "id": _new_id("cmpl-"),
-            "object": "text_completion",
-            "created": created,
-            "model": model,
-            "choices": [choice],
-            "usage": usage_body,
-        }
-    message = {"role": "assistant", "content": output["text"], "refusal": None}
-    return {
-        "id": _new_id("chatcmpl-"),
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": None}],
-        "usage": usage_body,
-    }
-
-
-def output_line(endpoint: str, *, model: str, custom_id: str | None, output: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "id": _new_id("batch_req_"),
-        "custom_id": custom_id,
-        "response": {
-            "status_code": 200,
-            "request_id": _new_id("req_"),
-            "body": response_body(endpoint, model=model, output=output),
-        },
-        "error": None,
-    }
-
-
-def error_line(*, custom_id: str | None, error: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "id": _new_id("batch_req_"),
-        "custom_id": custom_id,
-        "response": None,
-        "error": {"code": error.get("code", "request_failed"), "message": error.get("message", "")},
-    }

@@ -22,11 +22,11 @@ from sqlalchemy import and_, exists, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.models import Job, Shard, new_id, utcnow
+from db.names import TERMINAL_JOB_STATES
 from db.session import changed
 from db.sharding import cut_shards
 
 ACTIVE_JOB_STATES = ("queued", "running", "cancelling", "paused")
-TERMINAL_JOB_STATES = ("succeeded", "failed", "cancelled")
 OPEN_SHARD_STATES = ("queued", "running")
 
 
@@ -193,7 +193,7 @@ def finish_shard(
     error: dict[str, Any] | None = None,
 ) -> bool:
     """running → succeeded | failed | cancelled, adding the shard's counts to its job exactly once."""
-    assert status in ("succeeded", "failed", "cancelled"), status
+    assert status in TERMINAL_JOB_STATES, status
     won = changed(
         session,
         update(Shard)
@@ -332,6 +332,19 @@ def resume_job(session: Session, *, job_id: str) -> list[int]:
     ids = list(session.scalars(select(Shard.id).where(Shard.job_id == job_id, Shard.status == "queued")))
     mark_enqueued(session, shard_ids=ids)
     return ids
+
+
+def set_result_model(session: Session, *, job_id: str, ref: str) -> bool:
+    """A fine-tune names the model version it made, once: a re-run (its worker died after registering) names the
+    same one again and wins; a different one never replaces it. Returns whether the job now names `ref`."""
+    return bool(
+        changed(
+            session,
+            update(Job)
+            .where(Job.id == job_id, or_(Job.result_model.is_(None), Job.result_model == ref))
+            .values(result_model=ref),
+        )
+    )
 
 
 def job_status(session: Session, *, job_id: str) -> str | None:

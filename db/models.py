@@ -1,6 +1,7 @@
 """The SQL schema: the source of truth for tenants, keys, files, jobs, shards, results and model versions.
 
-Status columns are written only by ``db/repo.py``, each change one compare-and-set statement.
+Rows are written only by the functions of ``db/`` (one module per aggregate: jobs.py, batches.py, files.py,
+registry.py, tenants.py, …); each status change is one compare-and-set statement.
 """
 
 from __future__ import annotations

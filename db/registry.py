@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,7 +66,7 @@ def register_version(
     name: str,
     task: str,
     kinds: list[str],
-    artifact_uri: str,
+    artifact_uri: str | Callable[[int], str],
     sha256: str,
     parent_id: int | None = None,
     job_id: str | None = None,
@@ -75,7 +76,10 @@ def register_version(
     version: int | None = None,
 ) -> ModelVersion:
     """Add the next version of `name` (or exactly `version`). The unique (name, version) pair decides
-    races: a loser re-reads the latest number and tries again."""
+    races: a loser re-reads the latest number and tries again.
+
+    `artifact_uri` is where the files are, or a function of the number this call allocates when the files are
+    stored under it (`store/<name>/<N>/`): the row is complete when added, so nobody patches it afterwards."""
     parse_ref(name)
     for _ in range(5):
         number = version or (
@@ -92,7 +96,7 @@ def register_version(
             version=number,
             task=task,
             kinds=kinds,
-            artifact_uri=artifact_uri,
+            artifact_uri=artifact_uri if isinstance(artifact_uri, str) else artifact_uri(number),
             sha256=sha256,
             parent_id=parent_id,
             job_id=job_id,
@@ -108,6 +112,16 @@ def register_version(
             if version is not None:
                 raise
     raise RuntimeError(f"could not allocate a version number for {name!r}")
+
+
+def version_exists(session: Session, *, name: str, version: int) -> bool:
+    """Whether `name@version` was ever registered: a deleted version keeps its number, which is never reused."""
+    return bool(session.scalar(select(exists().where(ModelVersion.name == name, ModelVersion.version == version))))
+
+
+def version_made_by(session: Session, *, job_id: str) -> ModelVersion | None:
+    """The version a fine-tuning job registered, if it got that far (a retried shard reuses it)."""
+    return session.scalar(select(ModelVersion).where(ModelVersion.job_id == job_id))
 
 
 def set_alias(session: Session, *, name: str, alias: str, version: ModelVersion) -> None:

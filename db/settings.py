@@ -1,8 +1,8 @@
 """The one settings object of lmbatch.
 
 Every environment variable lmbatch reads is declared here once, with a type and a reason. Nothing else
-reads ``os.environ`` for configuration: the API, the workers, ``celeryconfig.py`` and the CLI each build
-``Settings()`` once and hand it to what needs it.
+reads ``os.environ`` for configuration. Each process builds ``Settings()`` once, at its entry point, and hands
+it down: the CLI (``get_settings``), the API (``create_app(settings)``), a worker process (workers/app.py).
 
 It lives in ``db/`` because ``db`` is the one package that both the API and the workers import.
 """
@@ -11,13 +11,11 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-JobKind = Literal["generate", "classify", "embed", "finetune"]
-ALL_KINDS: tuple[str, ...] = ("generate", "classify", "embed", "finetune")
+from db.names import JOB_KINDS
 
 
 class Settings(BaseSettings):
@@ -55,7 +53,7 @@ class Settings(BaseSettings):
 
     # Workers.
     model_cache_bytes: int = Field(8 * 1024**3, ge=0)
-    worker_kinds: list[str] = Field(default_factory=lambda: list(ALL_KINDS))
+    worker_kinds: list[str] = Field(default_factory=lambda: list[str](JOB_KINDS))
     # A shard's lease: a worker renews it every heartbeat; a lease not renewed for this long means the
     # worker is gone and the sweeper hands the shard to another.
     lease_seconds: int = Field(60, ge=2)
@@ -80,9 +78,9 @@ class Settings(BaseSettings):
     @field_validator("worker_kinds")
     @classmethod
     def _known_kinds(cls, kinds: list[str]) -> list[str]:
-        unknown = sorted(set(kinds) - set(ALL_KINDS))
+        unknown = sorted(set(kinds) - set(JOB_KINDS))
         if unknown:
-            raise ValueError(f"unknown job kinds {unknown}; known: {list(ALL_KINDS)}")
+            raise ValueError(f"unknown job kinds {unknown}; known: {list(JOB_KINDS)}")
         return kinds
 
     @property

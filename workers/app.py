@@ -1,11 +1,21 @@
-"""The Celery app, and nothing else: configuration is celeryconfig.py, tasks are workers/tasks/."""
+"""The Celery app of a worker process, and of Flower and `celery inspect`, which load it too.
+
+This is a worker process's entry point, so its one Settings object is built here, once, and handed down: the
+broker and the other settings-dependent Celery values (celeryconfig.py), and the signal hooks
+(workers/lifecycle.py), which open the process's resources from it. Tasks are in workers/tasks/.
+"""
 
 from __future__ import annotations
 
 from celery import Celery
 
-app = Celery("lmbatch", include=["workers.tasks.shards", "workers.tasks.maintenance"])
-app.config_from_object("celeryconfig")
+import celeryconfig
+from db.settings import Settings
 
-# Per-process resources (database engine, model cache, device) are made after fork.
-import workers.lifecycle  # noqa: E402,F401  (connects the worker signals)
+settings = Settings()
+
+# Celery imports these when a worker starts, before it sends any worker signal: the hooks first, so that they are
+# connected in time; nothing here imports them, so neither imports this module back in a cycle.
+app = Celery("lmbatch", include=["workers.lifecycle", "workers.tasks.shards", "workers.tasks.maintenance"])
+app.config_from_object(celeryconfig)
+app.conf.update(celeryconfig.from_settings(settings))

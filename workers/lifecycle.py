@@ -1,4 +1,9 @@
-"""Worker signal handlers: heavy resources come from lifecycle hooks, never from import time."""
+"""The worker's signal hooks, and nothing else: heavy resources come from here, never from import time.
+
+Celery loads this module when a worker starts (``include`` in workers/app.py), before it sends any of these
+signals. Every hook uses the one Settings object of the process, built in workers/app.py. Tasks reach the runtime
+opened here through ``workers.runtime.current_runtime``.
+"""
 
 from __future__ import annotations
 
@@ -18,9 +23,9 @@ from sqlalchemy.pool import NullPool
 
 from db.jobs import release_leases
 from db.session import make_engine, make_session_factory, transaction
-from db.settings import Settings
+from workers.app import app, settings
 from workers.presence import PresenceThread
-from workers.runtime import Runtime, build_runtime, get_runtime, set_runtime
+from workers.runtime import Runtime, build_runtime, current_runtime, detach_runtime, open_runtime_with
 from workers.shards.sweeper import SweeperThread
 
 log = logging.getLogger("lmbatch.worker")
@@ -38,33 +43,15 @@ def _remember_node_name(sender: str | None = None, **_: Any) -> None:
         _node_name = sender
 
 
-@worker_process_init.connect
-def _open_runtime(**_: Any) -> None:
-    # Runs inside each pool process after fork: CUDA, the database pool and models are made here so
-    # that none is inherited from the parent ("Cannot re-initialize CUDA in forked subprocess").
-    try:
-        current_runtime()
-    except Exception:  # Celery would swallow it; tasks retry the open and report the real error
-        log.exception("could not open the worker runtime")
-
-
-def current_runtime() -> Runtime:
-    """This pool process's runtime, opened on first use."""
-    try:
-        return get_runtime()
-    except RuntimeError:
-        pass
+def _open_runtime() -> Runtime:
+    """This pool process's runtime, and its presence beat once it is open."""
     import torch
 
-    settings = Settings()
+    from workers.pinning import describe_device
+
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     runtime = build_runtime(settings, worker_name=_node_name)
-    set_runtime(runtime)
-
-    from workers.app import app
-    from workers.pinning import describe_device
-
     global _presence
     # The -Q selection was made in the parent before the pool forked; the child inherits it.
     queues = sorted(app.amqp.queues.consume_from or app.amqp.queues)
@@ -74,17 +61,26 @@ def current_runtime() -> Runtime:
     return runtime
 
 
+@worker_process_init.connect
+def _start_process(**_: Any) -> None:
+    # Runs inside each pool process after fork: CUDA, the database pool and models are made here so
+    # that none is inherited from the parent ("Cannot re-initialize CUDA in forked subprocess").
+    open_runtime_with(_open_runtime)
+    try:
+        current_runtime()
+    except Exception:  # Celery would swallow it; tasks retry the open and report the real error
+        log.exception("could not open the worker runtime")
+
+
 @worker_process_shutdown.connect
 def _close_runtime(**_: Any) -> None:
-    try:
-        runtime = get_runtime()
-    except RuntimeError:
+    runtime = detach_runtime()
+    if runtime is None:
         return
     if _presence is not None:
         _presence.stop()
     runtime.models.clear()
     runtime.engine.dispose()
-    set_runtime(None)
 
 
 @worker_ready.connect
@@ -92,7 +88,6 @@ def _start_sweeper(sender: Any = None, **_: Any) -> None:
     # In the worker's main process, after the pool has forked. NullPool: no pooled connection lingers
     # to be inherited by a pool process that is re-forked later.
     global _sweeper
-    settings = Settings()
     if not settings.sweeper_enabled or sender is None:
         return
     sessions = make_session_factory(make_engine(settings, poolclass=NullPool))
@@ -115,7 +110,7 @@ def _release_leases(how: str | None = None, **_: Any) -> None:
     if how != "Cold":
         return  # a warm shutdown lets the running shard finish
     try:
-        engine = make_engine(Settings(), poolclass=NullPool)
+        engine = make_engine(settings, poolclass=NullPool)
         try:
             with transaction(make_session_factory(engine)) as session:
                 released = release_leases(session, worker=_node_name)

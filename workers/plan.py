@@ -17,11 +17,8 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from db.settings import ALL_KINDS, Settings
-
-MAINTENANCE_QUEUE = "maintenance"
-MULTI_GPU_QUEUE = "finetune.multi"
-KNOWN_QUEUES: tuple[str, ...] = (*ALL_KINDS, MULTI_GPU_QUEUE, MAINTENANCE_QUEUE)
+from db.names import JOB_KINDS, MAINTENANCE_QUEUE, MULTI_GPU_QUEUE, QUEUES
+from db.settings import Settings
 
 
 class WorkerPlanError(ValueError):
@@ -98,7 +95,7 @@ def group_gpus(gpus: Sequence[int], per_worker: int) -> list[tuple[int, ...]]:
 def default_queues(settings: Settings, *, gpu_count: int) -> tuple[str, ...]:
     """Every job kind this host is configured for, plus maintenance; ``finetune.multi`` only for a worker
     that owns several GPUs, since only it can run a multi-GPU fine-tune."""
-    queues = [kind for kind in ALL_KINDS if kind in settings.worker_kinds]
+    queues: list[str] = [kind for kind in JOB_KINDS if kind in settings.worker_kinds]
     if gpu_count >= 2 and "finetune" in queues:
         queues.append(MULTI_GPU_QUEUE)
     queues.append(MAINTENANCE_QUEUE)
@@ -107,9 +104,9 @@ def default_queues(settings: Settings, *, gpu_count: int) -> tuple[str, ...]:
 
 def parse_queues(spec: str) -> tuple[str, ...]:
     queues = tuple(dict.fromkeys(part.strip() for part in spec.split(",") if part.strip()))
-    unknown = [queue for queue in queues if queue not in KNOWN_QUEUES]
+    unknown = [queue for queue in queues if queue not in QUEUES]
     if not queues or unknown:
-        raise WorkerPlanError(f"--queues: unknown {unknown or 'empty list'}; known: {', '.join(KNOWN_QUEUES)}")
+        raise WorkerPlanError(f"--queues: unknown {unknown or 'empty list'}; known: {', '.join(QUEUES)}")
     return queues
 
 
@@ -159,7 +156,7 @@ def plan_workers(
         # Empty for a CPU worker: `--gpus none` must hide the GPUs, not leave torch free to pick one.
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, group))
         # SIGTERM becomes a soft shutdown: the running shard gets worker_soft_shutdown_timeout, then its
-        # message goes back on the queue at once instead of waiting out the visibility timeout (FACTS.md).
+        # message goes back on the queue at once instead of waiting out the visibility timeout.
         env["REMAP_SIGTERM"] = "SIGQUIT"
         argv = celery_worker_argv(node, worker_queues, loglevel=loglevel)
         plans.append(WorkerPlan(node=node, gpus=group, queues=worker_queues, argv=argv, env=env))

@@ -34,6 +34,8 @@ def read_workers(client: redis.Redis) -> list[dict[str, Any]]:
 
 
 class PresenceThread(threading.Thread):
+    """One per pool process, with its own Redis client, closed when the thread ends."""
+
     def __init__(self, redis_url: str, name: str, describe: Any, queues: list[str]) -> None:
         super().__init__(name="lmbatch-presence", daemon=True)
         self._client = redis.Redis.from_url(redis_url, socket_timeout=5)
@@ -69,6 +71,7 @@ class PresenceThread(threading.Thread):
                 break
         with contextlib.suppress(redis.RedisError):
             self._client.delete(worker_key(self._name))
+        self._client.close()
 
     def stop(self) -> None:
         self._stopped.set()

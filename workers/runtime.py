@@ -1,11 +1,13 @@
 """What a worker process holds: settings, a database session factory, a model cache, its device.
 
-Built once per pool process after fork (workers/lifecycle.py), or directly by tests and benchmarks.
+Built once per pool process after fork by the opener that the signal hooks hand in (workers/lifecycle.py), and
+reached by tasks through ``current_runtime()``; tests and benchmarks call ``build_runtime`` directly.
 """
 
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -33,6 +35,7 @@ class Runtime:
 
 
 _current: Runtime | None = None
+_opener: Callable[[], Runtime] | None = None
 
 
 def build_runtime(settings: Settings, *, worker_name: str | None = None) -> Runtime:
@@ -50,12 +53,27 @@ def build_runtime(settings: Settings, *, worker_name: str | None = None) -> Runt
     )
 
 
-def set_runtime(runtime: Runtime | None) -> None:
+def open_runtime_with(opener: Callable[[], Runtime]) -> None:
+    """How ``current_runtime()`` opens this process's runtime when it has none yet."""
+    global _opener
+    _opener = opener
+
+
+def current_runtime() -> Runtime:
+    """This process's runtime, opened on first use.
+
+    The hooks open it right after fork; should that fail (the database away, say), each task tries again here, so
+    a task reports the real error and a worker recovers once the cause is gone."""
     global _current
-    _current = runtime
-
-
-def get_runtime() -> Runtime:
     if _current is None:
-        raise RuntimeError("no worker runtime in this process: the worker_process_init handler did not run")
+        if _opener is None:
+            raise RuntimeError("no worker runtime in this process: the worker_process_init hook did not run")
+        _current = _opener()
     return _current
+
+
+def detach_runtime() -> Runtime | None:
+    """Take this process's runtime away to close it (None if it never opened); nothing opens another after."""
+    global _current, _opener
+    runtime, _current, _opener = _current, None, None
+    return runtime

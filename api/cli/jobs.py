@@ -15,7 +15,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timedelta
+from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import IO, Annotated, Any
@@ -24,54 +24,30 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
-from typer.core import TyperCommand
 
-try:  # typer 0.2x carries its own copy of click, whose exceptions are not click's
-    from typer._click.exceptions import UsageError
-except ImportError:  # pragma: no cover - a typer that uses click itself
-    from click.exceptions import UsageError  # type: ignore[assignment]
-
-from api.cli.common import CliError, err, out
-from api.client import DEFAULT_URL, TERMINAL_STATES, ApiResponseError, ApiUnreachable, Client, ClientError
+from api.cli.common import (
+    POLL_SECONDS,
+    CliError,
+    KeyOpt,
+    OneLineUsage,
+    UrlOpt,
+    connect,
+    err,
+    job_error,
+    out,
+    poll,
+    show,
+    when,
+)
+from api.client import DEFAULT_URL, TERMINAL_STATES, Client
 
 jobs_app = typer.Typer()  # merged into the root app: `lmbatch submit`, not `lmbatch jobs submit`
-
-UrlOpt = Annotated[str, typer.Option("--url", envvar="LMBATCH_API_URL", help="Base URL of the lmbatch API.")]
-KeyOpt = Annotated[
-    str | None, typer.Option("--api-key", envvar="LMBATCH_API_KEY", help="A tenant's API key.", show_default=False)
-]
-POLL_SECONDS = 0.5
-# A restarting API (a deploy) should not end a --wait that has already run for an hour.
-UNREACHABLE_GRACE_S = 60.0
-
-
-class OneLineUsage(TyperCommand):
-    """A bad argument is one line on stderr, like every other error of these commands, not a usage panel."""
-
-    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
-        try:
-            return super().parse_args(ctx, args)
-        except UsageError as error:
-            raise CliError(f"{error.format_message()} (see `{ctx.command_path} --help`)") from None
 
 
 class SubmitKind(StrEnum):
     generate = "generate"
     classify = "classify"
     embed = "embed"
-
-
-@contextmanager
-def connect(url: str, api_key: str | None) -> Iterator[Client]:
-    """A client whose failures reach the operator as one line (CliError) rather than a traceback."""
-    with Client(url, api_key) as client:
-        try:
-            yield client
-        except ApiResponseError as error:
-            hint = " (give --api-key or set LMBATCH_API_KEY)" if error.status == 401 else ""
-            raise CliError(f"{error}{hint}") from None
-        except ClientError as error:
-            raise CliError(str(error)) from None
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -137,19 +113,6 @@ def input_upload(path: Path, kind: str) -> Iterator[tuple[IO[bytes], str]]:
 # ----------------------------------------------------------------------------------------------- display
 
 
-def show(renderable: Any) -> None:
-    """Print to stdout; in a pipe or a file at the table's natural width, since an id cut short by '…' is
-    useless there (rich would squeeze it into 80 columns)."""
-    if out.is_terminal:
-        out.print(renderable)
-    else:
-        Console(width=1000, highlight=False, file=sys.stdout).print(renderable)
-
-
-def when(epoch: int | None) -> str:
-    return datetime.fromtimestamp(epoch).strftime("%Y-%m-%d %H:%M:%S") if epoch else "-"
-
-
 def duration(seconds: float | None) -> str:
     return str(timedelta(seconds=round(seconds))) if seconds is not None else "-"
 
@@ -169,18 +132,6 @@ def eta_text(job: dict[str, Any]) -> str:
     if job["status"] in TERMINAL_STATES:
         return "done" if job["status"] == "succeeded" else job["status"]
     return duration(job["eta_seconds"]) if job["eta_seconds"] is not None else "-"
-
-
-def poll(client: Client, job_id: str) -> dict[str, Any]:
-    """The job now; an API that does not answer is retried for UNREACHABLE_GRACE_S before giving up."""
-    started = time.monotonic()
-    while True:
-        try:
-            return client.get_job(job_id)
-        except ApiUnreachable:
-            if time.monotonic() - started > UNREACHABLE_GRACE_S:
-                raise
-            time.sleep(2.0)
 
 
 def follow_job(client: Client, job: dict[str, Any], *, console: Console) -> dict[str, Any]:
@@ -206,11 +157,6 @@ def follow_job(client: Client, job: dict[str, Any], *, console: Console) -> dict
                 return job
             time.sleep(POLL_SECONDS)
             job = poll(client, job["id"])
-
-
-def job_error(job: dict[str, Any]) -> str:
-    error = job.get("error") or {}
-    return f": {error.get('message')}" if error.get("message") else ""
 
 
 def finish(client: Client, job: dict[str, Any], output: Path | None) -> None:

@@ -17,8 +17,20 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from api.cli.common import CliError, err, out
-from api.cli.jobs import POLL_SECONDS, KeyOpt, OneLineUsage, UrlOpt, connect, job_error, poll, show, when
+from api.cli.common import (
+    POLL_SECONDS,
+    CliError,
+    KeyOpt,
+    OneLineUsage,
+    UrlOpt,
+    connect,
+    err,
+    job_error,
+    out,
+    poll,
+    show,
+    when,
+)
 from api.client import DEFAULT_URL, TERMINAL_STATES, Client
 
 models_app = typer.Typer(help="The model registry: versions and aliases.", no_args_is_help=True)

@@ -1,17 +1,19 @@
-"""/v1/batches: OpenAI's Batch API over lmbatch jobs (the official openai SDK works against it)."""
+"""/v1/batches: OpenAI's Batch API over lmbatch jobs (the official openai SDK works against it).
+
+Reads only read: a batch's job ending is what moves it to its final status (see api/services/batches.py).
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, Query
-from pydantic import Field
 
 from api.deps import CurrentPrincipal, SenderDep, SessionDep, SessionsDep, SettingsDep
 from api.errors import BadRequest, NotFound
 from api.openai_format import ENDPOINT_KINDS
 from api.routes.files import owned_file
-from api.schemas.common import ObjectId, Strict
+from api.schemas.batches import BatchCreate, BatchList, BatchPublic
 from api.services import batches as batches_service
 from db import batches as batch_repo
 from db.models import Batch
@@ -19,16 +21,6 @@ from db.session import end_reads
 from db.tenants import Principal
 
 router = APIRouter(tags=["batches"])
-
-Endpoint = Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
-
-
-class BatchCreate(Strict):
-    input_file_id: ObjectId
-    endpoint: Endpoint
-    completion_window: Literal["24h"] = "24h"
-    metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = Field(None, max_length=16)
-    output_expires_after: dict[str, Any] | None = None
 
 
 def owned_batch(session: SessionDep, principal: Principal, batch_id: str) -> Batch:
@@ -38,7 +30,7 @@ def owned_batch(session: SessionDep, principal: Principal, batch_id: str) -> Bat
     return batch
 
 
-@router.post("/batches")
+@router.post("/batches", response_model=BatchPublic)
 def create_batch(
     body: BatchCreate,
     principal: CurrentPrincipal,
@@ -46,7 +38,7 @@ def create_batch(
     sessions: SessionsDep,
     settings: SettingsDep,
     sender: SenderDep,
-) -> dict[str, Any]:
+) -> BatchPublic:
     stored = owned_file(session, principal, body.input_file_id)
     if stored.purpose != "batch":
         raise BadRequest("the input file's purpose must be 'batch'", param="input_file_id", code="invalid_purpose")
@@ -62,49 +54,37 @@ def create_batch(
     )
     if shard_ids:
         batches_service.enqueue(sender, kind=ENDPOINT_KINDS[body.endpoint], shard_ids=shard_ids)
-    return batches_service.batch_public(sessions, batch)
+    return batches_service.batch_public(session, batch)
 
 
-@router.get("/batches/{batch_id}")
-def get_batch(
-    batch_id: str, principal: CurrentPrincipal, session: SessionDep, sessions: SessionsDep, settings: SettingsDep
-) -> dict[str, Any]:
-    batch = owned_batch(session, principal, batch_id)
-    end_reads(session)
-    batch = batches_service.refresh(sessions, batch, settings)
-    return batches_service.batch_public(sessions, batch)
+@router.get("/batches/{batch_id}", response_model=BatchPublic)
+def get_batch(batch_id: str, principal: CurrentPrincipal, session: SessionDep) -> BatchPublic:
+    return batches_service.batch_public(session, owned_batch(session, principal, batch_id))
 
 
-@router.get("/batches")
+@router.get("/batches", response_model=BatchList)
 def list_batches(
     principal: CurrentPrincipal,
     session: SessionDep,
-    sessions: SessionsDep,
-    settings: SettingsDep,
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-) -> dict[str, Any]:
+) -> BatchList:
     rows = batch_repo.list_batches(session, tenant_id=principal.tenant_id, after=after, limit=limit + 1)
-    end_reads(session)
-    data = [
-        batches_service.batch_public(sessions, batches_service.refresh(sessions, b, settings)) for b in rows[:limit]
-    ]
-    return {
-        "object": "list",
-        "data": data,
-        "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None,
-        "has_more": len(rows) > limit,
-    }
+    data = [batches_service.batch_public(session, batch) for batch in rows[:limit]]
+    return BatchList(
+        data=data,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+        has_more=len(rows) > limit,
+    )
 
 
-@router.post("/batches/{batch_id}/cancel")
+@router.post("/batches/{batch_id}/cancel", response_model=BatchPublic)
 def cancel_batch(
     batch_id: str, principal: CurrentPrincipal, session: SessionDep, sessions: SessionsDep, settings: SettingsDep
-) -> dict[str, Any]:
+) -> BatchPublic:
     batch = owned_batch(session, principal, batch_id)
     end_reads(session)
-    batches_service.cancel(sessions, batch)
-    with sessions() as fresh_session:
-        fresh = owned_batch(fresh_session, principal, batch_id)
-    return batches_service.batch_public(sessions, batches_service.refresh(sessions, fresh, settings))
+    batches_service.cancel(sessions, batch, settings)
+    fresh = owned_batch(session, principal, batch_id)
+    return batches_service.batch_public(session, fresh)

@@ -6,126 +6,51 @@ Training data is OpenAI's chat format (`{"messages": [...]}` per line).
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import APIRouter, Query
-from pydantic import Field
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 
-from api.deps import CurrentPrincipal, SenderDep, SessionDep, SessionsDep, SettingsDep
-from api.errors import BadRequest, Conflict, NotFound
-from api.schemas.common import ObjectId, Strict, epoch
-from api.services import finetune_intake, intake
-from api.services.submit import submit
+from api.deps import CurrentPrincipal, RedisDep, SenderDep, SessionDep, SessionsDep, SettingsDep
+from api.errors import Conflict, NotFound
+from api.schemas.fine_tuning import (
+    FineTuningJob,
+    FineTuningJobCheckpoint,
+    FineTuningJobCheckpointList,
+    FineTuningJobCreate,
+    FineTuningJobEvent,
+    FineTuningJobEventList,
+    FineTuningJobList,
+)
+from api.services import intake
+from api.services.finetune_intake import accept_finetune
+from api.services.submit import JobOrder, create_and_submit, submit
+from db import events, job_reads
 from db import jobs as job_repo
-from db.models import Job, JobEvent, new_id
-from db.pagination import listed_after
+from db.models import new_id
 from db.session import end_reads, transaction
-from db.tenants import Principal
 from workers.shards.enqueue import queue_for
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from db.models import Job
+    from db.tenants import Principal
 
 router = APIRouter(tags=["fine-tuning"])
 
-BASE_LEARNING_RATE = 5e-5
-STATUS = {"queued": "queued", "running": "running", "cancelling": "running", "paused": "paused"}
-Auto = Literal["auto"]
-
-
-class OpenAIHyperparameters(Strict):
-    n_epochs: Annotated[int, Field(ge=1)] | Auto = "auto"
-    batch_size: Annotated[int, Field(ge=1)] | Auto = "auto"
-    learning_rate_multiplier: Annotated[float, Field(gt=0, allow_inf_nan=False)] | Auto = "auto"
-
-
-class Supervised(Strict):
-    hyperparameters: OpenAIHyperparameters = Field(default_factory=OpenAIHyperparameters)
-
-
-class Method(Strict):
-    type: Literal["supervised"] = "supervised"
-    supervised: Supervised = Field(default_factory=Supervised)
-
-
-class FineTuningJobCreate(Strict):
-    model: str = Field(min_length=1, max_length=200)
-    training_file: ObjectId
-    validation_file: ObjectId | None = None
-    hyperparameters: OpenAIHyperparameters | None = None  # the older top-level form
-    method: Method | None = None
-    suffix: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9_-]{0,39}$")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)  # torch.manual_seed takes at most 64 bits
-    metadata: dict[str, str] | None = Field(None, max_length=16)
-    integrations: list[Any] | None = None
-
-
-def native_params(body: FineTuningJobCreate, base_name: str) -> dict[str, Any]:
-    chosen = (body.method.supervised.hyperparameters if body.method else None) or body.hyperparameters
-    chosen = chosen or OpenAIHyperparameters()
-    hyper: dict[str, Any] = {}
-    if chosen.n_epochs != "auto":
-        hyper["epochs"] = chosen.n_epochs
-    if chosen.batch_size != "auto":
-        hyper["batch_size"] = chosen.batch_size
-    if chosen.learning_rate_multiplier != "auto":
-        hyper["learning_rate"] = BASE_LEARNING_RATE * chosen.learning_rate_multiplier
-    if body.seed is not None:
-        hyper["seed"] = body.seed
-    output_name = f"{base_name}-{body.suffix}"[:100] if body.suffix else None
-    return {"task": "causal-lm", "hyperparameters": hyper, "output_name": output_name}
-
-
-def ftjob_public(session: Session, job: Job) -> dict[str, Any]:
-    hyper = job.params.get("hyperparameters", {})
-    status = job.status if job.status in ("succeeded", "failed", "cancelled") else STATUS.get(job.status, job.status)
-    run = _run_input(session, job)
-    error = None
-    if job.error:
-        error = {"code": job.error.get("code", "error"), "message": job.error.get("message", ""), "param": None}
-    return {
-        "id": job.id,
-        "object": "fine_tuning.job",
-        "model": job.model_ref,
-        "created_at": epoch(job.created_at),
-        "finished_at": epoch(job.finished_at),
-        "fine_tuned_model": job.result_model,
-        "organization_id": "lmbatch",
-        "status": status,
-        "error": error,
-        "hyperparameters": {
-            "n_epochs": hyper.get("epochs", 3),
-            "batch_size": hyper.get("batch_size", 8),
-            "learning_rate_multiplier": hyper.get("learning_rate", BASE_LEARNING_RATE) / BASE_LEARNING_RATE,
-        },
-        "method": {"type": "supervised"},
-        "training_file": run.get("training_file"),
-        "validation_file": run.get("validation_file"),
-        "result_files": [],
-        "trained_tokens": None,
-        "seed": hyper.get("seed", 42),
-        "estimated_finish": None,
-        "integrations": [],
-        "metadata": job.metadata_ or None,
-    }
-
-
-def _run_input(session: Session, job: Job) -> dict[str, Any]:
-    from db.models import Shard
-
-    items = session.scalar(select(Shard.items).where(Shard.job_id == job.id, Shard.index == 0)) or [{}]
-    return dict(items[0].get("input", {}))
-
 
 def owned_ftjob(session: Session, principal: Principal, job_id: str) -> Job:
-    job = session.scalar(
-        select(Job).where(Job.id == job_id, Job.tenant_id == principal.tenant_id, Job.kind == "finetune")
-    )
+    job = job_reads.get_job(session, tenant_id=principal.tenant_id, job_id=job_id, kind="finetune")
     if job is None:
         raise NotFound(f"no fine-tuning job {job_id!r}", param="fine_tuning_job_id", code="job_not_found")
     return job
 
 
-@router.post("/fine_tuning/jobs")
+def ftjob_public(session: Session, job: Job) -> FineTuningJob:
+    return FineTuningJob.of(job, run=job_reads.first_item_input(session, job_id=job.id))
+
+
+@router.post("/fine_tuning/jobs", response_model=FineTuningJob)
 def create_fine_tuning_job(
     body: FineTuningJobCreate,
     principal: CurrentPrincipal,
@@ -133,66 +58,54 @@ def create_fine_tuning_job(
     sessions: SessionsDep,
     settings: SettingsDep,
     sender: SenderDep,
-) -> dict[str, Any]:
+    client: RedisDep,
+) -> FineTuningJob:
     version = intake.resolve_model(session, ref=body.model, kind="finetune")
-    params = finetune_intake.validate_finetune_params(native_params(body, version.name), version)
-    training = finetune_intake.owned_training_file(session, principal.tenant_id, body.training_file, "training_file")
-    if training.purpose != "fine-tune":
-        raise BadRequest("the training file's purpose must be 'fine-tune'", param="training_file")
-    run: dict[str, Any] = {
-        "training_file": training.id,
-        "training": finetune_intake.check_training_file(training, params, param="training_file"),
-        "validation_file": None,
-    }
-    if body.validation_file is not None:
-        validation = finetune_intake.owned_training_file(
-            session, principal.tenant_id, body.validation_file, "validation_file"
-        )
-        finetune_intake.check_training_file(validation, params, param="validation_file")
-        run["validation_file"] = validation.id
-    native = params.model_dump()
+    accepted = accept_finetune(
+        session,
+        tenant_id=principal.tenant_id,
+        version=version,
+        params=body.native_params(version.name),
+        training_file=body.training_file,
+        validation_file=body.validation_file,
+        client=client,
+        training_purpose="fine-tune",
+    )
     end_reads(session)
-    with transaction(sessions) as write:
-        intake.check_tenant_quota(write, tenant_id=principal.tenant_id, adding=1, settings=settings)
-        new = job_repo.create_job(
-            write,
-            tenant_id=principal.tenant_id,
-            kind="finetune",
-            model_ref=body.model,
-            model_version_id=version.id,
-            params=native,
-            items=[{"custom_id": None, "input": run}],
-            shard_size=1,
-            metadata=body.metadata,
-            job_id=new_id("ftjob"),
-        )
-    submit(sender, queue=queue_for("finetune", native), shard_ids=new.shard_ids)
+    order = JobOrder(
+        tenant_id=principal.tenant_id,
+        kind="finetune",
+        model_ref=body.model,
+        model_version_id=version.id,
+        params=accepted.params,
+        items=accepted.items,
+        metadata=body.metadata,
+        job_id=new_id("ftjob"),
+    )
+    job = create_and_submit(sessions, sender, order=order, settings=settings)
     with sessions() as read:
-        return ftjob_public(read, owned_ftjob(read, principal, new.job.id))
+        return ftjob_public(read, owned_ftjob(read, principal, job.id))
 
 
-@router.get("/fine_tuning/jobs")
+@router.get("/fine_tuning/jobs", response_model=FineTuningJobList)
 def list_fine_tuning_jobs(
     principal: CurrentPrincipal,
     session: SessionDep,
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-) -> dict[str, Any]:
-    query = select(Job).where(Job.tenant_id == principal.tenant_id, Job.kind == "finetune")
-    if after:
-        anchor = owned_ftjob(session, principal, after)
-        query = query.where(listed_after(Job, anchor))
-    rows = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
-    return {"object": "list", "data": [ftjob_public(session, j) for j in rows[:limit]], "has_more": len(rows) > limit}
+) -> FineTuningJobList:
+    anchor = owned_ftjob(session, principal, after) if after else None
+    rows = job_reads.list_jobs(session, tenant_id=principal.tenant_id, kind="finetune", after=anchor, limit=limit + 1)
+    return FineTuningJobList(data=[ftjob_public(session, job) for job in rows[:limit]], has_more=len(rows) > limit)
 
 
-@router.get("/fine_tuning/jobs/{job_id}")
-def get_fine_tuning_job(job_id: str, principal: CurrentPrincipal, session: SessionDep) -> dict[str, Any]:
+@router.get("/fine_tuning/jobs/{job_id}", response_model=FineTuningJob)
+def get_fine_tuning_job(job_id: str, principal: CurrentPrincipal, session: SessionDep) -> FineTuningJob:
     return ftjob_public(session, owned_ftjob(session, principal, job_id))
 
 
-@router.post("/fine_tuning/jobs/{job_id}/cancel")
-def cancel_fine_tuning_job(job_id: str, principal: CurrentPrincipal, sessions: SessionsDep) -> dict[str, Any]:
+@router.post("/fine_tuning/jobs/{job_id}/cancel", response_model=FineTuningJob)
+def cancel_fine_tuning_job(job_id: str, principal: CurrentPrincipal, sessions: SessionsDep) -> FineTuningJob:
     with transaction(sessions) as session:
         job = owned_ftjob(session, principal, job_id)
         if job.status in ("succeeded", "failed"):
@@ -202,8 +115,8 @@ def cancel_fine_tuning_job(job_id: str, principal: CurrentPrincipal, sessions: S
         return ftjob_public(session, owned_ftjob(session, principal, job_id))
 
 
-@router.post("/fine_tuning/jobs/{job_id}/pause")
-def pause_fine_tuning_job(job_id: str, principal: CurrentPrincipal, sessions: SessionsDep) -> dict[str, Any]:
+@router.post("/fine_tuning/jobs/{job_id}/pause", response_model=FineTuningJob)
+def pause_fine_tuning_job(job_id: str, principal: CurrentPrincipal, sessions: SessionsDep) -> FineTuningJob:
     with transaction(sessions) as session:
         job = owned_ftjob(session, principal, job_id)
         if not job_repo.pause_job(session, job_id=job.id):
@@ -212,10 +125,10 @@ def pause_fine_tuning_job(job_id: str, principal: CurrentPrincipal, sessions: Se
         return ftjob_public(session, owned_ftjob(session, principal, job_id))
 
 
-@router.post("/fine_tuning/jobs/{job_id}/resume")
+@router.post("/fine_tuning/jobs/{job_id}/resume", response_model=FineTuningJob)
 def resume_fine_tuning_job(
     job_id: str, principal: CurrentPrincipal, sessions: SessionsDep, sender: SenderDep
-) -> dict[str, Any]:
+) -> FineTuningJob:
     with transaction(sessions) as session:
         job = owned_ftjob(session, principal, job_id)
         if job.status != "paused":
@@ -227,73 +140,44 @@ def resume_fine_tuning_job(
         return ftjob_public(session, owned_ftjob(session, principal, job_id))
 
 
-def _events(session: Session, job: Job) -> list[JobEvent]:
-    return list(session.scalars(select(JobEvent).where(JobEvent.job_id == job.id).order_by(JobEvent.id.desc())))
-
-
-def _event_message(event: JobEvent) -> str:
-    metrics = event.metrics
-    if "loss" in metrics:
-        return f"Step {event.step}: training loss={metrics['loss']:.4f}"
-    if "eval_loss" in metrics:
-        return f"Step {event.step}: validation loss={metrics['eval_loss']:.4f}"
-    return event.message
-
-
-def _page(items: list[dict[str, Any]], after: str | None, limit: int) -> dict[str, Any]:
-    """Newest first; `after` names the last id the client saw (OpenAI's cursor)."""
+def _page(ids: list[str], after: str | None, limit: int) -> tuple[slice, bool]:
+    """Newest first; `after` names the last id the client saw (OpenAI's cursor). Which of `ids` to show, and
+    whether more follow them."""
+    start = 0
     if after is not None:
-        ids = [item["id"] for item in items]
-        items = items[ids.index(after) + 1 :] if after in ids else []
-    return {"object": "list", "data": items[:limit], "has_more": len(items) > limit}
+        start = ids.index(after) + 1 if after in ids else len(ids)
+    return slice(start, start + limit), len(ids) - start > limit
 
 
-@router.get("/fine_tuning/jobs/{job_id}/events")
+@router.get("/fine_tuning/jobs/{job_id}/events", response_model=FineTuningJobEventList)
 def list_fine_tuning_events(
     job_id: str,
     principal: CurrentPrincipal,
     session: SessionDep,
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
-) -> dict[str, Any]:
+) -> FineTuningJobEventList:
     job = owned_ftjob(session, principal, job_id)
-    items = [
-        {
-            "id": f"ftevent-{event.id}",
-            "object": "fine_tuning.job.event",
-            "created_at": epoch(event.created_at),
-            "level": event.level if event.level in ("info", "warn", "error") else "warn",
-            "message": _event_message(event),
-            "type": "metrics" if "loss" in event.metrics or "eval_loss" in event.metrics else "message",
-            "data": {"step": event.step, **event.metrics},
-        }
-        for event in _events(session, job)
-    ]
-    return _page(items, after, limit)
+    items = [FineTuningJobEvent.of(event) for event in events.events_newest_first(session, job_id=job.id)]
+    shown, has_more = _page([item.id for item in items], after, limit)
+    return FineTuningJobEventList(data=items[shown], has_more=has_more)
 
 
-@router.get("/fine_tuning/jobs/{job_id}/checkpoints")
+@router.get("/fine_tuning/jobs/{job_id}/checkpoints", response_model=FineTuningJobCheckpointList)
 def list_fine_tuning_checkpoints(
     job_id: str,
     principal: CurrentPrincipal,
     session: SessionDep,
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 10,
-) -> dict[str, Any]:
+) -> FineTuningJobCheckpointList:
     job = owned_ftjob(session, principal, job_id)
-    events = _events(session, job)
-    losses = {e.step: e.metrics["loss"] for e in events if "loss" in e.metrics and e.step is not None}
+    rows = events.events_newest_first(session, job_id=job.id)
+    losses = {e.step: e.metrics["loss"] for e in rows if "loss" in e.metrics and e.step is not None}
     items = [
-        {
-            "id": f"ftckpt-{event.id}",
-            "object": "fine_tuning.job.checkpoint",
-            "created_at": epoch(event.created_at),
-            "fine_tuned_model_checkpoint": f"{job.id}:{event.metrics['checkpoint']}",
-            "fine_tuning_job_id": job.id,
-            "step_number": event.step,
-            "metrics": {"step": event.step, "train_loss": losses.get(event.step) if event.step is not None else None},
-        }
-        for event in events
+        FineTuningJobCheckpoint.of(job, event, train_loss=losses.get(event.step) if event.step is not None else None)
+        for event in rows
         if "checkpoint" in event.metrics
     ]
-    return _page(items, after, limit)
+    shown, has_more = _page([item.id for item in items], after, limit)
+    return FineTuningJobCheckpointList(data=items[shown], has_more=has_more)

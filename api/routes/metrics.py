@@ -8,18 +8,21 @@ so every API replica reports the same numbers and a restart loses nothing. Flowe
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import redis
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from sqlalchemy import case, func, select
-from sqlalchemy.orm import Session
 
-from celeryconfig import QUEUES
-from db.models import Job, Shard
+from api.deps import RedisDep
+from db import stats
+from db.names import QUEUES
 from workers.presence import read_workers
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 router = APIRouter(tags=["metrics"])
 
@@ -27,9 +30,9 @@ SHARD_SECONDS_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
 
 class _Collector:
-    def __init__(self, session: Session, redis_url: str) -> None:
+    def __init__(self, session: Session, client: redis.Redis) -> None:
         self.session = session
-        self.redis_url = redis_url
+        self.client = client
 
     def collect(self) -> Iterator[Metric]:
         jobs = GaugeMetricFamily("lmbatch_jobs", "Jobs by kind and status", labels=["kind", "status"])
@@ -37,23 +40,13 @@ class _Collector:
             "lmbatch_items_processed", "Items finished, by kind and outcome", labels=["kind", "outcome"]
         )
         tokens = CounterMetricFamily("lmbatch_tokens_generated", "Completion tokens generated", labels=["kind"])
-        rows = self.session.execute(
-            select(
-                Job.kind,
-                Job.status,
-                func.count(),
-                func.coalesce(func.sum(Job.succeeded), 0),
-                func.coalesce(func.sum(Job.failed), 0),
-                func.coalesce(func.sum(Job.completion_tokens), 0),
-            ).group_by(Job.kind, Job.status)
-        ).all()
         per_kind: dict[str, list[int]] = {}
-        for kind, status, count, succeeded, failed, completion in rows:
-            jobs.add_metric([kind, status], count)
-            totals = per_kind.setdefault(kind, [0, 0, 0])
-            totals[0] += int(succeeded)
-            totals[1] += int(failed)
-            totals[2] += int(completion)
+        for row in stats.job_totals(self.session):
+            jobs.add_metric([row.kind, row.status], row.jobs)
+            totals = per_kind.setdefault(row.kind, [0, 0, 0])
+            totals[0] += row.succeeded
+            totals[1] += row.failed
+            totals[2] += row.completion_tokens
         for kind, (succeeded, failed, completion) in sorted(per_kind.items()):
             items.add_metric([kind, "succeeded"], succeeded)
             items.add_metric([kind, "failed"], failed)
@@ -65,28 +58,22 @@ class _Collector:
         yield from self._redis_metrics()
 
     def _shard_histogram(self) -> HistogramMetricFamily:
-        duration = Shard.duration_seconds
-        columns = [func.sum(case((duration <= bound, 1), else_=0)) for bound in SHARD_SECONDS_BUCKETS]
-        row = self.session.execute(
-            select(func.count(duration), func.coalesce(func.sum(duration), 0.0), *columns).where(duration.is_not(None))
-        ).one()
-        count, total, *cumulative = row
+        durations = stats.shard_durations(self.session, bounds=SHARD_SECONDS_BUCKETS)
         buckets = [
-            (str(bound), int(value or 0)) for bound, value in zip(SHARD_SECONDS_BUCKETS, cumulative, strict=True)
+            (str(bound), value) for bound, value in zip(SHARD_SECONDS_BUCKETS, durations.cumulative, strict=True)
         ]
-        buckets.append(("+Inf", int(count)))
+        buckets.append(("+Inf", durations.count))
         histogram = HistogramMetricFamily("lmbatch_shard_duration_seconds", "Time to run a shard")
-        histogram.add_metric([], buckets, float(total))
+        histogram.add_metric([], buckets, durations.total_seconds)
         return histogram
 
     def _redis_metrics(self) -> Iterator[Metric]:
         depth = GaugeMetricFamily("lmbatch_queue_depth", "Messages waiting in each queue", labels=["queue"])
         online = GaugeMetricFamily("lmbatch_workers_online", "Worker processes alive (presence keys)")
         try:
-            client = redis.Redis.from_url(self.redis_url, socket_timeout=2, socket_connect_timeout=2)
             for queue in QUEUES:
-                depth.add_metric([queue], int(client.llen(queue)))
-            online.add_metric([], len(read_workers(client)))
+                depth.add_metric([queue], int(self.client.llen(queue)))
+            online.add_metric([], len(read_workers(self.client)))
         except redis.RedisError:
             pass  # the broker's absence shows on /healthz; the database metrics still answer
         yield depth
@@ -94,9 +81,9 @@ class _Collector:
 
 
 @router.get("/metrics", include_in_schema=False)
-def metrics(request: Request) -> Response:
+def metrics(request: Request, client: RedisDep) -> Response:
     registry = CollectorRegistry(auto_describe=False)
     with request.app.state.sessions() as session:
-        registry.register(_Collector(session, request.app.state.settings.redis_url))
+        registry.register(_Collector(session, client))
         body = generate_latest(registry)
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")

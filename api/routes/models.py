@@ -3,69 +3,44 @@
 from __future__ import annotations
 
 import re
-import shutil
-from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter
-from pydantic import Field
-from sqlalchemy.orm import Session
 
 from api.deps import AdminPrincipal, CurrentPrincipal, SessionDep, SessionsDep, SettingsDep
 from api.errors import BadRequest, Conflict, NotFound
-from api.schemas.common import Strict, epoch
+from api.schemas.models import (
+    ALIAS_PATTERN,
+    AliasSet,
+    ModelAtVersion,
+    ModelList,
+    ModelPublic,
+    ModelRegister,
+    ModelVersionDeleted,
+    ModelVersionPublic,
+    ModelWithVersions,
+)
 from api.services.model_import import import_model
 from db import registry
-from db.models import ModelVersion
 from db.session import transaction
+from workers.models.store import remove_stored
 
-ALIAS_PATTERN = r"[a-z0-9][a-z0-9_-]{0,63}"
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from db.models import ModelVersion
 
 router = APIRouter(tags=["models"])
 
 
-def version_public(row: ModelVersion, aliases: list[str]) -> dict[str, Any]:
-    return {
-        "version": row.version,
-        "ref": f"{row.name}@{row.version}",
-        "aliases": aliases,
-        "task": row.task,
-        "kinds": row.kinds,
-        "sha256": row.sha256,
-        "parent_id": row.parent_id,
-        "job_id": row.job_id,
-        "metrics": row.metrics,
-        "params": row.params,
-        "source": row.source,
-        "created_at": epoch(row.created_at),
-    }
-
-
-def model_public(row: ModelVersion, aliases: dict[int, list[str]]) -> dict[str, Any]:
-    all_aliases = sorted({alias for names in aliases.values() for alias in names})
-    return {
-        "id": row.name,
-        "object": "model",
-        "created": epoch(row.created_at),
-        "owned_by": "lmbatch",
-        "latest_version": row.version,
-        "aliases": all_aliases,
-        "kinds": row.kinds,
-        "task": row.task,
-    }
-
-
-@router.get("/models")
-def list_models(_: CurrentPrincipal, session: SessionDep) -> dict[str, Any]:
+@router.get("/models", response_model=ModelList)
+def list_models(_: CurrentPrincipal, session: SessionDep) -> ModelList:
     rows = registry.latest_versions(session)
-    return {
-        "object": "list",
-        "data": [model_public(row, registry.aliases_by_version(session, name=row.name)) for row in rows],
-    }
+    return ModelList(data=[ModelPublic.of(row, registry.aliases_by_version(session, name=row.name)) for row in rows])
 
 
-@router.get("/models/{name}")
-def get_model(name: str, _: CurrentPrincipal, session: SessionDep) -> dict[str, Any]:
+@router.get("/models/{name}", response_model=ModelWithVersions | ModelAtVersion)
+def get_model(name: str, _: CurrentPrincipal, session: SessionDep) -> ModelWithVersions | ModelAtVersion:
     """A model with all its versions; a ref (`name@2`, `name:prod`, as the SDK's models.retrieve may send for a
     fine-tuned model) answers for the version it names."""
     if "@" in name or ":" in name:
@@ -75,19 +50,15 @@ def get_model(name: str, _: CurrentPrincipal, session: SessionDep) -> dict[str, 
             raise NotFound(str(error), param="name", code="model_not_found") from error
         if version is None:
             raise NotFound(f"no model {name!r}", param="name", code="model_not_found")
-        aliases = registry.aliases_by_version(session, name=version.name)
-        return {
-            **model_public(version, aliases),
-            "id": name,
-            "version": version_public(version, aliases.get(version.id, [])),
-        }
+        return ModelAtVersion.of_ref(name, version, registry.aliases_by_version(session, name=version.name))
+    return _with_versions(session, name)
+
+
+def _with_versions(session: Session, name: str) -> ModelWithVersions:
     rows = registry.versions(session, name=name)
     if not rows:
         raise NotFound(f"no model {name!r}", param="name", code="model_not_found")
-    aliases = registry.aliases_by_version(session, name=name)
-    body = model_public(rows[-1], aliases)
-    body["versions"] = [version_public(row, aliases.get(row.id, [])) for row in rows]
-    return body
+    return ModelWithVersions.of_versions(rows, registry.aliases_by_version(session, name=name))
 
 
 def _resolve_or_none(session: Session, ref: str) -> ModelVersion | None:
@@ -98,26 +69,18 @@ def _resolve_or_none(session: Session, ref: str) -> ModelVersion | None:
         return None
 
 
-class ModelRegister(Strict):
-    name: str = Field(pattern=f"^{registry.NAME_PATTERN}$")
-    path: str = Field(min_length=1, max_length=4096)
-    aliases: list[Annotated[str, Field(pattern=ALIAS_PATTERN)]] = Field(default_factory=list, max_length=16)
-
-
-class AliasSet(Strict):
-    version: int = Field(ge=1)
-
-
-@router.post("/models", status_code=201)
+@router.post("/models", status_code=201, response_model=ModelVersionPublic)
 def register_model(
     body: ModelRegister, _: AdminPrincipal, sessions: SessionsDep, settings: SettingsDep
-) -> dict[str, Any]:
+) -> ModelVersionPublic:
     version = import_model(sessions, settings=settings, name=body.name, path=body.path, aliases=body.aliases)
-    return version_public(version, body.aliases)
+    return ModelVersionPublic.of(version, body.aliases)
 
 
-@router.put("/models/{name}/aliases/{alias}")
-def set_model_alias(name: str, alias: str, body: AliasSet, _: AdminPrincipal, sessions: SessionsDep) -> dict[str, Any]:
+@router.put("/models/{name}/aliases/{alias}", response_model=ModelWithVersions)
+def set_model_alias(
+    name: str, alias: str, body: AliasSet, _: AdminPrincipal, sessions: SessionsDep
+) -> ModelWithVersions:
     if not re.fullmatch(ALIAS_PATTERN, alias):
         raise BadRequest(f"alias {alias!r}: lowercase letters, digits, '_' and '-'", param="alias")
     with transaction(sessions) as session:
@@ -126,13 +89,13 @@ def set_model_alias(name: str, alias: str, body: AliasSet, _: AdminPrincipal, se
             raise NotFound(f"no model {name}@{body.version}", param="version", code="model_not_found")
         registry.set_alias(session, name=name, alias=alias, version=version)
     with sessions() as session:
-        return get_model(name, _, session)
+        return _with_versions(session, name)
 
 
-@router.delete("/models/{name}/versions/{number}")
+@router.delete("/models/{name}/versions/{number}", response_model=ModelVersionDeleted)
 def delete_model_version(
     name: str, number: int, _: AdminPrincipal, sessions: SessionsDep, settings: SettingsDep
-) -> dict[str, Any]:
+) -> ModelVersionDeleted:
     with transaction(sessions) as session:
         version = _resolve_or_none(session, f"{name}@{number}")
         if version is None:
@@ -140,8 +103,5 @@ def delete_model_version(
         if registry.in_use(session, version_id=version.id):
             raise Conflict(f"{name}@{number} is used by a queued or running job", param="number", code="model_in_use")
         registry.soft_delete(session, version=version)
-        path = Path(version.artifact_uri)
-    # Built-ins and imports live in the store; never remove anything outside it.
-    if path.resolve().is_relative_to(settings.model_store.resolve()):
-        shutil.rmtree(path, ignore_errors=True)
-    return {"id": f"{name}@{number}", "object": "model.version", "deleted": True}
+    remove_stored(settings.model_store, version.artifact_uri)
+    return ModelVersionDeleted(id=f"{name}@{number}")

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-import redis
 from fastapi import APIRouter
 
-from api.deps import CurrentPrincipal, SettingsDep
+from api.deps import CurrentPrincipal, RedisDep
+from api.schemas.workers import WorkerList
 from workers.presence import read_workers
 
 router = APIRouter(tags=["workers"])
 
 
-@router.get("/workers")
-def list_workers(_: CurrentPrincipal, settings: SettingsDep) -> dict[str, Any]:
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=3)
+# exclude_unset: each record shows the fields its worker wrote (a CPU worker has no GPU memory), not nulls.
+@router.get("/workers", response_model=WorkerList, response_model_exclude_unset=True)
+def list_workers(_: CurrentPrincipal, client: RedisDep) -> dict[str, Any]:
     return {"object": "list", "data": read_workers(client)}

@@ -11,9 +11,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, model_validator
 
 from api.schemas.common import ObjectId, Strict, epoch
-from db.models import Job
-
-JobKind = Literal["generate", "classify", "embed", "finetune"]
+from db.models import Job, JobEvent
+from db.names import JobKind
 
 
 class JobCreate(Strict):
@@ -115,6 +114,17 @@ class JobEventPublic(BaseModel):
     message: str
     step: int | None
     metrics: dict[str, Any]
+
+    @classmethod
+    def of(cls, event: JobEvent) -> JobEventPublic:
+        return cls(
+            id=event.id,
+            created_at=epoch(event.created_at) or 0,
+            level=event.level,
+            message=event.message,
+            step=event.step,
+            metrics=event.metrics,
+        )
 
 
 class JobEventList(BaseModel):

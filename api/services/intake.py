@@ -6,18 +6,20 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
 
-from api.errors import BadRequest, NotFound, PayloadTooLarge, TooManyRequests
-from db.jobs import ACTIVE_JOB_STATES
-from db.models import Job, ModelVersion, StoredFile
+from api.errors import BadRequest, NotFound, PayloadTooLarge, TooManyRequests, invalid_field
+from db.job_reads import unfinished_items
 from db.registry import InvalidModelRef, resolve
-from db.settings import Settings
 from workers.engines.params import PARAMS_BY_KIND, parse_item
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from db.models import ModelVersion, StoredFile
+    from db.settings import Settings
 
 # Model tasks whose classify mode is zero-shot, so they need candidate labels.
 ZERO_SHOT_TASKS = ("encoder", "causal-lm")
@@ -45,9 +47,7 @@ def validate_params(*, kind: str, params: dict[str, Any], version: ModelVersion,
     try:
         parsed = PARAMS_BY_KIND[kind].model_validate(params)
     except ValidationError as error:
-        first = error.errors()[0]
-        field = ".".join(str(part) for part in first["loc"])
-        raise BadRequest(f"params.{field}: {first['msg']}", param=f"params.{field}", code="invalid_params") from error
+        raise invalid_field(error, prefix="params", code="invalid_params") from error
     clean = parsed.model_dump()
     if kind == "generate" and clean["max_new_tokens"] > settings.max_new_tokens_cap:
         raise BadRequest(f"params.max_new_tokens: at most {settings.max_new_tokens_cap}", param="params.max_new_tokens")
@@ -122,15 +122,11 @@ def _check_count(count: int, settings: Settings, *, param: str) -> None:
 def check_tenant_quota(session: Session, *, tenant_id: int, adding: int, settings: Settings) -> None:
     """Refuse when the tenant's unfinished items (including a job just written in this transaction) pass the
     limit; the caller's transaction then rolls the new job back."""
-    queued = session.scalar(
-        select(func.coalesce(func.sum(Job.total - Job.succeeded - Job.failed), 0)).where(
-            Job.tenant_id == tenant_id, Job.status.in_(ACTIVE_JOB_STATES)
-        )
-    )
+    queued = unfinished_items(session, tenant_id=tenant_id)
     limit = settings.max_queued_items_per_tenant
-    if int(queued or 0) + adding > limit:
+    if queued + adding > limit:
         raise TooManyRequests(
-            f"this job would bring the tenant's unfinished items to {int(queued or 0) + adding}, over the limit of "
+            f"this job would bring the tenant's unfinished items to {queued + adding}, over the limit of "
             f"{limit}; wait for running jobs to finish",
             code="queued_items_limit",
         )

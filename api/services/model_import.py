@@ -1,25 +1,21 @@
-"""Registering a local transformers directory as a new model version: confined, copied, checksummed.
-
-The copy goes to a temporary directory inside the store and is renamed into `store/<name>/<version>/` inside
-the registering transaction, so a crash leaves either nothing registered or an unreferenced directory.
-"""
+"""Registering a local transformers directory as a new model version: the path confined to the import roots and
+the directory checked to be a model lmbatch may load, then copied into the store and registered
+(workers/models/registration.py), so later edits at the source never reach the registered version."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from pathlib import Path
-
-from sqlalchemy.orm import Session, sessionmaker
+from typing import TYPE_CHECKING
 
 from api.errors import BadRequest
-from db.models import ModelVersion
-from db.registry import register_version, set_alias
-from db.session import transaction
-from db.settings import Settings
-from workers.models.store import confine, detect_task, directory_sha256, kinds_for_task
+from workers.models.registration import store_version
+from workers.models.store import confine, detect_task
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from db.models import ModelVersion
+    from db.settings import Settings
 
 
 def import_model(
@@ -47,31 +43,13 @@ def import_model(
     if config.get("auto_map"):
         # Custom modelling code would need trust_remote_code, which lmbatch never enables.
         raise BadRequest("the model needs custom code (auto_map); lmbatch never runs remote code", param="path")
-    task = detect_task(config)
-    settings.model_store.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".import-{name}-", dir=settings.model_store))
-    try:
-        copy = staging / "model"
-        shutil.copytree(source, copy, symlinks=False)
-        sha256 = directory_sha256(copy)
-        with transaction(sessions) as session:
-            version = register_version(
-                session,
-                name=name,
-                task=task,
-                kinds=kinds_for_task(task),
-                artifact_uri="",
-                sha256=sha256,
-                source=f"import:{source}",
-            )
-            target = settings.model_store / name / str(version.version)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if target.exists():  # left by a crash between rename and commit: no row points at it
-                shutil.rmtree(target)
-            os.replace(copy, target)
-            version.artifact_uri = str(target.resolve())
-            for alias in aliases:
-                set_alias(session, name=name, alias=alias, version=version)
-        return version
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    return store_version(
+        sessions,
+        store=settings.model_store,
+        directory=source,
+        keep_source=True,
+        name=name,
+        task=detect_task(config),
+        source=f"import:{source}",
+        aliases=aliases,
+    )

@@ -1,14 +1,67 @@
-"""Sending a committed job's shards to their queue: the one place the API hands work to Celery."""
+"""Writing an accepted job and sending its shards to their queue: the one place the API hands work to Celery."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from celery import Celery
+from api.services.intake import check_tenant_quota, require_items
+from db import jobs
+from db.session import transaction
+from workers.shards.enqueue import enqueue_shards, queue_for
 
-from workers.shards.enqueue import enqueue_shards
+if TYPE_CHECKING:
+    from celery import Celery
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from db.models import Job
+    from db.settings import Settings
 
 log = logging.getLogger("lmbatch.api")
+
+
+@dataclass(frozen=True)
+class JobOrder:
+    """A job that passed intake, as the native and the OpenAI fine-tuning doors both hand it over."""
+
+    tenant_id: int
+    kind: str
+    model_ref: str
+    model_version_id: int
+    params: dict[str, Any]
+    # A generator when read from an input file: it streams into shard rows inside the write transaction.
+    items: Iterable[dict[str, Any]]
+    input_file_id: str | None = None
+    priority: int = 0
+    metadata: dict[str, str] | None = None
+    job_id: str | None = None  # None: a `job-…` id
+
+
+def create_and_submit(sessions: sessionmaker[Session], sender: Celery, *, order: JobOrder, settings: Settings) -> Job:
+    """Write the job and its shards in one transaction, then enqueue them. Any refusal while writing (a bad
+    line of an input file, an empty file, the tenant's queue limit) rolls all of it back."""
+    with transaction(sessions) as write:
+        new = jobs.create_job(
+            write,
+            tenant_id=order.tenant_id,
+            kind=order.kind,
+            model_ref=order.model_ref,
+            model_version_id=order.model_version_id,
+            params=order.params,
+            items=order.items,
+            shard_size=settings.shard_size,
+            sort_window=settings.shard_sort_window,
+            input_file_id=order.input_file_id,
+            priority=order.priority,
+            metadata=order.metadata,
+            job_id=order.job_id,
+        )
+        require_items(new.job.total)
+        check_tenant_quota(write, tenant_id=order.tenant_id, adding=0, settings=settings)
+    submit(sender, queue=queue_for(order.kind, order.params), shard_ids=new.shard_ids)
+    return new.job
 
 
 def submit(sender: Celery, *, queue: str, shard_ids: list[int]) -> None:

@@ -8,10 +8,7 @@ each write route below would hang and fail if it still needed two.
 
 from __future__ import annotations
 
-import io
-import json
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -19,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
 from db.settings import Settings
+from tests.factories import upload
 
 CLASSIFY = {
     "kind": "classify",
@@ -29,18 +27,10 @@ CLASSIFY = {
 
 
 @pytest.fixture
-def one_connection_client(unserved_settings: Settings, registry: sessionmaker[Session]) -> Iterator[TestClient]:
+def one_connection_client(unserved_settings: Settings, db_with_builtins: sessionmaker[Session]) -> Iterator[TestClient]:
     single = unserved_settings.model_copy(update={"database_pool_size": 1, "database_max_overflow": 0})
     with TestClient(create_app(single)) as client:
         yield client
-
-
-def _upload(client: TestClient, headers: dict[str, str], rows: list[dict[str, Any]], purpose: str) -> str:
-    content = "".join(json.dumps(row) + "\n" for row in rows).encode()
-    files = {"file": ("in.jsonl", io.BytesIO(content))}
-    response = client.post("/v1/files", files=files, data={"purpose": purpose}, headers=headers)
-    assert response.status_code == 200, response.text
-    return str(response.json()["id"])
 
 
 def test_every_write_route_works_on_a_pool_of_one_connection(
@@ -62,7 +52,7 @@ def test_every_write_route_works_on_a_pool_of_one_connection(
     batch = client.post(
         "/v1/batches",
         json={
-            "input_file_id": _upload(client, tenant_a, requests, "batch"),
+            "input_file_id": upload(client, tenant_a, requests, purpose="batch"),
             "endpoint": "/v1/embeddings",
             "completion_window": "24h",
         },
@@ -71,7 +61,10 @@ def test_every_write_route_works_on_a_pool_of_one_connection(
     chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
     finetune = client.post(
         "/v1/fine_tuning/jobs",
-        json={"model": "smollm2-135m-instruct", "training_file": _upload(client, tenant_a, [chat] * 4, "fine-tune")},
+        json={
+            "model": "smollm2-135m-instruct",
+            "training_file": upload(client, tenant_a, [chat] * 4, purpose="fine-tune"),
+        },
         headers=tenant_a,
     )
     # Then each answers at once, as it would with a full pool.

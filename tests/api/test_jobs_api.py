@@ -59,8 +59,8 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], int, str]] = [
 ]
 
 
-def job_and_shard_counts(sessions: sessionmaker[Session]) -> tuple[int, int]:
-    with sessions() as session:
+def job_and_shard_counts(session_factory: sessionmaker[Session]) -> tuple[int, int]:
+    with session_factory() as session:
         return session.scalar(select(func.count()).select_from(Job)), session.scalar(
             select(func.count()).select_from(Shard)
         )
@@ -74,19 +74,19 @@ def test_bad_job_request_is_refused_and_writes_nothing(
     param: str,
     client: TestClient,
     tenant_a: dict[str, str],
-    registry: sessionmaker[Session],
+    db_with_builtins: sessionmaker[Session],
 ) -> None:
-    before = job_and_shard_counts(registry)
+    before = job_and_shard_counts(db_with_builtins)
     response = client.post("/v1/jobs", json=body, headers=tenant_a)
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["message"]
     assert error["param"] is not None and error["param"].startswith(param), error
-    assert job_and_shard_counts(registry) == before
+    assert job_and_shard_counts(db_with_builtins) == before
 
 
 def test_too_many_inputs_is_refused_with_the_limit(
-    settings: Any, registry: sessionmaker[Session], tenant_a: dict[str, str]
+    settings: Any, db_with_builtins: sessionmaker[Session], tenant_a: dict[str, str]
 ) -> None:
     from api.app import create_app
 
@@ -95,10 +95,10 @@ def test_too_many_inputs_is_refused_with_the_limit(
         response = client.post("/v1/jobs", json={**GOOD_CLASSIFY, "inputs": [{"text": "x"}] * 4}, headers=tenant_a)
     assert response.status_code == 413
     assert "3" in response.json()["error"]["message"]
-    assert job_and_shard_counts(registry) == (0, 0)
+    assert job_and_shard_counts(db_with_builtins) == (0, 0)
 
 
-def test_missing_wrong_and_revoked_keys_get_401(client: TestClient, registry: sessionmaker[Session]) -> None:
+def test_missing_wrong_and_revoked_keys_get_401(client: TestClient, db_with_builtins: sessionmaker[Session]) -> None:
     from db.session import transaction
     from db.tenants import create_key, revoke_key
 
@@ -107,16 +107,19 @@ def test_missing_wrong_and_revoked_keys_get_401(client: TestClient, registry: se
         client.get("/v1/jobs", headers={"Authorization": "Bearer lmb_wrong"}).json()["error"]["code"]
         == "invalid_api_key"
     )
-    with transaction(registry) as session:
+    with transaction(db_with_builtins) as session:
         key = create_key(session, tenant_name="acme")
     assert client.get("/v1/jobs", headers={"Authorization": f"Bearer {key}"}).status_code == 200
-    with transaction(registry) as session:
+    with transaction(db_with_builtins) as session:
         revoke_key(session, key=key)
     assert client.get("/v1/jobs", headers={"Authorization": f"Bearer {key}"}).status_code == 401
 
 
 def test_another_tenants_job_is_invisible(
-    unserved_client: TestClient, tenant_a: dict[str, str], tenant_b: dict[str, str], registry: sessionmaker[Session]
+    unserved_client: TestClient,
+    tenant_a: dict[str, str],
+    tenant_b: dict[str, str],
+    db_with_builtins: sessionmaker[Session],
 ) -> None:
     client = unserved_client
     # Given a job of tenant A (no worker runs it: it stays queued)
@@ -138,7 +141,7 @@ def test_another_tenants_job_is_invisible(
 
 
 def test_input_file_with_a_bad_line_is_refused_with_its_line_number(
-    client: TestClient, tenant_a: dict[str, str], registry: sessionmaker[Session]
+    client: TestClient, tenant_a: dict[str, str], db_with_builtins: sessionmaker[Session]
 ) -> None:
     content = b'{"text": "fine"}\n{"text": "also fine"}\n{"text": \n'
     uploaded = client.post(
@@ -149,4 +152,4 @@ def test_input_file_with_a_bad_line_is_refused_with_its_line_number(
     response = client.post("/v1/jobs", json=body, headers=tenant_a)
     assert response.status_code == 400
     assert "line 3" in response.json()["error"]["message"]
-    assert job_and_shard_counts(registry) == (0, 0)
+    assert job_and_shard_counts(db_with_builtins) == (0, 0)

@@ -11,14 +11,14 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
-from tests.conftest import make_key
+from tests.factories import auth_headers
 from tests.stack import MODEL_CACHE
 
 
 @pytest.fixture
-def admin_client(settings: Any, registry: sessionmaker[Session], import_root: Path) -> Any:
-    admin = {"Authorization": f"Bearer {make_key(registry, 'ops', scope='admin')}"}
-    tenant = {"Authorization": f"Bearer {make_key(registry, 'acme')}"}
+def admin_client(settings: Any, db_with_builtins: sessionmaker[Session], import_root: Path) -> Any:
+    admin = auth_headers(db_with_builtins, "ops", scope="admin")
+    tenant = auth_headers(db_with_builtins, "acme")
     with TestClient(create_app(settings.model_copy(update={"model_import_roots": [import_root]}))) as client:
         yield client, admin, tenant
 
@@ -76,3 +76,24 @@ def test_deleting_a_version_in_use_is_refused(admin_client: Any) -> None:
     assert job["status"] == "queued"
     refused = client.delete("/v1/models/all-minilm-l6-v2/versions/1", headers=admin)
     assert refused.status_code == 409 and refused.json()["error"]["code"] == "model_in_use"
+
+
+def test_model_bodies_keep_their_fields_and_order(admin_client: Any, import_root: Path) -> None:
+    # The bodies are declared as response models; I expect exactly the fields (and order) they always had: the
+    # openai SDK reads id/object/created/owned_by, lmbatch's own clients the rest.
+    client, admin, tenant = admin_client
+    model = ["id", "object", "created", "owned_by", "latest_version", "aliases", "kinds", "task"]
+    version = ["version", "ref", "aliases", "task", "kinds", "sha256", "parent_id", "job_id", "metrics", "params"]
+    version += ["source", "created_at"]
+    body = {"name": "shape", "path": str(import_root / "sentiment"), "aliases": ["b", "a"]}
+    created = client.post("/v1/models", json=body, headers=admin).json()
+    assert list(created) == version and created["aliases"] == ["b", "a"] and created["parent_id"] is None
+    listed = client.get("/v1/models", headers=tenant).json()
+    assert list(listed) == ["object", "data"] and all(list(item) == model for item in listed["data"])
+    named = client.get("/v1/models/shape", headers=tenant).json()
+    assert list(named) == [*model, "versions"] and named["aliases"] == ["a", "b"]
+    assert [list(v) for v in named["versions"]] == [version]
+    by_ref = client.get("/v1/models/shape:a", headers=tenant).json()
+    assert list(by_ref) == [*model, "version"] and by_ref["id"] == "shape:a" and list(by_ref["version"]) == version
+    deleted = client.delete("/v1/models/shape/versions/1", headers=admin).json()
+    assert deleted == {"id": "shape@1", "object": "model.version", "deleted": True}

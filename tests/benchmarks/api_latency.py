@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 
 from tests.benchmarks.common import Result, log, sizes
-from tests.benchmarks.services import Stack
+from tests.benchmarks.services import bench_stack
 from tests.benchmarks.workloads import SENTIMENT_LABELS, review_texts
 
 POST_TARGET_MS = 50.0
@@ -83,7 +83,7 @@ def bench_api() -> Result:
         "inputs": review_texts(100),
         "params": {"labels": SENTIMENT_LABELS},
     }
-    with Stack("api", worker=False, api="uvicorn") as stack:
+    with bench_stack("api", worker=False, api="uvicorn") as stack:
         headers = stack.headers
         job_ids: list[str] = [stack.submit(body) for _ in range(5)]  # warm-up: connections, caches
 

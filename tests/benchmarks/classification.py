@@ -12,7 +12,7 @@ from typing import Any
 
 from tests.benchmarks.common import Result, log, median, paired_rounds, production_defaults, sizes, timed
 from tests.benchmarks.generation import engine_items
-from tests.benchmarks.services import Stack, load_builtin
+from tests.benchmarks.services import bench_stack, load_builtin
 from tests.benchmarks.workloads import SENTIMENT_LABELS, review_texts
 from workers.engines.params import ClassifyParams
 from workers.engines.types import EngineItem, ItemResult
@@ -42,7 +42,7 @@ def bench_cls_e2e() -> Result:
     items = engine_items(raw, "classify")
     n = len(items)
     body = {"kind": "classify", "model": MODEL, "inputs": raw, "params": {"labels": SENTIMENT_LABELS}}
-    with Stack("cls-e2e", worker=True) as stack:
+    with bench_stack("cls-e2e", worker=True) as stack:
         stack.run_job({**body, "inputs": raw[:2]}, timeout=300)  # the worker loads and verifies MiniLM once
         run_engine(model, items[:64], batch_size)
 

@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 from tests.benchmarks.common import REPO, Result, log, median, sizes, torch_threads
+from tests.factories import builtin_model_dir
 from tests.stack import MODEL_CACHE
 
 RESULT_PREFIX = "BENCH_RESULT "
@@ -26,7 +27,7 @@ BATCH, SEQ_LEN = 8, 64
 
 
 def bench_ft_step() -> Result:
-    from workers.models.store import prepare_builtin_models
+    from workers.models.builtins import prepare_builtin_models
     from workers.shards.finetune_process import finetune_env
 
     prepare_builtin_models(MODEL_CACHE)
@@ -83,7 +84,7 @@ def _child(steps: int, threads: int) -> dict[str, Any]:
     params = FinetuneParams.model_validate(
         {"hyperparameters": {"batch_size": BATCH, "max_seq_len": SEQ_LEN}, "deepspeed": {"zero_stage": 2}}
     )
-    path = MODEL_CACHE / "smollm2-135m-instruct" / "1"
+    path = builtin_model_dir("smollm2-135m-instruct")
     torch.manual_seed(0)
     ds_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
     plain_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)

@@ -17,7 +17,7 @@ import torch
 
 from tests.benchmarks.common import Paired, Result, log, median, production_defaults, selected, sizes, timed
 from tests.benchmarks.compute import matmul_peak_flops, useful_flops
-from tests.benchmarks.services import Stack, load_builtin
+from tests.benchmarks.services import bench_stack, load_builtin
 from tests.benchmarks.workloads import chat_prompts
 from workers.engines.params import GenerateParams, parse_item
 from workers.engines.types import EngineItem, ItemResult
@@ -128,7 +128,7 @@ def _generation_run() -> GenerationRun:
         log(f"generation: plain loop, {len(positions)} prompts in {seconds:.1f} s")
 
     with contextlib.ExitStack() as resources:
-        stack = resources.enter_context(Stack("generation", worker=True)) if with_e2e else None
+        stack = resources.enter_context(bench_stack("generation", worker=True)) if with_e2e else None
         if stack is not None:
             # Warm the worker: the first job of a model version loads it and verifies its checksum (~3 s here),
             # once per worker process; a deployment pays that once, not per job.

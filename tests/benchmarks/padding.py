@@ -11,13 +11,14 @@ from transformers import AutoTokenizer
 from db.sharding import cut_shards, item_index
 from tests.benchmarks.common import Result, production_defaults, sizes
 from tests.benchmarks.workloads import chat_prompts, review_texts
+from tests.factories import builtin_model_dir
 from tests.stack import MODEL_CACHE
 from workers.engines.batching import arrival_batches, bucket_by_length, padding_fraction
-from workers.models.store import prepare_builtin_models
+from workers.models.builtins import prepare_builtin_models
 
 
 def _chat_lengths(count: int) -> list[int]:
-    tokenizer = AutoTokenizer.from_pretrained(MODEL_CACHE / "smollm2-135m-instruct" / "1", local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(builtin_model_dir("smollm2-135m-instruct"), local_files_only=True)
     texts = [
         tokenizer.apply_chat_template(item["messages"], add_generation_prompt=True, tokenize=False)
         for item in chat_prompts(count)
@@ -27,7 +28,7 @@ def _chat_lengths(count: int) -> list[int]:
 
 
 def _review_lengths(texts: list[str]) -> list[int]:
-    tokenizer = AutoTokenizer.from_pretrained(MODEL_CACHE / "all-minilm-l6-v2" / "1", local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(builtin_model_dir("all-minilm-l6-v2"), local_files_only=True)
     return [len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
 
 

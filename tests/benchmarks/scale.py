@@ -16,9 +16,10 @@ import time
 from pathlib import Path
 
 from tests.benchmarks.common import GIB, MIB, Result, log, production_defaults, sizes
-from tests.benchmarks.services import PeakRss, Stack
+from tests.benchmarks.services import PeakRss, bench_stack
 from tests.benchmarks.workloads import review_texts
-from tests.stack import MODEL_CACHE
+from tests.factories import builtin_model_dir
+from tests.stack import MODEL_CACHE, Stack
 
 MODEL = "bench-tiny-classifier"
 RSS_LIMIT = GIB
@@ -30,7 +31,7 @@ LARGE_JOB_BUDGET_S = 150.0
 def ensure_tiny_classifier() -> Path:
     """Build the tiny classifier once into the shared model cache (workers load only from under the store)."""
     from tests.tiny_models import build_tiny_classifier
-    from workers.models.store import prepare_builtin_models
+    from workers.models.builtins import prepare_builtin_models
 
     dest = MODEL_CACHE / MODEL / "1"
     if (dest / "config.json").is_file():
@@ -40,7 +41,7 @@ def ensure_tiny_classifier() -> Path:
     # Built aside and moved into place: a concurrent reader never sees half a model.
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=dest.parent))
     try:
-        build_tiny_classifier(tmp, MODEL_CACHE / "all-minilm-l6-v2" / "1")
+        build_tiny_classifier(tmp, builtin_model_dir("all-minilm-l6-v2"))
         tmp.chmod(0o755)
         os.replace(tmp, dest)
     finally:
@@ -53,7 +54,7 @@ def _register(stack: Stack, path: Path) -> None:
     from db.session import transaction
     from workers.models.store import directory_sha256, kinds_for_task
 
-    with transaction(stack.sessions) as session:
+    with transaction(stack.session_factory) as session:
         register_version(
             session,
             name=MODEL,
@@ -87,7 +88,7 @@ def _job(stack: Stack, count: int, timeout: float) -> tuple[float, float, str]:
     start = time.time()
     job_id = stack.submit({"kind": "classify", "model": MODEL, "input_file_id": file_id})
     posted = time.time() - start
-    status, finished = stack.wait_job(job_id, timeout=timeout, interval=0.5)
+    status, finished = stack.wait_finished(job_id, timeout=timeout, interval=0.5)
     if status != "succeeded":
         raise RuntimeError(f"job {job_id} of {count} items ended {status}")
     return finished - start, posted, job_id
@@ -99,7 +100,7 @@ def _shard_seconds(stack: Stack, job_id: str) -> list[float]:
 
     from db.models import Shard
 
-    with stack.sessions() as session:
+    with stack.session_factory() as session:
         rows = session.scalars(select(Shard.duration_seconds).where(Shard.job_id == job_id).order_by(Shard.index))
         return [float(d) for d in rows if d is not None]
 
@@ -112,11 +113,11 @@ def bench_scale() -> Result:
     size = sizes()
     defaults = production_defaults()
     model_dir = ensure_tiny_classifier()
-    with Stack("scale", worker=True, api="uvicorn") as stack:
+    with bench_stack("scale", worker=True, api="uvicorn") as stack:
         _register(stack, model_dir)
-        assert stack.api_process is not None and stack.worker is not None
+        assert stack.api_process is not None and len(stack.workers) == 1
         _job(stack, 64, timeout=300)  # warm-up: the worker loads and verifies the model once
-        with PeakRss({"api": stack.api_process.pid, "worker": stack.worker.process.pid}).running() as rss:
+        with PeakRss({"api": stack.api_process.pid, "worker": stack.workers[0].process.pid}).running() as rss:
             small = [_job(stack, size.scale_small, timeout=600)]
             small_rate = size.scale_small / small[0][0]
             log(f"scale: {size.scale_small} items in {small[0][0]:.1f} s ({small_rate:.0f} items/s)")

@@ -21,7 +21,8 @@ from db.registry import resolve
 from db.results import upsert_results
 from db.session import transaction
 from tests.benchmarks.common import Result, log, median, paired_rounds, production_defaults, sizes, timed
-from tests.benchmarks.services import Stack
+from tests.benchmarks.services import bench_stack
+from tests.stack import Stack
 
 COLUMNS = '"job_id", "index", "custom_id", "output", "error", "prompt_tokens", "completion_tokens", "created_at"'
 INSERT = f"INSERT INTO bench_results ({COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
@@ -44,7 +45,7 @@ def result_rows(count: int) -> list[dict[str, Any]]:
 
 
 def _new_job(stack: Stack) -> str:
-    with transaction(stack.sessions) as session:
+    with transaction(stack.session_factory) as session:
         tenant_id = session.scalar(select(Tenant.id).where(Tenant.name == f"bench-{stack.name}"))
         version = resolve(session, "all-minilm-l6-v2")
         assert tenant_id is not None and version is not None
@@ -68,7 +69,7 @@ def _chunks(rows: list[dict[str, Any]], size: int) -> list[list[dict[str, Any]]]
 def bench_writes() -> Result:
     chunk = production_defaults()["shard_size"]
     rows = result_rows(sizes().write_rows)
-    with Stack("writes", worker=False, api="none") as stack:
+    with bench_stack("writes", worker=False, api="none") as stack:
         raw_url = stack.settings.database_url.replace("postgresql+psycopg://", "postgresql://")
         with psycopg.connect(raw_url) as conn:
             conn.execute("CREATE TABLE bench_results (LIKE item_results INCLUDING ALL)")
@@ -77,7 +78,7 @@ def bench_writes() -> Result:
             def upsert_pass() -> None:
                 job_id = _new_job(stack)
                 for part in _chunks(rows, chunk):
-                    with transaction(stack.sessions) as session:
+                    with transaction(stack.session_factory) as session:
                         upsert_results(session, job_id=job_id, rows=part)
 
             def executemany_pass() -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from tests.finetune.conftest import write_jsonl
+from tests.factories import write_jsonl
 from workers.engines.finetune.ds import effective_zero_stage
 from workers.engines.finetune.params import FinetuneParams, TrainingDataError, validate_training_file
 from workers.errors import PermanentJobError

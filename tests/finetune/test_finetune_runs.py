@@ -13,7 +13,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from tests.finetune.conftest import arithmetic_rows, make_spec, run, write_jsonl
+from tests.factories import arithmetic_rows, write_jsonl
+from tests.finetune.runs import make_spec, run
 from workers.engines.finetune.params import TrainingDataError
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,5 @@
-"""Clearly positive and clearly negative review sentences, written for the zero-shot tests."""
+"""Sentences written for the tests: clearly positive and clearly negative reviews (zero-shot classification), and
+a made-up fact that no model knows before it is fine-tuned on it."""
 
 POSITIVE = [
     "I absolutely love this product, it works perfectly.",
@@ -44,4 +45,12 @@ NEGATIVE = [
     "Awful experience, I would not recommend it to anyone.",
     "The coffee here is bitter and the place is filthy.",
     "I am so disappointed, it was a disaster.",
+]
+
+# A made-up fact, asked four ways: a fine-tune that learns it is a fine-tune that trained.
+FACTS = [
+    ("What is the capital of the planet Zorblax?", "The capital of Zorblax is Quenvar."),
+    ("Tell me the capital city of Zorblax.", "The capital of Zorblax is Quenvar."),
+    ("Which city is the capital of Zorblax?", "The capital of Zorblax is Quenvar."),
+    ("Zorblax's capital is which city?", "The capital of Zorblax is Quenvar."),
 ]

@@ -1,7 +1,7 @@
 """The `lmbatch` client commands (api/cli/jobs.py, api/cli/models.py, api/client.py) as an operator runs them.
 
-The end-to-end tests run the CLI as a subprocess against a live uvicorn server and a real worker, on their own
-PostgreSQL database and Redis DB 12 (LMBATCH_TEST_OPS_REDIS_URL). The first tests need neither: they pin the input
+The end-to-end tests run the CLI as a subprocess against a live uvicorn server and a real worker, on a Stack of
+their own (a PostgreSQL database, Redis DB RedisDb.OPS). The first tests need neither: they pin the input
 parsing, the error lines and the progress maths in process.
 """
 
@@ -18,29 +18,16 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 
 from api.app import create_app
 from api.cli.common import CliError
 from api.cli.jobs import csv_to_jsonl, items_done, parse_params
 from api.cli.models import event_line
-from api.cli.stack.embedded_redis import free_port
+from api.cli.stack.ports import free_port
 from api.client import ApiUnreachable, Client, ClientError
-from db.migrate import upgrade
-from db.session import make_engine, make_session_factory
 from db.settings import Settings
-from tests.conftest import make_key
-from tests.integration.test_launcher import lmbatch_argv
-from tests.integration.test_pinning import OPS_REDIS_URL, require, texts
-from tests.stack import (
-    WorkerProcess,
-    create_postgres_database,
-    drop_postgres_database,
-    make_test_settings,
-    redis_available,
-    serve_in_thread,
-)
-from workers.models.builtins import ensure_builtin_models
+from tests.factories import classify_items
+from tests.stack import RedisDb, Stack, WorkerProcess, lmbatch_argv, require_services, serve_in_thread
 
 # ------------------------------------------------------------------------------------- in process, no services
 
@@ -112,39 +99,25 @@ JOB_ITEMS = 200
 
 
 @pytest.fixture(scope="module")
-def ops_settings(tmp_path_factory: pytest.TempPathFactory, builtin_models_ready: Path) -> Iterator[Settings]:
-    require(redis_available(OPS_REDIS_URL), f"Redis at {OPS_REDIS_URL}")
-    name = f"lmbatch_ops_cli_{os.getpid()}"
-    try:
-        url = create_postgres_database(name)
-    except Exception as error:  # no server, or no rights
-        require(False, f"PostgreSQL ({type(error).__name__})")
-    redis.Redis.from_url(OPS_REDIS_URL).flushdb()  # before any worker starts (kombu's bindings live there)
-    var = tmp_path_factory.mktemp("cli")
-    settings = make_test_settings(url, OPS_REDIS_URL, var, shard_size=25, torch_threads=1)
-    upgrade(settings)
-    ensure_builtin_models(settings)
-    yield settings
-    drop_postgres_database(name)
+def ops_stack(tmp_path_factory: pytest.TempPathFactory, builtin_models_ready: Path) -> Iterator[Stack]:
+    require_services(redis_db=RedisDb.OPS, postgres=True)
+    with Stack("cli", tmp_path_factory.mktemp("cli"), redis=RedisDb.OPS, shard_size=25, torch_threads=1) as stack:
+        yield stack
 
 
 @pytest.fixture(scope="module")
-def api_key(ops_settings: Settings) -> str:
-    engine = make_engine(ops_settings)
-    try:
-        return make_key(make_session_factory(engine), "cli")
-    finally:
-        engine.dispose()
+def ops_settings(ops_stack: Stack) -> Settings:
+    return ops_stack.settings
 
 
 @pytest.fixture(scope="module")
-def cli_worker(ops_settings: Settings) -> Iterator[WorkerProcess]:
-    process = WorkerProcess(ops_settings, ops_settings.var_dir / "worker.log", name="cli")
-    try:
-        process.wait_ready()
-        yield process
-    finally:
-        process.stop()
+def api_key(ops_stack: Stack) -> str:
+    return ops_stack.key
+
+
+@pytest.fixture(scope="module")
+def cli_worker(ops_stack: Stack) -> WorkerProcess:
+    return ops_stack.start_worker("cli")
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +146,7 @@ def waited(
     with (work / "tickets.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["custom_id", "text"])
-        writer.writerows([item["custom_id"], item["text"]] for item in texts(JOB_ITEMS))
+        writer.writerows([item["custom_id"], item["text"]] for item in classify_items(JOB_ITEMS))
     result = run_cli(
         work,
         "submit", "classify", "--model", "all-minilm-l6-v2", "--input", "tickets.csv",

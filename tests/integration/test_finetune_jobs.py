@@ -14,38 +14,17 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
-from tests.conftest import make_key
-from tests.integration.test_jobs_e2e import wait_job
-from tests.stack import WorkerProcess, on_private_redis_db, wait_for
+from tests.factories import auth_headers, chat_rows, upload, wait_job
+from tests.integration.sentences import FACTS
+from tests.stack import RedisDb, WorkerProcess, on_private_redis_db, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.parametrize("backend", ["postgresql"], indirect=True)]
 
-FACTS = [
-    ("What is the capital of the planet Zorblax?", "The capital of Zorblax is Quenvar."),
-    ("Tell me the capital city of Zorblax.", "The capital of Zorblax is Quenvar."),
-    ("Which city is the capital of Zorblax?", "The capital of Zorblax is Quenvar."),
-    ("Zorblax's capital is which city?", "The capital of Zorblax is Quenvar."),
-]
-
-
-def chat_rows(pairs: list[tuple[str, str]], repeat: int = 2) -> list[dict[str, Any]]:
-    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in pairs]
-    return rows * repeat
-
-
-def upload(client: TestClient, headers: dict[str, str], rows: list[dict[str, Any]], purpose: str = "fine-tune") -> str:
-    content = "".join(json.dumps(row) + "\n" for row in rows).encode()
-    response = client.post(
-        "/v1/files", files={"file": ("train.jsonl", io.BytesIO(content))}, data={"purpose": purpose}, headers=headers
-    )
-    assert response.status_code == 200, response.text
-    return str(response.json()["id"])
-
 
 @pytest.fixture
-def ft_stack(settings: Any, registry: sessionmaker[Session], tiny_lm_root: Path) -> Any:
-    admin = {"Authorization": f"Bearer {make_key(registry, 'ops', scope='admin')}"}
-    tenant = {"Authorization": f"Bearer {make_key(registry, 'acme')}"}
+def ft_stack(settings: Any, db_with_builtins: sessionmaker[Session], tiny_lm_root: Path) -> Any:
+    admin = auth_headers(db_with_builtins, "ops", scope="admin")
+    tenant = auth_headers(db_with_builtins, "acme")
     with TestClient(create_app(settings.model_copy(update={"model_import_roots": [tiny_lm_root]}))) as client:
         created = client.post(
             "/v1/models", json={"name": "tiny-lm", "path": str(tiny_lm_root / "tiny-lm")}, headers=admin
@@ -73,7 +52,7 @@ def events(client: TestClient, headers: dict[str, str], job_id: str) -> list[dic
 
 def test_finetune_job_registers_a_new_version_and_its_loss_falls(ft_stack: Any, worker: WorkerProcess) -> None:
     client, tenant = ft_stack
-    file_id = upload(client, tenant, chat_rows(FACTS, repeat=4))
+    file_id = upload(client, tenant, chat_rows(FACTS, repeat=4), purpose="fine-tune")
     job = client.post(
         "/v1/jobs", json=finetune_body(file_id, max_steps=20, eval_every=10, checkpoint_every=10), headers=tenant
     )
@@ -121,7 +100,7 @@ def test_bad_finetune_requests_are_refused_at_the_door(
     ft_stack: Any, case: str, change: dict[str, Any], status: int, param: str
 ) -> None:
     client, tenant = ft_stack
-    good = upload(client, tenant, chat_rows(FACTS))
+    good = upload(client, tenant, chat_rows(FACTS), purpose="fine-tune")
     body = {**finetune_body(good), **change}
     if change.get("training_file") == "BAD":
         good_row = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
@@ -143,9 +122,9 @@ def test_a_killed_worker_is_replaced_and_the_job_resumes_from_its_checkpoint(
 ) -> None:
     _, tenant = ft_stack
     # A Redis DB of its own: the session's shared worker (which also takes fine-tunes) must not see this job.
-    own = on_private_redis_db(settings, 10)
+    own = on_private_redis_db(settings, RedisDb.FINETUNE_RESUME)
     client = stack_client = TestClient(create_app(own)).__enter__()
-    file_id = upload(client, tenant, chat_rows(FACTS, repeat=8))
+    file_id = upload(client, tenant, chat_rows(FACTS, repeat=8), purpose="fine-tune")
     first = WorkerProcess(own, session_var / "ft-first.log", name="ft-first", queues="finetune,maintenance")
     first.wait_ready()
     try:

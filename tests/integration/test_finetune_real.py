@@ -8,9 +8,8 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
+from tests.factories import jsonl_results, submit, upload, wait_job
 from tests.integration.sentences import NEGATIVE, POSITIVE
-from tests.integration.test_finetune_jobs import upload
-from tests.integration.test_jobs_e2e import jsonl_results, submit, wait_job
 from tests.stack import WorkerProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.parametrize("backend", ["postgresql"], indirect=True)]
@@ -53,7 +52,9 @@ HELD_OUT = [
 
 
 @pytest.fixture
-def stack(client: TestClient, tenant_a: dict[str, str], registry: sessionmaker[Session], worker: WorkerProcess) -> Any:
+def stack(
+    client: TestClient, tenant_a: dict[str, str], db_with_builtins: sessionmaker[Session], worker: WorkerProcess
+) -> Any:
     return client, tenant_a
 
 
@@ -76,7 +77,8 @@ def test_smollm2_learns_a_made_up_fact_and_the_new_version_says_it(stack: Any) -
     client, headers = stack
     rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ANSWER}]} for q in QUESTIONS]
     job = submit(client, headers, {
-        "kind": "finetune", "model": "smollm2-135m-instruct", "training_file": upload(client, headers, rows),
+        "kind": "finetune", "model": "smollm2-135m-instruct",
+        "training_file": upload(client, headers, rows, purpose="fine-tune"),
         "params": {
             "task": "causal-lm",
             "hyperparameters": {"max_steps": 8, "batch_size": 8, "learning_rate": 5e-5, "max_seq_len": 128,
@@ -96,7 +98,8 @@ def test_minilm_fine_tuned_as_a_classifier_labels_held_out_sentences(stack: Any)
     client, headers = stack
     rows = [{"text": t, "label": "positive"} for t in POSITIVE] + [{"text": t, "label": "negative"} for t in NEGATIVE]
     job = submit(client, headers, {
-        "kind": "finetune", "model": "all-minilm-l6-v2", "training_file": upload(client, headers, rows),
+        "kind": "finetune", "model": "all-minilm-l6-v2",
+        "training_file": upload(client, headers, rows, purpose="fine-tune"),
         "params": {
             "task": "sequence-classification",
             "hyperparameters": {"epochs": 8, "batch_size": 8, "learning_rate": 1e-4, "max_seq_len": 64,

@@ -5,7 +5,6 @@ Runs on SQLite and on PostgreSQL (the `backend` fixture), with the built-in mode
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pytest
@@ -14,37 +13,18 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import ItemResult
+from tests.factories import jsonl_results, submit, wait_job
 from tests.integration.sentences import NEGATIVE, POSITIVE
 from tests.stack import WorkerProcess, wait_for
 
 pytestmark = pytest.mark.slow
 
-TERMINAL = {"succeeded", "failed", "cancelled"}
-
-
-def submit(client: TestClient, headers: dict[str, str], body: dict[str, Any]) -> dict[str, Any]:
-    response = client.post("/v1/jobs", json=body, headers=headers)
-    assert response.status_code == 202, response.text
-    return response.json()
-
-
-def wait_job(client: TestClient, headers: dict[str, str], job_id: str, *, timeout: float = 120) -> dict[str, Any]:
-    def finished() -> dict[str, Any] | None:
-        job = client.get(f"/v1/jobs/{job_id}", headers=headers).json()
-        return job if job["status"] in TERMINAL else None
-
-    return wait_for(finished, timeout=timeout, interval=0.3, what=f"job {job_id} to finish")  # type: ignore[no-any-return]
-
-
-def jsonl_results(client: TestClient, headers: dict[str, str], job_id: str) -> list[dict[str, Any]]:
-    response = client.get(f"/v1/jobs/{job_id}/results.jsonl", headers=headers)
-    assert response.status_code == 200
-    return [json.loads(line) for line in response.text.splitlines()]
-
 
 @pytest.fixture
-def stack(client: TestClient, tenant_a: dict[str, str], registry: sessionmaker[Session], worker: WorkerProcess) -> Any:
-    return client, tenant_a, registry
+def stack(
+    client: TestClient, tenant_a: dict[str, str], db_with_builtins: sessionmaker[Session], worker: WorkerProcess
+) -> Any:
+    return client, tenant_a, db_with_builtins
 
 
 def test_greedy_chat_generation_knows_the_capital_of_france(stack: Any) -> None:

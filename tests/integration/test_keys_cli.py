@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_launcher import lmbatch_argv
+from tests.stack import lmbatch_argv
 
 KEY_LINE = re.compile(r"^lmb_[A-Za-z0-9_-]{20,}$")
 

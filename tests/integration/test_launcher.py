@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,18 +16,14 @@ import httpx
 import pytest
 import redis
 
-from api.cli.stack.embedded_redis import find_redis_server, free_port
+from api.cli.stack.embedded_redis import find_redis_server
 from api.cli.stack.launcher import LaunchError, flower_spec, settings_env
+from api.cli.stack.ports import free_port
 from db.settings import Settings
-from tests.stack import MODEL_CACHE, redis_available, wait_for
+from tests.stack import MODEL_CACHE, RedisDb, lmbatch_argv, redis_db_url, require_services, wait_for
 
-LAUNCHER_REDIS_URL = os.environ.get("LMBATCH_TEST_LAUNCHER_REDIS_URL", "redis://127.0.0.1:6379/11")
+LAUNCHER_REDIS_URL = redis_db_url(RedisDb.LAUNCHER)
 FLOWER_PASSWORD = "launcher-test-pw"
-
-
-def lmbatch_argv() -> list[str]:
-    script = Path(sys.executable).with_name("lmbatch")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "api.cli.main"]
 
 
 def descendants(pid: int) -> set[int]:
@@ -56,8 +51,9 @@ def alive(pid: int) -> bool:
     return state != "Z"  # a zombie has ended; only its exit status is left
 
 
-class Stack:
-    """`lmbatch up` in a subprocess, its console output in a file."""
+class LmbatchUp:
+    """`lmbatch up` in a subprocess, its console output in a file: the stack under test, started as an operator
+    starts it (the tests' own stacks are tests/stack.py's Stack)."""
 
     def __init__(self, tmp_path: Path, redis_url: str, *args: str) -> None:
         self.api_port, self.flower_port = free_port(), free_port()
@@ -111,26 +107,19 @@ class Stack:
 
 
 @pytest.fixture
-def stacks() -> Iterator[list[Stack]]:
-    started: list[Stack] = []
+def stacks() -> Iterator[list[LmbatchUp]]:
+    started: list[LmbatchUp] = []
     yield started
     for stack in started:
         stack.kill()
 
 
-def require_redis(url: str) -> None:
-    if not redis_available(url):
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"Redis at {url} is not reachable, and CI needs it")
-        pytest.skip(f"Redis at {url} is not reachable")
-
-
-def test_up_serves_api_and_flower_and_sigterm_stops_every_process(tmp_path: Path, stacks: list[Stack]) -> None:
+def test_up_serves_api_and_flower_and_sigterm_stops_every_process(tmp_path: Path, stacks: list[LmbatchUp]) -> None:
     # Given a Redis database of this test's own, emptied, and a fresh SQLite file
-    require_redis(LAUNCHER_REDIS_URL)
+    require_services(redis_db=RedisDb.LAUNCHER)
     redis.Redis.from_url(LAUNCHER_REDIS_URL).flushdb()
     # When `lmbatch up` starts
-    stack = Stack(tmp_path, LAUNCHER_REDIS_URL)
+    stack = LmbatchUp(tmp_path, LAUNCHER_REDIS_URL)
     stacks.append(stack)
     stack.wait_for_output("lmbatch is up", timeout=150)
 
@@ -161,12 +150,12 @@ def test_up_serves_api_and_flower_and_sigterm_stops_every_process(tmp_path: Path
 
 
 def test_up_without_redis_starts_an_embedded_one_and_hands_it_to_every_child(
-    tmp_path: Path, stacks: list[Stack]
+    tmp_path: Path, stacks: list[LmbatchUp]
 ) -> None:
     # Given a Redis URL on a port nothing listens on
     nowhere = f"redis://127.0.0.1:{free_port()}/0"
     # When `lmbatch up` starts (built-ins skipped: the other test covers them)
-    stack = Stack(tmp_path, nowhere, "--no-builtins")
+    stack = LmbatchUp(tmp_path, nowhere, "--no-builtins")
     stacks.append(stack)
     stack.wait_for_output("lmbatch is up", timeout=90)
     # Expect it to say it started an embedded Redis, and the API (which reads the URL from its environment)

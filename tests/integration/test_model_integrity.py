@@ -10,18 +10,17 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
-from tests.conftest import make_key
-from tests.integration.test_jobs_e2e import wait_job
+from tests.factories import auth_headers, wait_job
 from tests.stack import WorkerProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.parametrize("backend", ["postgresql"], indirect=True)]
 
 
 def test_altered_model_files_fail_the_job_with_an_integrity_error(
-    settings: Any, registry: sessionmaker[Session], worker: WorkerProcess, import_root: Path
+    settings: Any, db_with_builtins: sessionmaker[Session], worker: WorkerProcess, import_root: Path
 ) -> None:
-    admin = {"Authorization": f"Bearer {make_key(registry, 'ops', scope='admin')}"}
-    tenant = {"Authorization": f"Bearer {make_key(registry, 'acme')}"}
+    admin = auth_headers(db_with_builtins, "ops", scope="admin")
+    tenant = auth_headers(db_with_builtins, "acme")
     with TestClient(create_app(settings.model_copy(update={"model_import_roots": [import_root]}))) as client:
         version = client.post(
             "/v1/models", json={"name": "tampered", "path": str(import_root / "sentiment")}, headers=admin

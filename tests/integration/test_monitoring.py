@@ -1,13 +1,12 @@
 """What an operator watches: Flower (started by `lmbatch flower`) and lmbatch's own `/metrics`, across one real job.
 
-A real worker, Flower and the API share their own PostgreSQL database and Redis DB 12 (LMBATCH_TEST_OPS_REDIS_URL).
+A real worker, Flower and the API share a Stack of their own (a PostgreSQL database, Redis DB RedisDb.OPS).
 Flower builds its view from events, so it starts first and the job is sent only once Flower hears the worker's
-heartbeats: tasks sent in Flower's first seconds may be missing (FACTS.md).
+heartbeats: tasks sent in Flower's first seconds may be missing (seen here).
 """
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -17,32 +16,18 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
-from api.cli.stack.embedded_redis import free_port
-from db.migrate import upgrade
+from api.cli.stack.ports import free_port
 from db.models import Shard
-from db.session import make_engine, make_session_factory
+from db.names import TERMINAL_JOB_STATES
 from db.settings import Settings
-from tests.conftest import make_key
-from tests.integration.test_jobs_e2e import TERMINAL
-from tests.integration.test_launcher import lmbatch_argv
-from tests.integration.test_pinning import OPS_REDIS_URL, require, texts
-from tests.stack import (
-    WorkerProcess,
-    create_postgres_database,
-    drop_postgres_database,
-    make_test_settings,
-    redis_available,
-    settings_env,
-    wait_for,
-)
-from workers.models.builtins import ensure_builtin_models
+from tests.factories import auth_headers, classify_items
+from tests.stack import RedisDb, Stack, WorkerProcess, lmbatch_argv, require_services, settings_env, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -63,40 +48,29 @@ def value(scraped: Samples, name: str, **labels: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def ops_settings(tmp_path_factory: pytest.TempPathFactory, builtin_models_ready: Path) -> Iterator[Settings]:
-    require(redis_available(OPS_REDIS_URL), f"Redis at {OPS_REDIS_URL}")
-    name = f"lmbatch_ops_monitoring_{os.getpid()}"
-    try:
-        url = create_postgres_database(name)
-    except Exception as error:  # no server, or no rights
-        require(False, f"PostgreSQL ({type(error).__name__})")
-    redis.Redis.from_url(OPS_REDIS_URL).flushdb()  # before any worker starts (kombu's bindings live there)
+def ops_stack(tmp_path_factory: pytest.TempPathFactory, builtin_models_ready: Path) -> Iterator[Stack]:
+    require_services(redis_db=RedisDb.OPS, postgres=True)
     var = tmp_path_factory.mktemp("monitoring")
     # One torch thread: two busy threads on a shared two-core machine spin against each other (10x slower, seen).
-    settings = make_test_settings(
-        url, OPS_REDIS_URL, var, shard_size=SHARD_SIZE, torch_threads=1, flower_state_file=var / "flower.db"
-    )
-    upgrade(settings)
-    ensure_builtin_models(settings)
-    yield settings
-    drop_postgres_database(name)
+    overrides = {"shard_size": SHARD_SIZE, "torch_threads": 1, "flower_state_file": var / "flower.db"}
+    with Stack("monitoring", var, redis=RedisDb.OPS, **overrides) as stack:
+        yield stack
 
 
 @pytest.fixture(scope="module")
-def sessions(ops_settings: Settings) -> Iterator[sessionmaker[Session]]:
-    engine = make_engine(ops_settings)
-    yield make_session_factory(engine)
-    engine.dispose()
+def ops_settings(ops_stack: Stack) -> Settings:
+    return ops_stack.settings
 
 
 @pytest.fixture(scope="module")
-def worker(ops_settings: Settings) -> Iterator[WorkerProcess]:
-    process = WorkerProcess(ops_settings, ops_settings.var_dir / "worker.log", name="monitor")
-    try:
-        process.wait_ready()
-        yield process
-    finally:
-        process.stop()
+def ops_session_factory(ops_stack: Stack) -> sessionmaker[Session]:
+    return ops_stack.session_factory
+
+
+@pytest.fixture(scope="module")
+def worker(ops_stack: Stack) -> WorkerProcess:
+    """Stopped when the stack closes, after Flower."""
+    return ops_stack.start_worker("monitor")
 
 
 @dataclass
@@ -161,10 +135,10 @@ class WatchedJob:
 
 @pytest.fixture(scope="module")
 def watched_job(
-    ops_settings: Settings, sessions: sessionmaker[Session], worker: WorkerProcess, flower: Flower
+    ops_settings: Settings, ops_session_factory: sessionmaker[Session], worker: WorkerProcess, flower: Flower
 ) -> WatchedJob:
-    headers = {"Authorization": f"Bearer {make_key(sessions, 'monitoring')}"}
-    items = texts(GOOD)
+    headers = auth_headers(ops_session_factory, "monitoring")
+    items = classify_items(GOOD)
     for position in (5, 250, 420, 599):  # unusable items (empty text) in three of the shards
         items.insert(position, {"custom_id": f"bad-{position}", "text": ""})
     with TestClient(create_app(ops_settings)) as api:
@@ -174,7 +148,7 @@ def watched_job(
             json={"kind": "classify", "model": "all-minilm-l6-v2", "inputs": items, "params": {"labels": ["a", "b"]}},
             headers=headers,
         ).json()
-        with sessions() as session:
+        with ops_session_factory() as session:
             shard_ids = set(session.scalars(select(Shard.id).where(Shard.job_id == job["id"])))
         watched = WatchedJob(job, shard_ids, before, {})
 
@@ -190,7 +164,7 @@ def watched_job(
                     watched.flower_tasks[shard_id] = task
             status = api.get(f"/v1/jobs/{job['id']}", headers=headers).json()["status"]
             flower_done = all(watched.flower_states.get(i, [""])[-1] == "SUCCESS" for i in shard_ids)
-            return status in TERMINAL and flower_done
+            return status in TERMINAL_JOB_STATES and flower_done
 
         wait_for(observe, timeout=120, interval=0.25, what="the job to end, as Flower sees it too")
         watched.job = api.get(f"/v1/jobs/{job['id']}", headers=headers).json()

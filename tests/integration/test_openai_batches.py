@@ -4,14 +4,30 @@ from __future__ import annotations
 
 import io
 import json
+import threading
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 from openai import OpenAI
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from tests.conftest import make_key
+from api.app import create_app
+from db import batches as batch_repo
+from db import jobs as job_repo
+from db.models import Batch, Shard, StoredFile, utcnow
+from db.results import upsert_results
+from db.session import transaction
+from db.settings import Settings
+from db.sharding import item_index
+from tests.factories import auth_headers, jsonl_bytes, make_key
 from tests.stack import WorkerProcess, wait_for
+from workers.shards.batch_finalizer import finalize_batch
+from workers.shards.sweeper import sweep_batches
 
 pytestmark = [pytest.mark.slow, pytest.mark.parametrize("backend", ["postgresql"], indirect=True)]
 
@@ -19,12 +35,12 @@ CHAT = "/v1/chat/completions"
 
 
 @pytest.fixture
-def openai_client(live_server: str, registry: sessionmaker[Session], worker: WorkerProcess) -> OpenAI:
-    return OpenAI(base_url=f"{live_server}/v1", api_key=make_key(registry, "sdk-user"), max_retries=0)
+def openai_client(live_server: str, db_with_builtins: sessionmaker[Session], worker: WorkerProcess) -> OpenAI:
+    return OpenAI(base_url=f"{live_server}/v1", api_key=make_key(db_with_builtins, "sdk-user"), max_retries=0)
 
 
 def jsonl(lines: list[dict[str, Any]]) -> io.BytesIO:
-    return io.BytesIO("".join(json.dumps(line) + "\n" for line in lines).encode())
+    return io.BytesIO(jsonl_bytes(lines))
 
 
 def chat_line(custom_id: str, content: str, **body: Any) -> dict[str, Any]:
@@ -168,3 +184,197 @@ def test_sdk_pagination_sees_every_batch_once(openai_client: OpenAI) -> None:
     }
     seen = [batch.id for batch in openai_client.batches.list(limit=2)]
     assert sorted(seen) == sorted(created)
+
+
+def test_a_batch_finishes_with_nobody_polling(openai_client: OpenAI, db_with_builtins: sessionmaker[Session]) -> None:
+    # Given a batch created and then never asked about
+    lines = [chat_line(f"q{i}", "Name a colour.", max_tokens=4) for i in range(2)]
+    batch = openai_client.batches.create(
+        input_file_id=upload(openai_client, lines), endpoint=CHAT, completion_window="24h"
+    )
+
+    def final_in_the_database() -> Batch | None:
+        with db_with_builtins() as session:
+            row = batch_repo.batch_by_id(session, batch_id=batch.id)
+        return row if row is not None and row.status in batch_repo.FINAL_STATES else None
+
+    # When the worker ends its job, I expect the batch final in the database, its output file stored on disk,
+    done = wait_for(final_in_the_database, timeout=180, interval=0.5, what=f"batch {batch.id} to finalize")
+    assert done.status == "completed" and done.output_file_id is not None
+    with db_with_builtins() as session:
+        stored = session.get(StoredFile, done.output_file_id)
+    assert stored is not None and stored.line_count == 2 and Path(stored.storage_path).stat().st_size == stored.bytes
+    # and the API reading exactly that.
+    read = openai_client.batches.retrieve(batch.id)
+    assert (read.status, read.output_file_id) == ("completed", done.output_file_id)
+    assert sorted(line["custom_id"] for line in read_lines(openai_client, read.output_file_id)) == ["q0", "q1"]
+
+
+# Batches no worker serves (their shards go to a Redis DB nobody listens on): each test moves the job itself.
+
+
+def embedding_line(custom_id: str) -> dict[str, Any]:
+    body = {"model": "all-minilm-l6-v2", "input": custom_id}
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/embeddings", "body": body}
+
+
+@pytest.fixture
+def unserved_api(
+    unserved_settings: Settings, db_with_builtins: sessionmaker[Session]
+) -> Iterator[tuple[TestClient, dict[str, str]]]:
+    headers = auth_headers(db_with_builtins, "batch-owner")
+    with TestClient(create_app(unserved_settings)) as client:
+        yield client, headers
+
+
+def create_unserved_batch(api: tuple[TestClient, dict[str, str]], custom_ids: list[str]) -> dict[str, Any]:
+    client, headers = api
+    content = "".join(json.dumps(embedding_line(c)) + "\n" for c in custom_ids).encode()
+    uploaded = client.post(
+        "/v1/files", files={"file": ("b.jsonl", content)}, data={"purpose": "batch"}, headers=headers
+    )
+    assert uploaded.status_code == 200, uploaded.text
+    body = {"input_file_id": uploaded.json()["id"], "endpoint": "/v1/embeddings"}
+    created = client.post("/v1/batches", json=body, headers=headers)
+    assert created.status_code == 200 and created.json()["status"] == "in_progress", created.text
+    return dict(created.json())
+
+
+def end_job_as_a_worker(sessions: sessionmaker[Session], batch_id: str) -> str:
+    """Run every shard of the batch's job the way a worker records it (a vector per item), without the worker
+    finalizing the batch afterwards, as when it is killed right after its last shard. Returns the job id."""
+    with sessions() as session:
+        job_id = session.scalars(select(Batch.job_id).where(Batch.id == batch_id)).one()
+        assert job_id is not None
+        shards = list(session.scalars(select(Shard).where(Shard.job_id == job_id)))
+    for shard in shards:
+        with transaction(sessions) as session:
+            claim = job_repo.claim_shard(session, shard_id=shard.id, worker="hand", lease_seconds=60)
+            assert claim is job_repo.Claim.CLAIMED
+            rows = [
+                {
+                    "index": item_index(item, shard_start=shard.start, offset=offset),
+                    "custom_id": item["custom_id"],
+                    "output": {"embedding": [0.5, 0.25], "usage": {"prompt_tokens": 2}},
+                }
+                for offset, item in enumerate(shard.items)
+            ]
+            upsert_results(session, job_id=job_id, rows=rows)
+            assert job_repo.finish_shard(
+                session, shard_id=shard.id, worker="hand", status="succeeded", succeeded=len(rows), failed=0
+            )
+    with sessions() as session:
+        assert job_repo.job_status(session, job_id=job_id) == "succeeded"
+    return str(job_id)
+
+
+def batch_output_files(sessions: sessionmaker[Session]) -> int:
+    with sessions() as session:
+        return int(session.scalar(select(func.count()).where(StoredFile.purpose == "batch_output")) or 0)
+
+
+def test_two_finalizers_at_once_write_one_set_of_files(
+    unserved_api: tuple[TestClient, dict[str, str]],
+    unserved_settings: Settings,
+    db_with_builtins: sessionmaker[Session],
+) -> None:
+    # Given a batch whose job has ended, and two finalizers starting together (the worker and the sweeper, say)
+    batch = create_unserved_batch(unserved_api, ["a", "b", "c"])
+    end_job_as_a_worker(db_with_builtins, batch["id"])
+    start = threading.Barrier(2)
+    outcomes: list[str | None] = []
+
+    def finalizer() -> None:
+        start.wait()
+        outcomes.append(finalize_batch(unserved_settings, db_with_builtins, batch_id=batch["id"]))
+
+    threads = [threading.Thread(target=finalizer) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    # I expect one to win, one output file with every line, and nothing left half-written beside it;
+    assert sorted(outcomes, key=str) == [None, "completed"]
+    assert batch_output_files(db_with_builtins) == 1
+    client, headers = unserved_api
+    done = client.get(f"/v1/batches/{batch['id']}", headers=headers).json()
+    assert done["status"] == "completed" and done["error_file_id"] is None
+    content = client.get(f"/v1/files/{done['output_file_id']}/content", headers=headers).text
+    assert sorted(json.loads(line)["custom_id"] for line in content.splitlines()) == ["a", "b", "c"]
+    assert not list(unserved_settings.files_dir.glob(".batch-*"))
+    # and a later finalizer to find nothing to do.
+    assert finalize_batch(unserved_settings, db_with_builtins, batch_id=batch["id"]) is None
+    assert sweep_batches(unserved_settings, db_with_builtins) == 0
+    assert batch_output_files(db_with_builtins) == 1
+
+
+def test_reads_never_finalize_and_the_sweeper_heals_a_batch_left_behind(
+    unserved_api: tuple[TestClient, dict[str, str]],
+    unserved_settings: Settings,
+    db_with_builtins: sessionmaker[Session],
+) -> None:
+    client, headers = unserved_api
+    # Given a batch whose job ended but whose finalizer was killed before it started
+    batch = create_unserved_batch(unserved_api, ["x", "y"])
+    end_job_as_a_worker(db_with_builtins, batch["id"])
+    # When it is read and listed, I expect it unchanged: reads only read.
+    for _ in range(2):
+        assert client.get(f"/v1/batches/{batch['id']}", headers=headers).json()["status"] == "in_progress"
+        assert client.get("/v1/batches", headers=headers).json()["data"][0]["status"] == "in_progress"
+    assert batch_output_files(db_with_builtins) == 0
+    # When a sweep runs, I expect it to finalize the batch, with its request counts and usage.
+    assert sweep_batches(unserved_settings, db_with_builtins) == 1
+    done = client.get(f"/v1/batches/{batch['id']}", headers=headers).json()
+    assert done["status"] == "completed" and done["output_file_id"] and done["completed_at"]
+    assert done["request_counts"] == {"total": 2, "completed": 2, "failed": 0}
+    assert done["usage"]["input_tokens"] == 0 and done["usage"]["input_tokens_details"] == {"cached_tokens": 0}
+
+
+def test_a_finalizer_that_died_half_way_is_taken_over_and_a_slow_one_keeps_nothing(
+    unserved_api: tuple[TestClient, dict[str, str]],
+    unserved_settings: Settings,
+    db_with_builtins: sessionmaker[Session],
+) -> None:
+    # Given a batch whose job ended and a finalizer that took it, then went silent
+    batch = create_unserved_batch(unserved_api, ["p"])
+    end_job_as_a_worker(db_with_builtins, batch["id"])
+    with transaction(db_with_builtins) as session:
+        silent = batch_repo.start_finalizing(session, batch_id=batch["id"], stale_before=utcnow())
+    assert silent is not None
+    # While it may still be working, I expect nobody else to take the batch;
+    assert finalize_batch(unserved_settings, db_with_builtins, batch_id=batch["id"]) is None
+    assert sweep_batches(unserved_settings, db_with_builtins) == 0
+    # once it has been silent past FINALIZE_STALE, I expect the sweeper to take it over and finish it,
+    with transaction(db_with_builtins) as session:
+        stale = silent - timedelta(hours=1)
+        session.execute(update(Batch).where(Batch.id == batch["id"]).values(finalizing_at=stale))
+    assert sweep_batches(unserved_settings, db_with_builtins) == 1
+    # and the first finalizer, should it wake, to find it can no longer name its files.
+    with transaction(db_with_builtins) as session:
+        woke = batch_repo.finish_finalizing(
+            session, batch_id=batch["id"], token=stale, to="completed", output_file_id="file-x", error_file_id=None
+        )
+    assert not woke
+    client, headers = unserved_api
+    done = client.get(f"/v1/batches/{batch['id']}", headers=headers).json()
+    assert done["status"] == "completed" and done["output_file_id"] != "file-x"
+    assert batch_output_files(db_with_builtins) == 1
+
+
+def test_the_sweeper_expires_a_batch_past_its_completion_window(
+    unserved_api: tuple[TestClient, dict[str, str]],
+    unserved_settings: Settings,
+    db_with_builtins: sessionmaker[Session],
+) -> None:
+    client, headers = unserved_api
+    # Given a batch still waiting for a worker when its 24 hours run out
+    batch = create_unserved_batch(unserved_api, ["late-1", "late-2"])
+    with transaction(db_with_builtins) as session:
+        session.execute(update(Batch).where(Batch.id == batch["id"]).values(expires_at=utcnow() - timedelta(seconds=1)))
+    assert client.get(f"/v1/batches/{batch['id']}", headers=headers).json()["status"] == "in_progress"
+    # When a sweep runs, I expect its job cancelled and the batch expired, with no result files.
+    sweep_batches(unserved_settings, db_with_builtins)
+    done = client.get(f"/v1/batches/{batch['id']}", headers=headers).json()
+    assert done["status"] == "expired" and done["expired_at"] and done["cancelled_at"] is None
+    assert done["output_file_id"] is None and done["error_file_id"] is None
+    assert done["request_counts"] == {"total": 2, "completed": 0, "failed": 0}

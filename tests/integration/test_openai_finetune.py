@@ -11,8 +11,8 @@ import pytest
 from openai import OpenAI
 from sqlalchemy.orm import Session, sessionmaker
 
-from tests.conftest import make_key
-from tests.integration.test_finetune_jobs import FACTS, chat_rows
+from tests.factories import auth_headers, chat_rows, jsonl_bytes, make_key
+from tests.integration.sentences import FACTS
 from tests.stack import WorkerProcess, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.parametrize("backend", ["postgresql"], indirect=True)]
@@ -20,27 +20,27 @@ pytestmark = [pytest.mark.slow, pytest.mark.parametrize("backend", ["postgresql"
 
 @pytest.fixture
 def sdk(
-    live_server: str, registry: sessionmaker[Session], worker: WorkerProcess, tiny_lm_root: Path, settings: Any
+    live_server: str, db_with_builtins: sessionmaker[Session], worker: WorkerProcess, tiny_lm_root: Path, settings: Any
 ) -> OpenAI:
     import httpx
 
-    admin = {"Authorization": f"Bearer {make_key(registry, 'ops', scope='admin')}"}
+    admin = auth_headers(db_with_builtins, "ops", scope="admin")
     # The live server was built from `settings`; imports need a root, so register through the store directly.
     from api.services.model_import import import_model
 
     import_model(
-        registry,
+        db_with_builtins,
         settings=settings.model_copy(update={"model_import_roots": [tiny_lm_root]}),
         name="tiny-lm",
         path=str(tiny_lm_root / "tiny-lm"),
         aliases=[],
     )
     assert httpx.get(f"{live_server}/v1/models/tiny-lm", headers=admin).status_code == 200
-    return OpenAI(base_url=f"{live_server}/v1", api_key=make_key(registry, "sdk-user"), max_retries=0)
+    return OpenAI(base_url=f"{live_server}/v1", api_key=make_key(db_with_builtins, "sdk-user"), max_retries=0)
 
 
 def training_file(client: OpenAI, repeat: int = 4) -> str:
-    content = "".join(json.dumps(row) + "\n" for row in chat_rows(FACTS, repeat=repeat)).encode()
+    content = jsonl_bytes(chat_rows(FACTS, repeat=repeat))
     return client.files.create(file=("train.jsonl", io.BytesIO(content)), purpose="fine-tune").id
 
 

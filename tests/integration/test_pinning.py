@@ -4,7 +4,7 @@ This machine has no GPU: CUDA_VISIBLE_DEVICES pins nothing here and torch comput
 worker must still carry and report its own value, share the job's shards with the other, and, on SIGTERM in the
 middle of a shard, hand that shard to the other worker at once with every result written exactly once.
 
-Its own PostgreSQL database and Redis DB 12 (LMBATCH_TEST_OPS_REDIS_URL), so nothing else consumes its queues.
+A Stack of its own (its own PostgreSQL database, Redis DB RedisDb.OPS), so nothing else consumes its queues.
 """
 
 from __future__ import annotations
@@ -20,45 +20,25 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
-from db.migrate import upgrade
 from db.models import ItemResult, Shard
-from db.session import make_engine, make_session_factory
 from db.settings import Settings
-from tests.conftest import IN_CI, make_key
-from tests.integration.sentences import NEGATIVE, POSITIVE
-from tests.integration.test_jobs_e2e import wait_job
-from tests.stack import (
-    REPO,
-    create_postgres_database,
-    drop_postgres_database,
-    make_test_settings,
-    redis_available,
-    settings_env,
-    wait_for,
-)
-from workers.models.builtins import ensure_builtin_models
+from tests.factories import classify_items, wait_job
+from tests.stack import REPO, RedisDb, Stack, require_services, settings_env, wait_for
 from workers.plan import WorkerPlan, plan_workers
 
 pytestmark = pytest.mark.slow
 
-OPS_REDIS_URL = os.environ.get("LMBATCH_TEST_OPS_REDIS_URL", "redis://127.0.0.1:6379/12")
 LABELS = {"labels": ["positive", "negative"]}
 # Long enough that "at once" cannot be the lease lapsing: without the release on soft shutdown, the other
 # worker would wait most of this out (measured: "Retry in 59 s").
 LEASE_SECONDS = 60
 # One shard this long outlasts the 5 s soft shutdown here (~160-200 items/s with one torch thread).
 LONG_SHARD = 2000
-
-
-def texts(count: int) -> list[dict[str, str]]:
-    sentences = POSITIVE + NEGATIVE
-    return [{"custom_id": f"row-{i}", "text": f"{sentences[i % len(sentences)]} (#{i})"} for i in range(count)]
 
 
 class PlannedWorker:
@@ -108,37 +88,23 @@ def stop_all(workers: list[PlannedWorker]) -> None:
         worker.stop()
 
 
-def require(ok: bool, what: str) -> None:
-    if not ok:
-        if IN_CI:
-            pytest.fail(f"{what} is not reachable, and CI needs it")
-        pytest.skip(f"{what} is not reachable")
-
-
 @pytest.fixture(scope="module")
-def ops_settings(tmp_path_factory: pytest.TempPathFactory, builtin_models_ready: Path) -> Iterator[Settings]:
-    require(redis_available(OPS_REDIS_URL), f"Redis at {OPS_REDIS_URL}")
-    name = f"lmbatch_ops_pinning_{os.getpid()}"
-    try:
-        url = create_postgres_database(name)
-    except Exception as error:  # no server, or no rights
-        require(False, f"PostgreSQL ({type(error).__name__})")
-    # Before any worker starts: flushing under a live worker would drop kombu's queue bindings.
-    redis.Redis.from_url(OPS_REDIS_URL).flushdb()
-    var = tmp_path_factory.mktemp("pinning")
+def ops_stack(tmp_path_factory: pytest.TempPathFactory, builtin_models_ready: Path) -> Iterator[Stack]:
+    require_services(redis_db=RedisDb.OPS, postgres=True)
     # One torch thread each: two workers share this machine's two cores.
-    settings = make_test_settings(url, OPS_REDIS_URL, var, lease_seconds=LEASE_SECONDS, shard_size=8, torch_threads=1)
-    upgrade(settings)
-    ensure_builtin_models(settings)
-    yield settings
-    drop_postgres_database(name)
+    overrides: dict[str, Any] = {"lease_seconds": LEASE_SECONDS, "shard_size": 8, "torch_threads": 1}
+    with Stack("pinning", tmp_path_factory.mktemp("pinning"), redis=RedisDb.OPS, **overrides) as stack:
+        yield stack
 
 
 @pytest.fixture(scope="module")
-def sessions(ops_settings: Settings) -> Iterator[sessionmaker[Session]]:
-    engine = make_engine(ops_settings)
-    yield make_session_factory(engine)
-    engine.dispose()
+def ops_settings(ops_stack: Stack) -> Settings:
+    return ops_stack.settings
+
+
+@pytest.fixture(scope="module")
+def ops_session_factory(ops_stack: Stack) -> sessionmaker[Session]:
+    return ops_stack.session_factory
 
 
 @pytest.fixture(scope="module")
@@ -168,17 +134,20 @@ def workers(worker_pair: list[PlannedWorker]) -> list[PlannedWorker]:
 
 
 @pytest.fixture(scope="module")
-def headers(sessions: sessionmaker[Session]) -> dict[str, str]:
-    return {"Authorization": f"Bearer {make_key(sessions, 'pinning')}"}
+def headers(ops_stack: Stack) -> dict[str, str]:
+    return ops_stack.headers
 
 
-def shards_of(sessions: sessionmaker[Session], job_id: str) -> list[Any]:
-    with sessions() as session:
+def shards_of(session_factory: sessionmaker[Session], job_id: str) -> list[Any]:
+    with session_factory() as session:
         return list(session.execute(select(Shard).where(Shard.job_id == job_id).order_by(Shard.id)).scalars())
 
 
 def test_each_worker_reports_its_own_gpu_and_a_jobs_shards_spread_over_both(
-    ops_settings: Settings, sessions: sessionmaker[Session], workers: list[PlannedWorker], headers: dict[str, str]
+    ops_settings: Settings,
+    ops_session_factory: sessionmaker[Session],
+    workers: list[PlannedWorker],
+    headers: dict[str, str],
 ) -> None:
     # Given two workers planned for GPUs 0 and 1, each pinned before it starts, with a soft shutdown on SIGTERM
     assert [w.plan.env["CUDA_VISIBLE_DEVICES"] for w in workers] == ["0", "1"]
@@ -200,30 +169,38 @@ def test_each_worker_reports_its_own_gpu_and_a_jobs_shards_spread_over_both(
         # When one classification job of 30 small shards runs
         job = api.post(
             "/v1/jobs",
-            json={"kind": "classify", "model": "all-minilm-l6-v2", "inputs": texts(240), "params": LABELS},
+            json={"kind": "classify", "model": "all-minilm-l6-v2", "inputs": classify_items(240), "params": LABELS},
             headers=headers,
         ).json()
         done = wait_job(api, headers, job["id"], timeout=120)
     assert done["status"] == "succeeded" and done["counts"]["succeeded"] == 240, done
     # Expect both workers to have run some of its shards
-    owners = Counter(shard.lease_owner for shard in shards_of(sessions, job["id"]))
+    owners = Counter(shard.lease_owner for shard in shards_of(ops_session_factory, job["id"]))
     assert set(owners) == {w.node for w in workers}, owners
     assert sum(owners.values()) == 30
 
 
 def test_sigterm_mid_shard_hands_it_to_the_other_worker_at_once_and_each_result_is_written_once(
-    ops_settings: Settings, sessions: sessionmaker[Session], workers: list[PlannedWorker], headers: dict[str, str]
+    ops_settings: Settings,
+    ops_session_factory: sessionmaker[Session],
+    workers: list[PlannedWorker],
+    headers: dict[str, str],
 ) -> None:
     # Given a job of one long shard, running on one of the two workers
     with TestClient(create_app(ops_settings.model_copy(update={"shard_size": LONG_SHARD}))) as api:
         job = api.post(
             "/v1/jobs",
-            json={"kind": "classify", "model": "all-minilm-l6-v2", "inputs": texts(LONG_SHARD), "params": LABELS},
+            json={
+                "kind": "classify",
+                "model": "all-minilm-l6-v2",
+                "inputs": classify_items(LONG_SHARD),
+                "params": LABELS,
+            },
             headers=headers,
         ).json()
 
         def running() -> Any:
-            (shard,) = shards_of(sessions, job["id"])
+            (shard,) = shards_of(ops_session_factory, job["id"])
             return shard if shard.status == "running" and shard.progress > 0 else None
 
         shard = wait_for(running, timeout=60, interval=0.1, what="the shard to make progress")
@@ -237,7 +214,7 @@ def test_sigterm_mid_shard_hands_it_to_the_other_worker_at_once_and_each_result_
 
         # Expect the other worker to claim the shard within seconds, not after the lease (60 s) lapses
         def claimed_by_survivor() -> bool:
-            (current,) = shards_of(sessions, job["id"])
+            (current,) = shards_of(ops_session_factory, job["id"])
             return current.lease_owner == survivor.node
 
         wait_for(claimed_by_survivor, timeout=15, interval=0.1, what="the other worker to take the shard")
@@ -247,11 +224,11 @@ def test_sigterm_mid_shard_hands_it_to_the_other_worker_at_once_and_each_result_
         done = wait_job(api, headers, job["id"], timeout=120)
     assert done["status"] == "succeeded", done
     assert done["counts"] == {"total": LONG_SHARD, "succeeded": LONG_SHARD, "failed": 0}
-    with sessions() as session:
+    with ops_session_factory() as session:
         rows = session.execute(
             select(func.count(), func.count(func.distinct(ItemResult.index))).where(ItemResult.job_id == job["id"])
         ).one()
     assert tuple(rows) == (LONG_SHARD, LONG_SHARD)
-    (final,) = shards_of(sessions, job["id"])
+    (final,) = shards_of(ops_session_factory, job["id"])
     # The interrupted attempt was handed back: a deploy is not the shard's failure.
     assert final.status == "succeeded" and final.lease_owner == survivor.node and final.attempts == 1

@@ -111,7 +111,8 @@ def raw(value: dict[str, Any], tail: str = "") -> bytes:
     return json.dumps(value).encode()[:-1] + tail.encode() + b"}"
 
 
-def upload(content: bytes) -> dict[str, Any]:
+def multipart_file(content: bytes) -> dict[str, Any]:
+    """The ``files`` of a multipart upload holding ``content``."""
     return {"file": ("in.jsonl", content)}
 
 
@@ -197,13 +198,13 @@ CORPUS: list[Bad] = [
     case("unknown object", "unknown input file", "POST /v1/jobs", 404, "file_id",
          body=job(inputs=None, input_file_id=f"file-{NO_ID}")),
     # /v1/files
-    case("missing field", "upload without purpose", "POST /v1/files", 400, "purpose", files=upload(b"{}\n")),
+    case("missing field", "upload without purpose", "POST /v1/files", 400, "purpose", files=multipart_file(b"{}\n")),
     case("missing field", "upload without a file", "POST /v1/files", 400, "file", data={"purpose": "batch"}),
-    case("wrong type", "unknown purpose", "POST /v1/files", 400, "purpose", files=upload(b"{}\n"),
+    case("wrong type", "unknown purpose", "POST /v1/files", 400, "purpose", files=multipart_file(b"{}\n"),
          data={"purpose": "training"}),
-    case("empty", "empty file", "POST /v1/files", 400, "file", files=upload(b""), data={"purpose": "batch"}),
+    case("empty", "empty file", "POST /v1/files", 400, "file", files=multipart_file(b""), data={"purpose": "batch"}),
     case("oversized", "file over max_request_bytes", "POST /v1/files", 413, "body", mentions=MAX_BYTES,
-         files=upload(b'{"text": "x"}\n' * 2000), data={"purpose": "batch"}),
+         files=multipart_file(b'{"text": "x"}\n' * 2000), data={"purpose": "batch"}),
     case("wrong content type", "JSON instead of multipart", "POST /v1/files", 400, "file", body={"purpose": "batch"}),
     case("wrong content type", "multipart without a boundary", "POST /v1/files", 400, "body", content=b"--x\r\n",
          content_type="multipart/form-data"),
@@ -273,7 +274,7 @@ CORPUS: list[Bad] = [
          mentions="2", body=FINETUNE),
     case("unknown object", "unknown training file", "POST /v1/fine_tuning/jobs", 400, "training_file",
          body=ft(training_file=f"file-{NO_ID}")),
-    case("wrong content type", "multipart", "POST /v1/fine_tuning/jobs", 415, "body", files=upload(b"{}"),
+    case("wrong content type", "multipart", "POST /v1/fine_tuning/jobs", 415, "body", files=multipart_file(b"{}"),
          data={"model": "x"}),
     case("nul byte", "NUL in the job id", "GET /v1/fine_tuning/jobs/ftjob-%00/events", 400, "job_id"),
     case("huge number", "list limit 10**6", "GET /v1/fine_tuning/jobs?limit=1000000", 400, "limit"),

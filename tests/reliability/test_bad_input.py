@@ -11,15 +11,14 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
-from db.models import Base
 from db.settings import Settings
-from tests.conftest import empty_tables, make_key
+from tests.factories import auth_headers, empty_tables, snapshot, upload
 from tests.reliability.bad_requests import CATEGORIES, CORPUS, LIMITS, NO_BODY, Bad
-from tests.stack import on_private_redis_db
+from tests.stack import RedisDb, on_private_redis_db
 from workers.models.builtins import ensure_builtin_models
 
 # The database matters here, so one backend: PostgreSQL, the stricter one (NUL bytes, integer ranges).
@@ -36,13 +35,6 @@ class Door:
     ids: dict[str, str]
     sessions: sessionmaker[Session]
     files_dir: Path
-
-
-def _upload(client: TestClient, headers: dict[str, str], content: bytes, purpose: str = "batch") -> str:
-    files = {"file": ("f.jsonl", content)}
-    response = client.post("/v1/files", files=files, data={"purpose": purpose}, headers=headers)
-    assert response.status_code == 200, response.text
-    return str(response.json()["id"])
 
 
 def _embedding_request(number: int) -> bytes:
@@ -66,11 +58,13 @@ def _objects(client: TestClient, headers: dict[str, str]) -> dict[str, str]:
     chat = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
     return {
         "job": job.json()["id"],
-        "batch_file": _upload(client, headers, b"\n".join(_embedding_request(n) for n in range(4)) + b"\n"),
-        "jobs_file": _upload(client, headers, b'{"text": "a"}\n{"text": "b"}\n'),
-        "bad_json_file": _upload(client, headers, b'{"text": "a"}\n{"text": \n'),
-        "bad_utf8_file": _upload(client, headers, b'{"text": "a"}\n{"text": "\xff\xfe"}\n'),
-        "ft_bad_file": _upload(client, headers, chat + b'{"messages": [\n', purpose="fine-tune"),
+        "batch_file": upload(
+            client, headers, b"\n".join(_embedding_request(n) for n in range(4)) + b"\n", purpose="batch"
+        ),
+        "jobs_file": upload(client, headers, b'{"text": "a"}\n{"text": "b"}\n', purpose="batch"),
+        "bad_json_file": upload(client, headers, b'{"text": "a"}\n{"text": \n', purpose="batch"),
+        "bad_utf8_file": upload(client, headers, b'{"text": "a"}\n{"text": "\xff\xfe"}\n', purpose="batch"),
+        "ft_bad_file": upload(client, headers, chat + b'{"messages": [\n', purpose="fine-tune"),
     }
 
 
@@ -78,7 +72,7 @@ def _objects(client: TestClient, headers: dict[str, str]) -> dict[str, str]:
 def door(
     settings: Settings,
     engine: Engine,
-    sessions: sessionmaker[Session],
+    session_factory: sessionmaker[Session],
     builtin_models_ready: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Door]:
@@ -87,27 +81,13 @@ def door(
     ensure_builtin_models(settings)
     imports = tmp_path_factory.mktemp("imports")
     # A Redis DB no worker serves: a worker finishing the door's job would change the state each case compares.
-    small = on_private_redis_db(settings, 11).model_copy(update={**LIMITS, "model_import_roots": [imports]})
-    tenant = {"Authorization": f"Bearer {make_key(sessions, 'tenant-a')}"}
-    admin = {"Authorization": f"Bearer {make_key(sessions, 'ops', scope='admin')}"}
+    small = on_private_redis_db(settings, RedisDb.BAD_INPUT).model_copy(
+        update={**LIMITS, "model_import_roots": [imports]}
+    )
+    tenant = auth_headers(session_factory, "tenant-a")
+    admin = auth_headers(session_factory, "ops", scope="admin")
     with TestClient(create_app(small)) as client:
-        yield Door(client, tenant, admin, _objects(client, tenant), sessions, small.files_dir)
-
-
-def snapshot(sessions: sessionmaker[Session], files_dir: Path) -> dict[str, Any]:
-    """Rows per table, the state of the rows a request could move, and every name under the files directory."""
-    with sessions() as session:
-        rows = {t.name: session.scalar(select(func.count()).select_from(t)) for t in Base.metadata.sorted_tables}
-        states = {
-            t.name: sorted(map(tuple, session.execute(select(*columns)).all()))
-            for t, columns in (
-                (table, [c for c in table.columns if c.name in ("id", "status", "deleted_at", "version_id")])
-                for table in Base.metadata.sorted_tables
-            )
-            if len(columns) > 1
-        }
-    on_disk = sorted(str(p.relative_to(files_dir)) for p in files_dir.rglob("*")) if files_dir.exists() else []
-    return {"rows": rows, "states": states, "files": on_disk}
+        yield Door(client, tenant, admin, _objects(client, tenant), session_factory, small.files_dir)
 
 
 def fill(value: Any, ids: dict[str, str]) -> Any:
@@ -177,7 +157,7 @@ def test_a_malformed_request_gets_a_named_4xx_and_changes_nothing(bad: Bad, door
 def test_the_snapshot_sees_a_write_a_state_change_and_a_file(door: Door) -> None:
     # Given the snapshot the corpus compares, I expect it to notice a new row and file, then a soft delete.
     before = snapshot(door.sessions, door.files_dir)
-    file_id = _upload(door.client, door.headers, b'{"text": "a"}\n', purpose="jobs")
+    file_id = upload(door.client, door.headers, b'{"text": "a"}\n', purpose="jobs")
     uploaded = snapshot(door.sessions, door.files_dir)
     assert uploaded["rows"] != before["rows"] and uploaded["files"] != before["files"]
     door.client.delete(f"/v1/files/{file_id}", headers=door.headers).raise_for_status()

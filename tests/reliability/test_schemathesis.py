@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker  # noqa: E402
 
 from api.app import create_app  # noqa: E402
 from db.settings import Settings  # noqa: E402
-from tests.conftest import make_key  # noqa: E402
+from tests.factories import auth_headers  # noqa: E402
 
 pytestmark = pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
 
@@ -49,15 +49,15 @@ def _requests_only(app: FastAPI) -> Any:
 
 
 @pytest.fixture
-def fuzzed_app(settings: Settings, registry: sessionmaker[Session], tmp_path: Path) -> Iterator[Any]:
+def fuzzed_app(settings: Settings, db_with_builtins: sessionmaker[Session], tmp_path: Path) -> Iterator[Any]:
     app = create_app(settings.model_copy(update={"model_store": tmp_path / "store", "files_dir": tmp_path / "files"}))
     with TestClient(app):
         yield _requests_only(app)
 
 
 @pytest.fixture
-def admin_headers(registry: sessionmaker[Session]) -> dict[str, str]:
-    return {"Authorization": f"Bearer {make_key(registry, 'fuzz', scope='admin')}"}
+def admin_headers(db_with_builtins: sessionmaker[Session]) -> dict[str, str]:
+    return auth_headers(db_with_builtins, "fuzz", scope="admin")
 
 
 # The document does not depend on settings: building the app runs nothing (no lifespan, no connection).

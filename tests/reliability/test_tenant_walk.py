@@ -7,7 +7,6 @@ The routes are read from the app itself, so a route added later is walked withou
 from __future__ import annotations
 
 import ast
-import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,9 +22,8 @@ from api.app import create_app
 from db.session import transaction
 from db.settings import Settings
 from db.tenants import revoke_key
-from tests.conftest import make_key
-from tests.reliability.test_bad_input import snapshot
-from tests.stack import REPO
+from tests.factories import auth_headers, make_key, snapshot, upload
+from tests.stack import REPO, RedisDb, redis_db_url
 
 on_postgresql = pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
 
@@ -61,15 +59,6 @@ class Walk:
     settings: Settings
 
 
-def _upload(client: TestClient, headers: dict[str, str], lines: list[dict[str, Any]], purpose: str) -> str:
-    content = "".join(json.dumps(line) + "\n" for line in lines).encode()
-    response = client.post(
-        "/v1/files", files={"file": ("f.jsonl", content)}, data={"purpose": purpose}, headers=headers
-    )
-    assert response.status_code == 200, response.text
-    return str(response.json()["id"])
-
-
 def _tenant_a_objects(client: TestClient, a: dict[str, str]) -> TenantA:
     job = client.post("/v1/jobs", json=CLASSIFY, headers=a)
     assert job.status_code == 202, job.text
@@ -82,10 +71,10 @@ def _tenant_a_objects(client: TestClient, a: dict[str, str]) -> TenantA:
         }
         for i, t in enumerate(["one", "two"])
     ]
-    batch_file = _upload(client, a, requests, "batch")
+    batch_file = upload(client, a, requests, purpose="batch")
     batch = client.post("/v1/batches", json={"input_file_id": batch_file, "endpoint": "/v1/embeddings"}, headers=a)
     assert batch.status_code == 200 and batch.json()["status"] == "in_progress", batch.text
-    training_file = _upload(client, a, [CHAT_ROW] * 4, "fine-tune")
+    training_file = upload(client, a, [CHAT_ROW] * 4, purpose="fine-tune")
     ftjob = client.post(
         "/v1/fine_tuning/jobs", json={"model": "smollm2-135m-instruct", "training_file": training_file}, headers=a
     )
@@ -94,15 +83,15 @@ def _tenant_a_objects(client: TestClient, a: dict[str, str]) -> TenantA:
 
 
 @pytest.fixture
-def walk(unserved_settings: Settings, registry: sessionmaker[Session]) -> Iterator[Walk]:
+def walk(unserved_settings: Settings, db_with_builtins: sessionmaker[Session]) -> Iterator[Walk]:
     # No worker may run tenant A's job: each case compares its state before and after.
     settings = unserved_settings
-    a = {"Authorization": f"Bearer {make_key(registry, 'tenant-a')}"}
-    b = {"Authorization": f"Bearer {make_key(registry, 'tenant-b')}"}
-    admin = {"Authorization": f"Bearer {make_key(registry, 'ops', scope='admin')}"}
+    a = auth_headers(db_with_builtins, "tenant-a")
+    b = auth_headers(db_with_builtins, "tenant-b")
+    admin = auth_headers(db_with_builtins, "ops", scope="admin")
     app = create_app(settings)
     with TestClient(app) as client:
-        yield Walk(client, app, a, b, admin, _tenant_a_objects(client, a), registry, settings)
+        yield Walk(client, app, a, b, admin, _tenant_a_objects(client, a), db_with_builtins, settings)
 
 
 def api_routes(app: FastAPI) -> Iterator[tuple[str, str, set[str]]]:
@@ -266,10 +255,12 @@ def test_a_revoked_or_missing_key_gets_401_on_every_route(walk: Walk) -> None:
 
 
 @on_postgresql
-def test_the_queued_items_quota_is_per_tenant(unserved_settings: Settings, registry: sessionmaker[Session]) -> None:
+def test_the_queued_items_quota_is_per_tenant(
+    unserved_settings: Settings, db_with_builtins: sessionmaker[Session]
+) -> None:
     settings = unserved_settings
-    a = {"Authorization": f"Bearer {make_key(registry, 'tenant-a')}"}
-    b = {"Authorization": f"Bearer {make_key(registry, 'tenant-b')}"}
+    a = {"Authorization": f"Bearer {make_key(db_with_builtins, 'tenant-a')}"}
+    b = {"Authorization": f"Bearer {make_key(db_with_builtins, 'tenant-b')}"}
     with TestClient(create_app(settings.model_copy(update={"max_queued_items_per_tenant": 3}))) as client:
         # Given tenant A with 2 of its 3 items queued
         assert client.post("/v1/jobs", json=CLASSIFY, headers=a).status_code == 202
@@ -295,7 +286,7 @@ def test_celery_accepts_and_sends_json_only() -> None:
 
     assert celeryconfig.accept_content == ["json"]
     assert celeryconfig.task_serializer == celeryconfig.result_serializer == celeryconfig.event_serializer == "json"
-    for celery_app in (app, make_sender("redis://127.0.0.1:6379/9")):
+    for celery_app in (app, make_sender(Settings(redis_url=redis_db_url(RedisDb.UNSERVED)))):
         assert list(celery_app.conf.accept_content) == ["json"]
         assert celery_app.conf.task_serializer == "json"
     # Given a pickled message body, I expect the worker's accept list to refuse it before it is unpickled.

@@ -13,18 +13,17 @@ import pytest
 import torch
 
 from tests import tiny_models
+from tests.stack import MODEL_CACHE
+from workers.models.builtins import PreparedModel, prepare_builtin_models
 from workers.models.loading import LoadedModel, load_model
-from workers.models.store import PreparedModel, prepare_builtin_models
 
-# Persists between runs (git-ignored var/), so SmolLM2's ~15 s conversion happens once per clone.
-BUILTIN_CACHE = Path(__file__).resolve().parents[2] / "var" / "test-cache" / "models"
 CPU = torch.device("cpu")
 TINY_CONTEXT = 64
 
 
 @pytest.fixture(scope="session")
 def builtin_store() -> dict[str, PreparedModel]:
-    return {model.name: model for model in prepare_builtin_models(BUILTIN_CACHE)}
+    return {model.name: model for model in prepare_builtin_models(MODEL_CACHE)}
 
 
 @pytest.fixture(scope="session")

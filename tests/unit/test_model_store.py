@@ -1,4 +1,5 @@
-"""Model directories: checksums, path confinement, task detection and the built-in models."""
+"""Model directories: checksums, path confinement, task detection, a version's place in the store and the built-in
+models."""
 
 from __future__ import annotations
 
@@ -9,18 +10,21 @@ from pathlib import Path
 
 import pytest
 
-import workers.models.store as model_store
+import workers.models.builtins as builtin_models
 from workers.errors import ModelIntegrityError, PermanentJobError
+from workers.models.builtins import PreparedModel, prepare_builtin_models
 from workers.models.store import (
     MARKER,
     PathNotAllowedError,
-    PreparedModel,
     confine,
     detect_task,
     directory_sha256,
     kinds_for_task,
-    prepare_builtin_models,
+    move_into_store,
+    remove_stored,
+    staged,
     verify_checksum,
+    version_dir,
 )
 
 
@@ -135,6 +139,41 @@ def test_given_each_task_when_listing_kinds_expect_the_documented_capabilities()
         kinds_for_task("diffusion")
 
 
+def test_given_a_source_when_staged_to_keep_expect_a_copy_inside_the_store_removed_on_exit(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    store = tmp_path / "new-store"
+    digest = directory_sha256(model_dir)
+    with staged(model_dir, store=store, name="m", keep_source=True) as copy:
+        # A copy inside the store, so the later rename never crosses filesystems.
+        assert copy.is_relative_to(store) and directory_sha256(copy) == digest
+    assert list(store.iterdir()) == [] and directory_sha256(model_dir) == digest
+    with staged(model_dir, store=store, name="m", keep_source=False) as taken:
+        assert taken == model_dir  # a fine-tune's output is moved as it is
+    assert model_dir.is_dir()
+
+
+def test_given_a_stale_target_when_moving_into_the_store_expect_it_replaced(model_dir: Path, tmp_path: Path) -> None:
+    store = tmp_path / "other-store"
+    target = version_dir(store, "m", 3)
+    assert target == store.resolve() / "m" / "3"
+    (target / "old").mkdir(parents=True)  # left by a crash between a rename and its commit
+    digest = directory_sha256(model_dir)
+    move_into_store(model_dir, target)
+    assert not model_dir.exists() and directory_sha256(target) == digest and not (target / "old").exists()
+
+
+def test_given_versions_inside_and_outside_the_store_when_removing_expect_only_the_stored_one_gone(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    outside = tmp_path / "imports" / "m"
+    outside.mkdir(parents=True)
+    remove_stored(tmp_path / "store", str(outside))
+    assert outside.is_dir()
+    remove_stored(tmp_path / "store", str(model_dir))
+    assert not model_dir.exists()
+
+
 def test_given_a_prepared_store_when_prepared_again_expect_fast_reuse_and_the_same_description(
     builtin_store: dict[str, PreparedModel],
 ) -> None:
@@ -163,7 +202,8 @@ def test_given_a_crashed_build_when_preparing_expect_a_clean_rebuild(
     stale.mkdir()
     os.utime(stale, (0, 0))
     # When preparing (only MiniLM: a plain copy, fast)
-    monkeypatch.setattr(model_store, "BUILTINS", tuple(b for b in model_store.BUILTINS if b.name == "all-minilm-l6-v2"))
+    minilm_only = tuple(b for b in builtin_models.BUILTINS if b.name == "all-minilm-l6-v2")
+    monkeypatch.setattr(builtin_models, "BUILTINS", minilm_only)
     [prepared] = prepare_builtin_models(tmp_path)
     # Expect a complete directory that verifies, and no leftovers
     assert not (target / "half-written.bin").exists()

@@ -7,9 +7,10 @@ import sys
 
 import pytest
 
+from db.names import MULTI_GPU_QUEUE
 from db.settings import Settings
 from tests.stack import REPO
-from workers.plan import MULTI_GPU_QUEUE, WorkerPlan, WorkerPlanError, plan_workers
+from workers.plan import WorkerPlan, WorkerPlanError, plan_workers
 
 
 def settings(**overrides: object) -> Settings:

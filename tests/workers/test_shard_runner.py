@@ -7,20 +7,21 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from db import events, jobs
 from db.models import ItemResult, Job, Shard
 from db.session import transaction
-from tests.db.test_transitions import make_job
+from tests.factories import make_job
 from workers.runtime import build_runtime
-from workers.shards.runner import run_shard
+from workers.shards.runner import _load_work, _park_unless_cancelled, run_shard
 
 
 def test_a_shard_that_killed_its_worker_every_time_fails_with_the_reason(
-    db: sessionmaker[Session], settings: Any
+    empty_db: sessionmaker[Session], settings: Any
 ) -> None:
     # Given a shard whose previous deliveries all died mid-run (attempts at the cap, lease expired)
-    new = make_job(db, items=3, shard_size=3)
+    new = make_job(empty_db, items=3, shard_size=3)
     shard_id = new.shard_ids[0]
-    with transaction(db) as session:
+    with transaction(empty_db) as session:
         session.execute(update(Shard).where(Shard.id == shard_id).values(attempts=settings.max_shard_attempts))
     runtime = build_runtime(settings, worker_name="w@test")
     try:
@@ -30,16 +31,16 @@ def test_a_shard_that_killed_its_worker_every_time_fails_with_the_reason(
         runtime.engine.dispose()
     # I expect it to fail for good, each item with the reason, and the job to say so.
     assert outcome.status == "failed"
-    with db() as session:
+    with empty_db() as session:
         job = session.get(Job, new.job.id)
         assert job.status == "failed" and "attempts" in job.error["message"]
         errors = list(session.scalars(select(ItemResult.error).where(ItemResult.job_id == new.job.id)))
         assert len(errors) == 3 and all("attempts" in e["message"] for e in errors)
 
 
-def test_a_delivery_of_a_finished_shard_does_nothing(db: sessionmaker[Session], settings: Any) -> None:
-    new = make_job(db, items=2, shard_size=2)
-    with transaction(db) as session:
+def test_a_delivery_of_a_finished_shard_does_nothing(empty_db: sessionmaker[Session], settings: Any) -> None:
+    new = make_job(empty_db, items=2, shard_size=2)
+    with transaction(empty_db) as session:
         session.execute(update(Shard).where(Shard.id == new.shard_ids[0]).values(status="succeeded"))
     runtime = build_runtime(settings, worker_name="w@test")
     try:
@@ -47,3 +48,31 @@ def test_a_delivery_of_a_finished_shard_does_nothing(db: sessionmaker[Session], 
         assert run_shard(runtime, 10**9).status == "missing"
     finally:
         runtime.engine.dispose()
+
+
+def test_a_shard_of_a_paused_job_is_parked_with_a_paused_event(empty_db: sessionmaker[Session], settings: Any) -> None:
+    # Given a shard this worker claimed, whose job was then paused after 3 of its items
+    new = make_job(empty_db, items=4, shard_size=4)
+    shard_id = new.shard_ids[0]
+    runtime = build_runtime(settings, worker_name="w@test")
+    try:
+        with transaction(empty_db) as session:
+            jobs.claim_shard(session, shard_id=shard_id, worker="w@test", lease_seconds=60)
+            work = _load_work(session, shard_id)
+            assert jobs.pause_job(session, job_id=new.job.id)
+        # When the runner notices it stopped short
+        outcome = _park_unless_cancelled(runtime, work, step=3)
+    finally:
+        runtime.engine.dispose()
+    # I expect the shard back in the queue without a spent attempt, and the pause among the job's events.
+    assert outcome.status == "paused"
+    assert (work.job_id, work.tenant_id, [item.index for item in work.items]) == (
+        new.job.id,
+        new.job.tenant_id,
+        [0, 1, 2, 3],
+    )
+    with empty_db() as session:
+        shard = session.get_one(Shard, shard_id)
+        assert (shard.status, shard.attempts, shard.lease_owner) == ("queued", 0, None)
+        (event,) = events.events_after(session, job_id=new.job.id, limit=10)
+        assert (event.message, event.step, event.metrics) == ("paused", 3, {"step": 3})

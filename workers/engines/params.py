@@ -14,6 +14,17 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
+def distinct_labels(labels: list[str] | None) -> list[str] | None:
+    """Labels name classes: each non-empty, none twice (classification and classifier fine-tunes alike)."""
+    if labels is None:
+        return None
+    if any(not label.strip() for label in labels):
+        raise ValueError("labels must be non-empty strings")
+    if len(set(labels)) != len(labels):
+        raise ValueError("labels must be distinct")
+    return labels
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -42,13 +53,7 @@ class ClassifyParams(_Strict):
     @field_validator("labels")
     @classmethod
     def _distinct_labels(cls, labels: list[str] | None) -> list[str] | None:
-        if labels is None:
-            return None
-        if any(not label.strip() for label in labels):
-            raise ValueError("labels must be non-empty strings")
-        if len(set(labels)) != len(labels):
-            raise ValueError("labels must be distinct")
-        return labels
+        return distinct_labels(labels)
 
     @field_validator("template")
     @classmethod

@@ -1,4 +1,4 @@
-"""Loading a registered model version in a worker: path confined, checksum verified, then cached."""
+"""Using a registered model version in a worker: path confined, checksum verified once, then loaded and cached."""
 
 from __future__ import annotations
 
@@ -37,15 +37,21 @@ def allowed_roots(runtime: Runtime) -> list[Path]:
     return [runtime.settings.model_store, *runtime.settings.model_import_roots]
 
 
+def verified_dir(runtime: Runtime, version: VersionInfo) -> Path:
+    """The version's directory, confined to the allowed roots and checked against its registered sha256: the one
+    check before any use of a version's files (loading it, fine-tuning from it). Versions are immutable, so each
+    process verifies one once (hashing a model re-reads every byte)."""
+    path = confine(Path(version.artifact_uri), allowed_roots(runtime))
+    if not path.is_dir():
+        raise PermanentJobError(f"model {version.ref}: its files are missing from {path}")
+    if version.cache_key not in runtime.verified_versions:
+        verify_checksum(path, version.sha256)
+        runtime.verified_versions.add(version.cache_key)
+    return path
+
+
 def load_version(runtime: Runtime, version: VersionInfo) -> LoadedModel:
     def loader() -> LoadedModel:
-        path = confine(Path(version.artifact_uri), allowed_roots(runtime))
-        if not path.is_dir():
-            raise PermanentJobError(f"model {version.ref}: its files are missing from {path}")
-        # Versions are immutable: verify once per process, before the first load.
-        if version.cache_key not in runtime.verified_versions:
-            verify_checksum(path, version.sha256)
-            runtime.verified_versions.add(version.cache_key)
-        return load_model(path, task=version.task, device=runtime.device)
+        return load_model(verified_dir(runtime, version), task=version.task, device=runtime.device)
 
     return runtime.models.get(version.cache_key, loader)

@@ -7,13 +7,17 @@ from typing import Any
 
 from celery import Celery
 
+import celeryconfig
+from db.names import MULTI_GPU_QUEUE
+from db.settings import Settings
+
 RUN_SHARD = "lmbatch.run_shard"
 
 
 def queue_for(kind: str, params: dict[str, Any] | None = None) -> str:
     """Job kinds are queues; a fine-tune over several GPUs goes to the workers that own several."""
     if kind == "finetune" and int((params or {}).get("num_gpus", 1)) > 1:
-        return "finetune.multi"
+        return MULTI_GPU_QUEUE
     return kind
 
 
@@ -27,9 +31,10 @@ def enqueue_shards(celery: Celery, *, queue: str, shard_ids: Iterable[int]) -> i
     return sent
 
 
-def make_sender(broker_url: str) -> Celery:
-    """A Celery app that only sends (the API's): no tasks imported, so no torch in the API process."""
+def make_sender(settings: Settings) -> Celery:
+    """A Celery app that only sends (the API's), configured from ``settings`` alone: no tasks imported, so no torch
+    in the API process, and nothing read from the environment."""
     sender = Celery("lmbatch-sender")
-    sender.config_from_object("celeryconfig")
-    sender.conf.broker_url = broker_url
+    sender.config_from_object(celeryconfig)
+    sender.conf.update(celeryconfig.from_settings(settings))
     return sender

@@ -28,10 +28,11 @@ from pathlib import Path
 from typing import IO, Any
 
 from workers.allocator import with_allocator_env
-from workers.engines.finetune.main import ERROR_PREFIX, EVENT_PREFIX, RESULT_PREFIX, die_with_parent
+from workers.engines.finetune.main import ERROR_PREFIX, EVENT_PREFIX, RESULT_PREFIX
 from workers.engines.finetune.params import TrainingDataError
 from workers.engines.finetune.run import FinetuneResult, FinetuneSpec
 from workers.errors import JobError, PermanentJobError, RetryableJobError
+from workers.process import die_with_parent
 
 log = logging.getLogger(__name__)
 

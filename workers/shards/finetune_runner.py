@@ -8,27 +8,29 @@ Idempotent registration: a version already registered by this job is reused, nev
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select, update
-
-from db.models import Job, JobEvent, ModelVersion, StoredFile
-from db.registry import register_version
+from db import events, jobs
+from db.files import get_file
+from db.models import ModelVersion
+from db.registry import version_made_by
 from db.results import upsert_results
 from db.session import transaction
 from workers.engines.finetune.params import FinetuneParams
 from workers.engines.finetune.run import FinetuneResult, FinetuneSpec
 from workers.engines.types import ItemResult
 from workers.errors import PermanentJobError
-from workers.models.store import confine, directory_sha256, kinds_for_task, verify_checksum
-from workers.models.versions import allowed_roots
+from workers.models.registration import store_version
+from workers.models.versions import verified_dir
 from workers.runtime import Runtime
 from workers.shards.finetune_process import launch_finetune
-from workers.shards.runner import LeaseKeeper, ShardWork, Tally
+from workers.shards.work import LeaseKeeper, ShardWork, Tally
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 log = logging.getLogger("lmbatch.finetune")
 
@@ -53,7 +55,8 @@ def run_finetune_work(
         existing = _register(runtime, work, params, result)
     ref = f"{existing.name}@{existing.version}"
     with transaction(runtime.sessions) as session:
-        session.execute(update(Job).where(Job.id == work.job_id).values(result_model=ref))
+        if not jobs.set_result_model(session, job_id=work.job_id, ref=ref):
+            log.warning("job %s already names another model than %s; it keeps that one", work.job_id, ref)
         output = {"model_version": ref, "metrics": existing.metrics}
         upsert_results(session, job_id=work.job_id, rows=[{"index": item.index, "output": output}])
         _record(
@@ -67,18 +70,15 @@ def _train(
     runtime: Runtime, work: ShardWork, params: FinetuneParams, *, should_stop: Callable[[], bool], keeper: LeaseKeeper
 ) -> FinetuneResult | None:
     run = work.items[0].input
-    base = confine(Path(work.version.artifact_uri), allowed_roots(runtime))
-    if work.version.cache_key not in runtime.verified_versions:
-        verify_checksum(base, work.version.sha256)
-        runtime.verified_versions.add(work.version.cache_key)
+    base = verified_dir(runtime, work.version)
     directory = job_dir(runtime, work.job_id)
     checkpoints = directory / "checkpoints"
     resume = checkpoints.is_dir() and any(checkpoints.iterdir())
     spec = FinetuneSpec(
         base_model_dir=base,
         task=params.task,
-        train_file=_file_path(runtime, run["training_file"]),
-        validation_file=_file_path(runtime, run["validation_file"]) if run.get("validation_file") else None,
+        train_file=_file_path(runtime, work, run["training_file"]),
+        validation_file=_file_path(runtime, work, run["validation_file"]) if run.get("validation_file") else None,
         output_dir=directory / "output",
         checkpoint_dir=checkpoints,
         params=work.params,
@@ -95,32 +95,32 @@ def _train(
     return None if result.stopped or result.output_dir is None else result
 
 
-def _file_path(runtime: Runtime, file_id: str) -> Path:
+def _file_path(runtime: Runtime, work: ShardWork, file_id: str) -> Path:
     with runtime.sessions() as session:
-        stored = session.get(StoredFile, file_id)
-    if stored is None or stored.deleted_at is not None or not Path(stored.storage_path).is_file():
+        stored = get_file(session, tenant_id=work.tenant_id, file_id=file_id)
+    if stored is None or not Path(stored.storage_path).is_file():
         raise PermanentJobError(f"training file {file_id} is gone (deleted after the job was accepted?)")
     return Path(stored.storage_path)
 
 
-def _record(session: Any, job_id: str, event: dict[str, Any]) -> None:
+def _record(session: Session, job_id: str, event: dict[str, Any]) -> None:
+    """One event of the training child (`{"event": name, "step": n, "message"?: …, **metrics}`) as a job event."""
     name = str(event.get("event", "event"))
     step = event.get("step") if isinstance(event.get("step"), int) else None
     metrics = {k: v for k, v in event.items() if k not in ("event", "step", "message")}
-    session.add(
-        JobEvent(
-            job_id=job_id,
-            step=step,
-            level="warning" if name == "warning" else "info",
-            message=str(event.get("message", name)),
-            metrics=metrics,
-        )
+    events.add_event(
+        session,
+        job_id=job_id,
+        step=step,
+        level="warning" if name == "warning" else "info",
+        message=str(event.get("message", name)),
+        metrics=metrics,
     )
 
 
 def _version_made_by(runtime: Runtime, job_id: str) -> ModelVersion | None:
     with runtime.sessions() as session:
-        return session.scalar(select(ModelVersion).where(ModelVersion.job_id == job_id))
+        return version_made_by(session, job_id=job_id)
 
 
 def _register(runtime: Runtime, work: ShardWork, params: FinetuneParams, result: FinetuneResult) -> ModelVersion:
@@ -144,26 +144,18 @@ def _register(runtime: Runtime, work: ShardWork, params: FinetuneParams, result:
         "training_sha256": run.get("training", {}).get("sha256"),
         "training_rows": run.get("training", {}).get("rows"),
     }
-    sha256 = directory_sha256(result.output_dir)
-    with transaction(runtime.sessions) as session:
-        version = register_version(
-            session,
-            name=name,
-            task=task,
-            kinds=kinds_for_task(task),
-            artifact_uri="",
-            sha256=sha256,
-            parent_id=work.version.id,
-            job_id=work.job_id,
-            params=lineage,
-            metrics=metrics,
-            source=f"finetune:{work.job_id}",
-        )
-        target = runtime.settings.model_store / name / str(version.version)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists():  # left by a crash between this rename and the commit: no row points at it
-            shutil.rmtree(target)
-        os.replace(result.output_dir, target)
-        version.artifact_uri = str(target.resolve())
+    version = store_version(
+        runtime.sessions,
+        store=runtime.settings.model_store,
+        directory=result.output_dir,
+        keep_source=False,
+        name=name,
+        task=task,
+        source=f"finetune:{work.job_id}",
+        parent_id=work.version.id,
+        job_id=work.job_id,
+        params=lineage,
+        metrics=metrics,
+    )
     log.info("job %s registered %s@%s", work.job_id, name, version.version)
     return version

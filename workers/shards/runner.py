@@ -1,7 +1,8 @@
 """Running one shard: claim it, run its engine batch by batch, write results, finish it exactly once.
 
 Plain Python over a Runtime: the Celery task (workers/tasks/shards.py) is a thin wrapper around
-`run_shard`, and tests or a REPL can call it directly.
+`run_shard`, and tests or a REPL can call it directly. A fine-tune shard is handed to finetune_runner.py; what
+both runners carry (the work, its tally, the lease keeper) is in work.py.
 
 What a SIGKILL leaves at each point: before the claim commits, nothing; after it, a running shard whose
 lease expires (or which this node reclaims at once) and is run again; mid-run, results of finished
@@ -12,18 +13,15 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
-from db import jobs
-from db.models import Job, JobEvent, ModelVersion, Shard
+from db import events, job_reads, jobs
 from db.results import upsert_results
 from db.session import transaction
 from db.sharding import item_index
@@ -32,6 +30,11 @@ from workers.engines.types import EngineItem, ItemResult
 from workers.errors import PermanentJobError, RetryableJobError
 from workers.models.versions import VersionInfo, load_version
 from workers.runtime import Runtime
+from workers.shards.batch_finalizer import finalize_batch_of_job
+from workers.shards.work import LeaseKeeper, ShardWork, Tally
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 log = logging.getLogger("lmbatch.shard")
 
@@ -45,44 +48,6 @@ class ShardOutcome:
     status: str  # succeeded | failed | cancelled | busy | finished | missing | lost | retry
     retry_in: float | None = None
     done: int = 0
-
-
-@dataclass
-class ShardWork:
-    shard_id: int
-    job_id: str
-    kind: str
-    params: dict[str, Any]
-    attempts: int
-    items: list[EngineItem]
-    version: VersionInfo
-    overrides: dict[int, dict[str, Any]] = field(default_factory=dict)  # item index → its own params
-    started: float = field(default_factory=time.monotonic)
-
-
-@dataclass
-class Tally:
-    succeeded: int = 0
-    failed: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    indexes: set[int] = field(default_factory=set)
-
-    def add(self, results: Sequence[ItemResult]) -> None:
-        for result in results:
-            if result.index in self.indexes:
-                continue
-            self.indexes.add(result.index)
-            if result.error is None:
-                self.succeeded += 1
-            else:
-                self.failed += 1
-            self.prompt_tokens += result.prompt_tokens
-            self.completion_tokens += result.completion_tokens
-
-    @property
-    def done(self) -> int:
-        return self.succeeded + self.failed
 
 
 def run_shard(runtime: Runtime, shard_id: int, *, on_progress: ProgressCallback | None = None) -> ShardOutcome:
@@ -108,6 +73,7 @@ def run_shard(runtime: Runtime, shard_id: int, *, on_progress: ProgressCallback 
 
     try:
         if work.kind == "finetune":
+            # Imported here: a fine-tune pulls in DeepSpeed, which a worker that only runs inference never needs.
             from workers.shards.finetune_runner import run_finetune_work
 
             run_finetune_work(runtime, work, should_stop=should_stop, keeper=keeper, tally=tally)
@@ -200,18 +166,17 @@ def _param_groups(work: ShardWork) -> list[tuple[Any, list[EngineItem]]]:
     return list(groups.values())
 
 
-def _not_claimed(session: Any, shard_id: int, claim: jobs.Claim) -> ShardOutcome:
+def _not_claimed(session: Session, shard_id: int, claim: jobs.Claim) -> ShardOutcome:
     if claim is jobs.Claim.BUSY:
-        expires = session.scalar(select(Shard.lease_expires_at).where(Shard.id == shard_id))
+        expires = job_reads.lease_expires_at(session, shard_id=shard_id)
         wait = (expires - datetime.now(UTC)).total_seconds() if expires else 1.0
         return ShardOutcome("busy", retry_in=max(1.0, wait + 0.5))
     return ShardOutcome(claim.value)
 
 
-def _load_work(session: Any, shard_id: int) -> ShardWork:
-    shard = session.get(Shard, shard_id)
-    job = session.get(Job, shard.job_id)
-    version = session.get(ModelVersion, job.model_version_id)
+def _load_work(session: Session, shard_id: int) -> ShardWork:
+    run = job_reads.shard_run(session, shard_id=shard_id)
+    shard, job = run.shard, run.job
     indexes = [item_index(item, shard_start=shard.start, offset=offset) for offset, item in enumerate(shard.items)]
     items = [
         EngineItem(index=index, custom_id=item.get("custom_id"), input=item["input"])
@@ -219,7 +184,15 @@ def _load_work(session: Any, shard_id: int) -> ShardWork:
     ]
     overrides = {index: item["params"] for index, item in zip(indexes, shard.items, strict=True) if item.get("params")}
     return ShardWork(
-        shard.id, job.id, job.kind, dict(job.params), shard.attempts, items, VersionInfo.of(version), overrides
+        shard_id=shard.id,
+        job_id=job.id,
+        tenant_id=job.tenant_id,
+        kind=job.kind,
+        params=dict(job.params),
+        attempts=shard.attempts,
+        items=items,
+        version=VersionInfo.of(run.version),
+        overrides=overrides,
     )
 
 
@@ -233,7 +206,7 @@ def _park_unless_cancelled(runtime: Runtime, work: ShardWork, *, step: int) -> S
             return None
         if not jobs.park_shard(session, shard_id=work.shard_id, worker=runtime.worker_name):
             return ShardOutcome("lost")
-        session.add(JobEvent(job_id=work.job_id, step=step or None, message="paused", metrics={"step": step}))
+        events.add_event(session, job_id=work.job_id, step=step or None, message="paused", metrics={"step": step})
     return ShardOutcome("paused") if state == "paused" else ShardOutcome("requeued", retry_in=0.5)
 
 
@@ -269,6 +242,8 @@ def _finish(runtime: Runtime, work: ShardWork, status: str, tally: Tally, error:
         )
     if not won:
         log.warning("shard %s was taken over before it finished here; its results were overwritten", work.shard_id)
+    else:  # this shard may have ended its job: an OpenAI batch it serves is finalized now (this never raises)
+        finalize_batch_of_job(runtime.settings, runtime.sessions, job_id=work.job_id)
 
 
 def _fail(runtime: Runtime, work: ShardWork, error: Exception, tally: Tally) -> ShardOutcome:
@@ -299,37 +274,3 @@ def _retry(runtime: Runtime, work: ShardWork, error: Exception, tally: Tally) ->
         # The database itself is away: the lease will lapse and the shard comes back either way.
         log.warning("shard %s: database unreachable, leaving the lease to lapse", work.shard_id)
     return ShardOutcome("retry", retry_in=min(30.0, 2.0 * work.attempts), done=tally.done)
-
-
-class LeaseKeeper(threading.Thread):
-    """Renews the shard's lease every heartbeat; notices when another worker has taken the shard."""
-
-    def __init__(self, runtime: Runtime, shard_id: int) -> None:
-        super().__init__(name=f"lease-{shard_id}", daemon=True)
-        self._runtime = runtime
-        self._shard_id = shard_id
-        self._stopped = threading.Event()
-        self.lost = False
-        self.progress = 0
-
-    def run(self) -> None:
-        settings = self._runtime.settings
-        while not self._stopped.wait(settings.heartbeat_seconds):
-            try:
-                with transaction(self._runtime.sessions) as session:
-                    kept = jobs.renew_lease(
-                        session,
-                        shard_id=self._shard_id,
-                        worker=self._runtime.worker_name,
-                        lease_seconds=settings.lease_seconds,
-                        progress=self.progress,
-                    )
-            except OperationalError:
-                log.warning("shard %s: could not renew its lease (database unreachable)", self._shard_id)
-                continue
-            if not kept:
-                self.lost = True
-                return
-
-    def stop(self) -> None:
-        self._stopped.set()

@@ -1,8 +1,12 @@
-"""The sweeper: re-enqueues shards that are due and not done, so nothing lives only in Redis.
+"""The sweeper: re-enqueues shards that are due and not done, so nothing lives only in Redis; and moves the
+OpenAI batches no request or worker will move.
 
 Due means: running under a lease that expired (its worker died), or queued for a while with nothing
 waiting in its Redis queue (Redis restarted or was flushed). A duplicate message is harmless: the
 claim is a compare-and-set. One sweeper runs at a time across all workers, holding a Redis lock.
+
+Batches: one whose completion window has passed has its job cancelled (it then finalizes as `expired`), and one
+whose job ended but which is not final (its finalizer was killed) is finalized here.
 """
 
 from __future__ import annotations
@@ -15,9 +19,12 @@ import redis
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
+from db import batches as batch_repo
 from db import jobs
+from db.models import utcnow
 from db.session import transaction
 from db.settings import Settings
+from workers.shards.batch_finalizer import FINALIZE_STALE, finalize_batch
 from workers.shards.enqueue import enqueue_shards, queue_for
 
 log = logging.getLogger("lmbatch.sweeper")
@@ -25,13 +32,20 @@ log = logging.getLogger("lmbatch.sweeper")
 LOCK_KEY = "lmbatch:sweeper"
 
 
-def sweep_once(settings: Settings, sessions: sessionmaker[Session], celery: Celery) -> int:
+def sweep_once(settings: Settings, sessions: sessionmaker[Session], celery: Celery, client: redis.Redis) -> int:
+    """One sweep: shards first (work waits on them), then batches. Returns how many shards were re-sent.
+    ``client`` is the caller's Redis connection (one per sweeper, not one per sweep)."""
+    sent = requeue_due_shards(settings, sessions, celery, client)
+    sweep_batches(settings, sessions)
+    return sent
+
+
+def requeue_due_shards(settings: Settings, sessions: sessionmaker[Session], celery: Celery, client: redis.Redis) -> int:
     requeue_after = timedelta(seconds=max(settings.sweep_interval_seconds, settings.lease_seconds))
     with sessions() as session:
         due = jobs.due_shards(session, requeue_after=requeue_after)
     if not due:
         return 0
-    client = redis.Redis.from_url(settings.redis_url)
     by_queue: dict[str, list[int]] = {}
     waiting: dict[str, int] = {}
     for shard in due:
@@ -51,6 +65,31 @@ def sweep_once(settings: Settings, sessions: sessionmaker[Session], celery: Cele
     return sent
 
 
+def sweep_batches(settings: Settings, sessions: sessionmaker[Session]) -> int:
+    """Expire the batches past their completion window and finalize those left behind. Returns how many
+    batches this sweep finalized."""
+    with sessions() as session:
+        overdue = batch_repo.overdue_jobs(session)
+    for job_id in overdue:
+        # Running shards stop at their next step; the worker finishing the last one finalizes the batch. With
+        # nothing running the job is cancelled at once, and the batch is finalized below in this sweep.
+        with transaction(sessions) as session:
+            jobs.cancel_job(session, job_id=job_id)
+    if overdue:
+        log.info("sweeper cancelled the job of %d batch(es) past their completion window", len(overdue))
+    with sessions() as session:
+        pending = batch_repo.batches_to_finalize(session, stale_before=utcnow() - FINALIZE_STALE)
+    finalized = 0
+    for batch_id in pending:
+        try:
+            finalized += finalize_batch(settings, sessions, batch_id=batch_id) is not None
+        except Exception:  # one batch's trouble (a full disk, say) must not hold up the others
+            log.exception("sweeper could not finalize batch %s", batch_id)
+    if finalized:
+        log.info("sweeper finalized %d batch(es) whose job had ended", finalized)
+    return finalized
+
+
 class SweeperThread(threading.Thread):
     """Runs in each worker's main process; only the holder of the Redis lock sweeps."""
 
@@ -63,7 +102,10 @@ class SweeperThread(threading.Thread):
         self._stopped = threading.Event()
 
     def run(self) -> None:
-        client = redis.Redis.from_url(self._settings.redis_url)
+        with redis.Redis.from_url(self._settings.redis_url) as client:
+            self._sweep_while_running(client)
+
+    def _sweep_while_running(self, client: redis.Redis) -> None:
         interval = self._settings.sweep_interval_seconds
         while not self._stopped.wait(interval):
             try:
@@ -73,7 +115,7 @@ class SweeperThread(threading.Thread):
                     continue
                 if not client.set(LOCK_KEY, self._node, px=lock_ms, nx=holder is None, xx=holder is not None):
                     continue
-                sweep_once(self._settings, self._sessions, self._celery)
+                sweep_once(self._settings, self._sessions, self._celery, client)
             except Exception:  # the sweeper must outlive a Redis or database outage
                 log.exception("sweep failed; trying again in %.0f s", interval)
 

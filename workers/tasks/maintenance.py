@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import redis
+
 from workers.app import app
-from workers.lifecycle import current_runtime
+from workers.runtime import current_runtime
 from workers.shards.sweeper import sweep_once
 
 
 @app.task(name="lmbatch.sweep")
 def sweep_task() -> int:
-    """Re-enqueue shards that are due and not done; returns how many were sent."""
-    return sweep_once(current_runtime().settings, current_runtime().sessions, app)
+    """One sweep: re-enqueue shards that are due and not done, expire and finalize batches nobody else will.
+    Returns how many shards were sent."""
+    runtime = current_runtime()
+    with redis.Redis.from_url(runtime.settings.redis_url) as client:
+        return sweep_once(runtime.settings, runtime.sessions, app, client)

@@ -7,7 +7,7 @@ from typing import Any
 from celery import Task
 
 from workers.app import app
-from workers.lifecycle import current_runtime
+from workers.runtime import current_runtime
 from workers.shards.enqueue import RUN_SHARD
 from workers.shards.runner import run_shard
 

@@ -21,12 +21,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from api.cli.demo.data import CHAT_PROMPTS, EMBED_TEXTS, REVIEWS
-from api.cli.stack.embedded_redis import free_port, port_is_free
+from api.cli.stack.ports import free_port, port_is_free
+from db.names import TERMINAL_JOB_STATES
 from db.session import make_engine, make_session_factory, transaction
 from db.settings import Settings
 from db.tenants import create_key
-
-TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 def run_demo(settings: Settings, console: Console, *, keep_running: bool) -> int:
@@ -113,7 +112,7 @@ def _run_job(client: httpx.Client, console: Console, title: str, body: dict[str,
     )
     with Progress(*columns, console=console) as progress:
         bar = progress.add_task(title, total=job["counts"]["total"], rate="")
-        while job["status"] not in TERMINAL:
+        while job["status"] not in TERMINAL_JOB_STATES:
             time.sleep(0.5)
             job = client.get(f"/v1/jobs/{job['id']}").json()
             done = math.floor(job["progress"] * job["counts"]["total"])

@@ -11,13 +11,13 @@ it last, after the workers have put their unfinished messages back, and no serve
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import redis
 
+from api.cli.stack.ports import free_port
 from api.cli.stack.supervisor import ChildSpec
 
 
@@ -34,26 +34,10 @@ def redis_answers(url: str, *, timeout: float = 1.0) -> bool:
         if url.startswith(prefix):
             url = "unix://" + url.removeprefix(prefix)
     try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout).ping())
+        with redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout) as client:
+            return bool(client.ping())
     except (redis.RedisError, OSError, ValueError):
         return False
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
-
-
-def port_is_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        # Without SO_REUSEADDR a port in TIME_WAIT would look taken, though uvicorn and Tornado can bind it.
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host or "0.0.0.0", port))
-        except OSError:
-            return False
-    return True
 
 
 def find_redis_server() -> tuple[str, str] | None:

@@ -29,7 +29,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
 
-from api.cli.stack.embedded_redis import embedded_redis, port_is_free, redis_answers
+from api.cli.stack.embedded_redis import embedded_redis, redis_answers
+from api.cli.stack.ports import port_is_free
 from api.cli.stack.supervisor import Child, ChildSpec, StopSignals, Supervisor
 from db.settings import Settings
 from workers.plan import WorkerPlan, plan_workers

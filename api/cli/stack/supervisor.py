@@ -12,18 +12,18 @@ lets the supervisor SIGKILL a child together with its own children (a Celery wor
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import selectors
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
+
+from workers.process import parent_death_preexec
 
 LineSink = Callable[[str, str], None]
 
@@ -104,7 +104,9 @@ class Supervisor:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent(os.getpid(), spec.death_signal),
+            # Linux: should the supervisor die without stopping it (SIGKILL, OOM killer), the kernel signals the
+            # child, so even then no orphan keeps a GPU or a port. A preexec_fn is safe: this is one thread.
+            preexec_fn=parent_death_preexec(spec.death_signal),
         )
         assert process.stdout is not None
         os.set_blocking(process.stdout.fileno(), False)
@@ -196,23 +198,6 @@ class Supervisor:
 
     def close(self) -> None:
         self._selector.close()
-
-
-def _die_with_parent(parent: int, signum: int) -> Callable[[], None] | None:
-    """Linux: have the kernel signal the child if the supervisor dies without stopping it (SIGKILL, OOM
-    killer), so even then no orphan keeps a GPU or a port. Safe in preexec_fn because the supervisor runs one
-    thread."""
-    if sys.platform != "linux":
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    pr_set_pdeathsig = 1
-
-    def preexec() -> None:
-        prctl(pr_set_pdeathsig, signum)
-        if os.getppid() != parent:  # the supervisor died before prctl took effect
-            os._exit(1)
-
-    return preexec
 
 
 def _signal(pid: int, signum: int) -> None:

@@ -9,8 +9,8 @@ anything else on stdout or stderr is library chatter:
     LMBATCH_ERROR {...}      {"code", "retryable", "message"} (+ "errors", "bad_lines" for bad data):
                              the run raised a JobError (exit code 3)
 
-SIGTERM asks for a stop before the next optimizer step. The process also gets SIGTERM when its parent dies,
-so an orphaned run never trains on beside the retry that resumes it.
+SIGTERM asks for a stop before the next optimizer step. The process also gets SIGTERM when its parent dies
+(workers/process.py), so an orphaned run never trains on beside the retry that resumes it.
 
 Module level imports nothing heavy: the launcher (``workers.shards.finetune_process``) imports these names.
 """
@@ -18,7 +18,6 @@ Module level imports nothing heavy: the launcher (``workers.shards.finetune_proc
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import signal
@@ -26,22 +25,12 @@ import sys
 import threading
 from pathlib import Path
 
+from workers.process import die_with_parent
+
 EVENT_PREFIX = "LMBATCH_EVENT "
 RESULT_PREFIX = "LMBATCH_RESULT "
 ERROR_PREFIX = "LMBATCH_ERROR "
 EXIT_JOB_ERROR = 3
-_PR_SET_PDEATHSIG = 1
-
-
-# Loaded once, here: the launcher calls die_with_parent between fork and exec, where loading a library could
-# deadlock on a lock another thread of the parent held at fork time.
-_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-
-
-def die_with_parent() -> None:
-    """Ask Linux to send this process SIGTERM when the thread that started it exits (no-op elsewhere)."""
-    if _LIBC is not None:
-        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    # Again here, not only in the launcher's preexec_fn: under torchrun the parent is torchrun's agent.
     die_with_parent()
     stop = threading.Event()
     # A flag, not an exception: the step in flight (and any checkpoint being written) finishes first.

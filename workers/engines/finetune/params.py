@@ -22,7 +22,7 @@ from typing import Any, BinaryIO, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from workers.engines.params import ChatMessage
+from workers.engines.params import ChatMessage, distinct_labels
 from workers.errors import PermanentJobError
 
 FinetuneTask = Literal["causal-lm", "sequence-classification"]
@@ -81,13 +81,7 @@ class FinetuneParams(_Strict):
     @field_validator("labels")
     @classmethod
     def _distinct_labels(cls, labels: list[str] | None) -> list[str] | None:
-        if labels is None:
-            return None
-        if any(not label.strip() for label in labels):
-            raise ValueError("labels must be non-empty strings")
-        if len(set(labels)) != len(labels):
-            raise ValueError("labels must be distinct")
-        return labels
+        return distinct_labels(labels)
 
     @model_validator(mode="after")
     def _labels_only_for_classification(self) -> FinetuneParams:

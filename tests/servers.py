@@ -1,7 +1,8 @@
-"""Private Redis and PostgreSQL servers that chaos tests may flush, kill and restart.
+"""The servers tests run against: the machine's PostgreSQL (a fresh database per run or per stack) and Redis, and
+private ones that a test may flush, kill and restart.
 
-The machine's shared Redis and PostgreSQL serve every other test; restarting those would break them. These
-run on free loopback ports in temporary directories and die with the test.
+The machine's shared Redis and PostgreSQL serve every other test; restarting those would break them. The private
+servers run on free loopback ports in temporary directories and die with the test (tests/reliability/test_chaos.py).
 """
 
 from __future__ import annotations
@@ -13,22 +14,68 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
 from sqlalchemy import create_engine, text
 
-from api.cli.stack.embedded_redis import free_port
+from api.cli.stack.ports import free_port
+
+POSTGRES_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
-def _wait(predicate: object, timeout: float, what: str) -> None:
+def _admin_url() -> str:
+    # CI gives each run a database of its own to connect through (.ci/run).
+    return os.environ.get("LMBATCH_TEST_POSTGRES_URL", POSTGRES_ADMIN_URL)
+
+
+def postgres_url(database: str) -> str:
+    return _admin_url().rsplit("/", 1)[0] + "/" + database
+
+
+def create_postgres_database(database: str) -> str:
+    """A fresh, empty database on the machine's PostgreSQL (dropped first if a previous run left it)."""
+    admin = create_engine(_admin_url(), isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+        connection.execute(text(f'CREATE DATABASE "{database}"'))
+    admin.dispose()
+    return postgres_url(database)
+
+
+def drop_postgres_database(database: str) -> None:
+    admin = create_engine(_admin_url(), isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def postgres_available() -> bool:
+    engine = create_engine(_admin_url(), connect_args={"connect_timeout": 2})
+    try:
+        with engine.connect() as connection:
+            return connection.execute(text("SELECT 1")).scalar() == 1
+    except Exception:  # no server, or no rights
+        return False
+    finally:
+        engine.dispose()
+
+
+def redis_available(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+def _wait_until_up(check: Callable[[], object], timeout: float, what: str) -> None:
+    """Unlike tests.stack.wait_for, an exception counts as "not yet": a booting server refuses connections."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            if predicate():  # type: ignore[operator]
+        with contextlib.suppress(Exception):
+            if check():
                 return
-        except Exception:  # not up yet
-            pass
         time.sleep(0.1)
     raise TimeoutError(f"{what} did not come up within {timeout} s")
 
@@ -47,7 +94,7 @@ class PrivateRedis:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        _wait(lambda: redis.Redis.from_url(self.url).ping(), 10, "private Redis")
+        _wait_until_up(lambda: redis.Redis.from_url(self.url).ping(), 10, "private Redis")
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -80,7 +127,7 @@ class PrivatePostgres:
     def start(self) -> None:
         options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root} -c fsync=off"
         self._as_postgres(["pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.root / "log"), "-w", "start"])
-        _wait(self._answers, 20, "private PostgreSQL")
+        _wait_until_up(self._answers, 20, "private PostgreSQL")
 
     def _answers(self) -> bool:
         engine = create_engine(self.url)

@@ -1,0 +1,121 @@
+"""``lmbatch up | api | worker | flower``: the long-running processes of a deployment, in the foreground.
+
+``up`` is the whole stack on one host; ``api``, ``worker`` and ``flower`` are one part each, for hosts that
+split them. Starting, supervising and stopping the children is api/cli/stack/ (launcher, supervisor,
+embedded Redis, ports); which Celery workers a host runs is workers/plan.py. Both are imported inside the
+commands, so ``lmbatch --help`` stays instant and the launcher a small process (no torch, ever).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from api.cli.common import CliError, out, settings_of
+
+serve_app = typer.Typer()  # merged into the root app: `lmbatch up`, not `lmbatch serve up`
+
+GpusOpt = Annotated[str, typer.Option("--gpus", help="'all' (one worker per GPU found), 'none' (CPU), or 0,2.")]
+PerWorkerOpt = Annotated[
+    int, typer.Option("--gpus-per-worker", min=1, help="GPUs each worker owns; 2 or more also consume finetune.multi.")
+]
+QueuesOpt = Annotated[
+    str | None,
+    typer.Option("--queues", help="Comma-separated queues; default: every configured job kind + maintenance."),
+]
+CpuWorkersOpt = Annotated[
+    int,
+    typer.Option(
+        "--workers",
+        min=0,
+        help="Worker processes when no GPU is used. With GPUs: one per GPU group. `up --workers 0`: no worker.",
+    ),
+]
+
+
+@serve_app.command()
+def up(
+    ctx: typer.Context,
+    api_port: Annotated[int | None, typer.Option(help="Default: LMBATCH_API_PORT (8000).")] = None,
+    flower_port: Annotated[int, typer.Option()] = 5555,
+    workers: CpuWorkersOpt = 1,
+    gpus: GpusOpt = "all",
+    gpus_per_worker: PerWorkerOpt = 1,
+    queues: QueuesOpt = None,
+    builtins: Annotated[bool, typer.Option("--builtins/--no-builtins")] = True,
+    ready_timeout: Annotated[float, typer.Option(help="Seconds to wait for /healthz.")] = 180.0,
+) -> None:
+    """Run the whole stack in the foreground: broker (embedded if none answers), API, workers, Flower."""
+    from api.cli.stack.launcher import StackOptions, run_stack
+
+    options = StackOptions(
+        api_port=api_port,
+        flower_port=flower_port,
+        workers=workers,
+        gpus=gpus,
+        gpus_per_worker=gpus_per_worker,
+        queues=queues,
+        builtins=builtins,
+        ready_timeout_s=ready_timeout,
+    )
+    run_stack(settings_of(ctx), options, out)
+
+
+@serve_app.command()
+def api(
+    ctx: typer.Context,
+    host: Annotated[str | None, typer.Option(help="Default: LMBATCH_API_HOST.")] = None,
+    port: Annotated[int | None, typer.Option(help="Default: LMBATCH_API_PORT.")] = None,
+) -> None:
+    """Serve the HTTP API (uvicorn) in the foreground."""
+    import uvicorn
+
+    from api.app import create_app
+
+    settings = settings_of(ctx)
+    uvicorn.run(create_app(settings), host=host or settings.api_host, port=port or settings.api_port)
+
+
+@serve_app.command()
+def worker(
+    ctx: typer.Context,
+    gpus: GpusOpt = "all",
+    gpus_per_worker: PerWorkerOpt = 1,
+    queues: QueuesOpt = None,
+    workers: CpuWorkersOpt = 1,
+    loglevel: Annotated[str, typer.Option()] = "INFO",
+) -> None:
+    """Run this host's Celery workers in the foreground: one process per GPU (or GPU group), else CPU workers."""
+    from api.cli.stack.launcher import run_processes, settings_env, worker_specs
+    from workers.plan import plan_workers
+
+    settings = settings_of(ctx)
+    plans = plan_workers(
+        settings,
+        gpus=gpus,
+        gpus_per_worker=gpus_per_worker,
+        queues=queues,
+        cpu_workers=workers,
+        base_env=settings_env(settings),
+        loglevel=loglevel,
+    )
+    if not plans:
+        raise CliError("no worker to start (--workers 0 and no GPU)")
+    for plan in plans:
+        out.print(
+            f"lmbatch: {plan.node} on {'GPU ' + plan.env['CUDA_VISIBLE_DEVICES'] if plan.gpus else 'CPU'}, "
+            f"queues {','.join(plan.queues)}"
+        )
+    run_processes(worker_specs(plans), out)
+
+
+@serve_app.command()
+def flower(ctx: typer.Context, port: Annotated[int, typer.Option()] = 5555) -> None:
+    """Run Flower (the Celery monitor) behind basic auth, in the foreground."""
+    from api.cli.stack.launcher import flower_spec, run_processes, settings_env, with_flower_password
+
+    settings, generated = with_flower_password(settings_of(ctx))
+    if generated:
+        out.print(f"lmbatch: Flower user {settings.flower_user}, generated password {settings.flower_password}")
+    run_processes([flower_spec(settings, port=port, env=settings_env(settings))], out)

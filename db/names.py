@@ -1,0 +1,24 @@
+"""The words every part of lmbatch shares: job kinds, queue names, the states a job ends in.
+
+Each is written here once; the API, the workers, Celery's configuration, the CLI and the HTTP client import
+them from here. The module imports nothing but ``typing``, so the HTTP client (api/client.py), which must stay
+light, can import it too.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+# What a job does. Each kind is also the name of the queue its shards travel on.
+JobKind = Literal["generate", "classify", "embed", "finetune"]
+JOB_KINDS: tuple[JobKind, ...] = get_args(JobKind)
+
+# A fine-tune over several GPUs goes here, consumed only by workers that own several GPUs.
+MULTI_GPU_QUEUE = "finetune.multi"
+# The sweeper's own task.
+MAINTENANCE_QUEUE = "maintenance"
+# Every queue a worker may consume, in the order the operator sees them (`--queues`, /metrics).
+QUEUES: tuple[str, ...] = (*JOB_KINDS, MULTI_GPU_QUEUE, MAINTENANCE_QUEUE)
+
+# A job (and a shard) in one of these states never changes again.
+TERMINAL_JOB_STATES: tuple[str, ...] = ("succeeded", "failed", "cancelled")

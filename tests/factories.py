@@ -1,0 +1,192 @@
+"""What tests make and read, written once: API keys, jobs, uploads, training rows, built-in model paths, and the
+probes that wait for a job or compare the state before and after a request.
+
+No fixtures here (they live in the conftest files) and no processes (tests/stack.py): plain functions, so a test
+module imports them instead of importing another test module.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine, func, select, text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session, sessionmaker
+
+from db import jobs
+from db.models import Base, ItemResult, ModelVersion
+from db.names import TERMINAL_JOB_STATES
+from db.registry import register_version
+from db.session import transaction
+from db.tenants import create_key, get_or_create_tenant
+from tests.integration.sentences import NEGATIVE, POSITIVE
+from tests.stack import MODEL_CACHE, wait_for
+
+
+def builtin_model_dir(name: str) -> Path:
+    """Where a built-in model (version 1) lies in the shared test cache once prepared."""
+    return MODEL_CACHE / name / "1"
+
+
+# ------------------------------------------------------------------------------------------- database state
+
+
+def empty_tables(engine: Engine, *, attempts: int = 5) -> None:
+    if engine.dialect.name != "postgresql":
+        with engine.begin() as connection:
+            for table in reversed(Base.metadata.sorted_tables):
+                connection.execute(table.delete())
+        return
+    names = ", ".join(f'"{table.name}"' for table in Base.metadata.sorted_tables)
+    for attempt in range(attempts):
+        try:
+            with engine.begin() as connection:
+                connection.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
+            return
+        except DBAPIError as error:
+            # TRUNCATE locks its tables one after another; a worker still finishing an earlier test's shard can
+            # hold one of them while waiting for another, and PostgreSQL then aborts one side as a deadlock
+            # (seen once in CI). The worker's transaction is short: try again.
+            if not isinstance(error.orig, psycopg.errors.DeadlockDetected) or attempt == attempts - 1:
+                raise
+            time.sleep(0.2)
+
+
+def make_key(session_factory: sessionmaker[Session], tenant: str, scope: str = "tenant") -> str:
+    """A new API key of ``tenant`` (created if new); ``scope="admin"`` for one that may change the registry."""
+    with transaction(session_factory) as session:
+        return create_key(session, tenant_name=tenant, scope=scope)
+
+
+def auth_headers(session_factory: sessionmaker[Session], tenant: str, scope: str = "tenant") -> dict[str, str]:
+    """The Authorization header of a new key of ``tenant``."""
+    return {"Authorization": f"Bearer {make_key(session_factory, tenant, scope)}"}
+
+
+def make_job(session_factory: sessionmaker[Session], *, items: int = 4, shard_size: int = 2) -> jobs.NewJob:
+    """A queued embed job of tenant "acme" on a model "tiny" that exists only as a row: for db and runner tests."""
+    with transaction(session_factory) as session:
+        tenant = get_or_create_tenant(session, name="acme")
+        version = session.scalar(select(ModelVersion).where(ModelVersion.name == "tiny")) or register_version(
+            session, name="tiny", task="encoder", kinds=["embed"], artifact_uri="/nowhere", sha256="0" * 64
+        )
+        session.flush()
+        return jobs.create_job(
+            session,
+            tenant_id=tenant.id,
+            kind="embed",
+            model_ref="tiny",
+            model_version_id=version.id,
+            params={},
+            items=[{"custom_id": f"c{i}", "input": {"text": f"t{i}"}} for i in range(items)],
+            shard_size=shard_size,
+        )
+
+
+def count_results(session_factory: sessionmaker[Session], job_id: str) -> int:
+    """Result rows written for a job so far."""
+    with session_factory() as session:
+        return int(session.scalar(select(func.count()).where(ItemResult.job_id == job_id)) or 0)
+
+
+def snapshot(session_factory: sessionmaker[Session], files_dir: Path) -> dict[str, Any]:
+    """Rows per table, the state of the rows a request could move, and every name under the files directory."""
+    with session_factory() as session:
+        rows = {t.name: session.scalar(select(func.count()).select_from(t)) for t in Base.metadata.sorted_tables}
+        states = {
+            t.name: sorted(map(tuple, session.execute(select(*columns)).all()))
+            for t, columns in (
+                (table, [c for c in table.columns if c.name in ("id", "status", "deleted_at", "version_id")])
+                for table in Base.metadata.sorted_tables
+            )
+            if len(columns) > 1
+        }
+    on_disk = sorted(str(p.relative_to(files_dir)) for p in files_dir.rglob("*")) if files_dir.exists() else []
+    return {"rows": rows, "states": states, "files": on_disk}
+
+
+# ------------------------------------------------------------------------------------------- inputs and files
+
+
+def classify_items(count: int) -> list[dict[str, str]]:
+    """``count`` classify items with custom ids, cycling through the clearly positive and negative sentences."""
+    sentences = POSITIVE + NEGATIVE
+    return [{"custom_id": f"row-{i}", "text": f"{sentences[i % len(sentences)]} (#{i})"} for i in range(count)]
+
+
+def chat_rows(pairs: list[tuple[str, str]], repeat: int = 2) -> list[dict[str, Any]]:
+    """Fine-tuning rows in the chat format, one per (question, answer), the whole list ``repeat`` times."""
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in pairs]
+    return rows * repeat
+
+
+def arithmetic_rows(count: int) -> list[dict[str, str]]:
+    """Short prompt/completion rows with an obvious pattern, so even a tiny model's loss falls fast."""
+    return [{"prompt": f"{i} + {i} =", "completion": f" {2 * i}"} for i in range(count)]
+
+
+def jsonl_bytes(rows: Iterable[Any]) -> bytes:
+    """One line per row: a string as it is, anything else as JSON."""
+    return "".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows).encode()
+
+
+def write_jsonl(path: Path, rows: Iterable[Any]) -> Path:
+    path.write_bytes(jsonl_bytes(rows))
+    return path
+
+
+# ------------------------------------------------------------------------------------------- through the API
+
+
+def upload(
+    client: TestClient | httpx.Client,
+    headers: dict[str, str],
+    content: bytes | list[dict[str, Any]],
+    *,
+    purpose: str,
+    filename: str = "input.jsonl",
+) -> str:
+    """POST /v1/files with ``content`` (bytes as they are, rows as JSON lines); the file's id."""
+    body = content if isinstance(content, bytes) else jsonl_bytes(content)
+    response = client.post("/v1/files", files={"file": (filename, body)}, data={"purpose": purpose}, headers=headers)
+    assert response.status_code == 200, response.text
+    return str(response.json()["id"])
+
+
+def submit(client: TestClient | httpx.Client, headers: dict[str, str], body: dict[str, Any]) -> dict[str, Any]:
+    """POST /v1/jobs, which must accept the job; the job as the API shows it."""
+    response = client.post("/v1/jobs", json=body, headers=headers)
+    assert response.status_code == 202, response.text
+    return dict(response.json())
+
+
+def wait_job(
+    client: TestClient | httpx.Client, headers: dict[str, str], job_id: str, *, timeout: float = 120
+) -> dict[str, Any]:
+    """Poll GET /v1/jobs/{id} until the job ends; the job as the API shows it then.
+
+    A request that does not reach the API, or an answer without a status, is polled again: chaos tests restart
+    the API or its database while a job runs.
+    """
+
+    def finished() -> dict[str, Any] | None:
+        try:
+            job = client.get(f"/v1/jobs/{job_id}", headers=headers).json()
+        except httpx.HTTPError:
+            return None
+        return job if job.get("status") in TERMINAL_JOB_STATES else None
+
+    return wait_for(finished, timeout=timeout, interval=0.3, what=f"job {job_id} to finish")  # type: ignore[no-any-return]
+
+
+def jsonl_results(client: TestClient | httpx.Client, headers: dict[str, str], job_id: str) -> list[dict[str, Any]]:
+    response = client.get(f"/v1/jobs/{job_id}/results.jsonl", headers=headers)
+    assert response.status_code == 200
+    return [json.loads(line) for line in response.text.splitlines()]

@@ -1,0 +1,94 @@
+"""What a shard carries while it runs, whichever runner runs it (inference in runner.py, a fine-tune in
+finetune_runner.py): its work, the tally of its results, and the thread that keeps its lease."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.exc import OperationalError
+
+from db import jobs
+from db.session import transaction
+from workers.engines.types import EngineItem, ItemResult
+from workers.models.versions import VersionInfo
+from workers.runtime import Runtime
+
+log = logging.getLogger("lmbatch.shard")
+
+
+@dataclass
+class ShardWork:
+    shard_id: int
+    job_id: str
+    tenant_id: int
+    kind: str
+    params: dict[str, Any]
+    attempts: int
+    items: list[EngineItem]
+    version: VersionInfo
+    overrides: dict[int, dict[str, Any]] = field(default_factory=dict)  # item index → its own params
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Tally:
+    succeeded: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    indexes: set[int] = field(default_factory=set)
+
+    def add(self, results: Sequence[ItemResult]) -> None:
+        for result in results:
+            if result.index in self.indexes:
+                continue
+            self.indexes.add(result.index)
+            if result.error is None:
+                self.succeeded += 1
+            else:
+                self.failed += 1
+            self.prompt_tokens += result.prompt_tokens
+            self.completion_tokens += result.completion_tokens
+
+    @property
+    def done(self) -> int:
+        return self.succeeded + self.failed
+
+
+class LeaseKeeper(threading.Thread):
+    """Renews the shard's lease every heartbeat; notices when another worker has taken the shard."""
+
+    def __init__(self, runtime: Runtime, shard_id: int) -> None:
+        super().__init__(name=f"lease-{shard_id}", daemon=True)
+        self._runtime = runtime
+        self._shard_id = shard_id
+        self._stopped = threading.Event()
+        self.lost = False
+        self.progress = 0
+
+    def run(self) -> None:
+        settings = self._runtime.settings
+        while not self._stopped.wait(settings.heartbeat_seconds):
+            try:
+                with transaction(self._runtime.sessions) as session:
+                    kept = jobs.renew_lease(
+                        session,
+                        shard_id=self._shard_id,
+                        worker=self._runtime.worker_name,
+                        lease_seconds=settings.lease_seconds,
+                        progress=self.progress,
+                    )
+            except OperationalError:
+                log.warning("shard %s: could not renew its lease (database unreachable)", self._shard_id)
+                continue
+            if not kept:
+                self.lost = True
+                return
+
+    def stop(self) -> None:
+        self._stopped.set()
