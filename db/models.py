@@ -75,6 +75,10 @@ class Tenant(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(100), unique=True)
+    # The slug that prefixes the tenant's own model names (`acme/support-bot`): lowercase letters, digits and
+    # '-', so a ref needs no escaping beyond the one '/'. Derived from the name once and never changed, so a
+    # stored ref keeps meaning the same model.
+    namespace: Mapped[str] = mapped_column(String(40), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -90,6 +94,7 @@ class ApiKey(Base):
     scope: Mapped[str] = mapped_column(String(16), default="tenant")  # "tenant" or "admin"
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None]
+    expires_at: Mapped[datetime | None]  # None: until revoked
 
 
 class StoredFile(Base):
@@ -115,6 +120,11 @@ class ModelVersion(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(100), index=True)
     version: Mapped[int] = mapped_column(Integer)
+    # None: the shared catalogue (built-ins, what an admin registers), which every tenant sees. Otherwise the one
+    # tenant that sees and uses this version (and admins). A tenant's new versions go under its namespace
+    # (`acme/…`); versions made before namespaces existed keep their shared-looking name but still belong to the
+    # tenant whose fine-tune made them.
+    owner_tenant_id: Mapped[int | None] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     task: Mapped[str] = mapped_column(String(32))  # causal-lm, encoder, sequence-classification
     kinds: Mapped[list[Any]] = mapped_column(default=list)  # job kinds this version can do
     artifact_uri: Mapped[str] = mapped_column(Text)
@@ -253,3 +263,20 @@ class Batch(Base):
     expired_at: Mapped[datetime | None]
     cancelling_at: Mapped[datetime | None]
     cancelled_at: Mapped[datetime | None]
+
+
+class IdempotentRequest(Base):
+    """The first answer to a POST that carried an `Idempotency-Key`: a retry with the same key gets it back
+    instead of creating a second job, batch or file. `status_code` is None while the first request still runs."""
+
+    __tablename__ = "idempotent_requests"
+    __table_args__ = (UniqueConstraint("tenant_id", "key", name="uq_idempotent_requests_tenant_key"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    key: Mapped[str] = mapped_column(String(255))
+    endpoint: Mapped[str] = mapped_column(String(64))  # "POST /v1/jobs": a key is not reused across endpoints
+    request_sha256: Mapped[str] = mapped_column(String(64))  # the same key with another body is refused
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    response: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)

@@ -51,6 +51,23 @@ class Settings(BaseSettings):
     generate_batch_tokens: int = Field(6144, ge=1)
     max_new_tokens_cap: int = Field(4096, ge=1)
 
+    # Caps on every input, checked at the door (a 400 or 413 naming the field). Jobs accepted earlier keep the
+    # rules they were accepted with. Fixed caps (custom_id 512 characters, seed within a signed 64-bit integer,
+    # metadata 16 pairs of 64/512 characters, stop sequences 4) follow OpenAI or a column's width.
+    max_stop_chars: int = Field(256, ge=1, le=10_000)  # per stop sequence
+    max_item_chars: int = Field(200_000, ge=1)  # prompt or text characters per item (all messages together)
+    max_labels: int = Field(1_000, ge=2)
+    max_label_chars: int = Field(200, ge=1)
+    # One JSONL line of an upload or batch file, read with a bounded readline: a larger line is refused
+    # without ever being held whole in memory.
+    max_line_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    # Fine-tunes: steps x batch size x sequence length, refused at the door above it; and the wall-clock time a
+    # run may take, after which it stops and the job fails with reason `time_limit` (checkpoints kept).
+    finetune_max_token_budget: int = Field(2_000_000_000, ge=1)
+    finetune_time_limit_seconds: int = Field(24 * 3600, ge=1)
+    # How long the first answer to a POST with an Idempotency-Key is kept for its retries.
+    idempotency_ttl_seconds: int = Field(24 * 3600, ge=60)
+
     # Workers.
     model_cache_bytes: int = Field(8 * 1024**3, ge=0)
     worker_kinds: list[str] = Field(default_factory=lambda: list[str](JOB_KINDS))
@@ -70,6 +87,23 @@ class Settings(BaseSettings):
     flower_user: str = "admin"
     flower_password: str = ""  # empty: `lmbatch up` generates one and prints it
     flower_state_file: Path = Path("./var/flower.db")
+    # Flower listens on loopback unless told otherwise: it can cancel any tenant's tasks.
+    flower_host: str = "127.0.0.1"
+    # `/metrics` answers only a request carrying `Authorization: Bearer <metrics_token>` (Prometheus's
+    # `authorization` scrape setting); empty: `/metrics` is closed.
+    metrics_token: str = ""
+
+    # Security. Outside development mode the API and workers refuse to start with an example secret
+    # (`change-me…`) in any setting, so copied deploy files never run as they are.
+    dev_mode: bool = False
+
+    # The launcher (`lmbatch up`, `lmbatch worker`): a worker child that dies is restarted after a backoff that
+    # doubles from `restart_backoff_seconds` up to `restart_backoff_max_seconds`; one that dies
+    # `restart_max_failures` times within `restart_window_seconds` is given up (logged and counted).
+    restart_backoff_seconds: float = Field(1.0, gt=0)
+    restart_backoff_max_seconds: float = Field(30.0, gt=0)
+    restart_max_failures: int = Field(5, ge=1)
+    restart_window_seconds: float = Field(300.0, gt=0)
 
     # API.
     api_host: str = "127.0.0.1"
