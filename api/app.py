@@ -16,7 +16,7 @@ from api.deps import refuse_nul_bytes
 from api.errors import error_body, install_error_handlers
 from api.routes import batches, files, fine_tuning, health, jobs, metrics, models, workers
 from db.session import make_engine, make_session_factory
-from db.settings import Settings
+from db.settings import Settings, refuse_example_secrets
 from workers.shards.enqueue import make_sender
 
 
@@ -63,6 +63,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """The app, built from ``settings`` alone. Without them (``uvicorn --factory``), this is the process's entry
     point, and its one Settings object is built here."""
     settings = settings or Settings()
+    # Before anything opens: a deploy file copied with its `change-me…` secrets must not serve (dev_mode aside).
+    refuse_example_secrets(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

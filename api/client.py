@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import quote
 
 import httpx
 
@@ -42,6 +43,12 @@ class ApiResponseError(ClientError):
 
 class ApiUnreachable(ClientError):
     pass
+
+
+def _in_path(segment: str) -> str:
+    """A name as one URL path segment: '/', '@', ':' and the rest percent-encoded, as the openai SDK sends them
+    (the server decodes them, and its model routes take a name holding '/')."""
+    return quote(segment, safe="")
 
 
 def _one_line(text: str, limit: int = 300) -> str:
@@ -131,9 +138,16 @@ class Client:
         return self._json("GET", f"/v1/jobs/{job_id}")
 
     def list_jobs(
-        self, *, status: str | None = None, kind: str | None = None, after: str | None = None, limit: int = 20
+        self,
+        *,
+        status: str | None = None,
+        kind: str | None = None,
+        after: str | None = None,
+        limit: int = 20,
+        tenant: str | None = None,
     ) -> dict[str, Any]:
-        query = {k: v for k, v in {"status": status, "kind": kind, "after": after}.items() if v}
+        """A page of jobs; `tenant` (admin keys only) narrows an admin's view of every tenant's to one."""
+        query = {k: v for k, v in {"status": status, "kind": kind, "after": after, "tenant": tenant}.items() if v}
         return self._json("GET", "/v1/jobs", params={**query, "limit": limit})
 
     def cancel_job(self, job_id: str) -> dict[str, Any]:
@@ -171,10 +185,14 @@ class Client:
         return self._json("GET", "/v1/models")
 
     def get_model(self, name: str) -> dict[str, Any]:
-        return self._json("GET", f"/v1/models/{name}")
+        """A model by name (`acme/support-bot`) with its versions, or one version by ref (`acme/support-bot@2`)."""
+        return self._json("GET", f"/v1/models/{_in_path(name)}")
 
     def set_alias(self, name: str, alias: str, version: int) -> dict[str, Any]:
-        return self._json("PUT", f"/v1/models/{name}/aliases/{alias}", json={"version": version})
+        return self._json("PUT", f"/v1/models/{_in_path(name)}/aliases/{_in_path(alias)}", json={"version": version})
+
+    def delete_model_version(self, name: str, version: int) -> dict[str, Any]:
+        return self._json("DELETE", f"/v1/models/{_in_path(name)}/versions/{version}")
 
     def list_workers(self) -> dict[str, Any]:
         return self._json("GET", "/v1/workers")

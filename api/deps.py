@@ -9,12 +9,12 @@ from typing import Annotated
 
 import redis
 from celery import Celery
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.errors import BadRequest, Forbidden, Unauthorized
+from api.errors import BadRequest, Forbidden, NotFound, Unauthorized
 from db.settings import Settings
-from db.tenants import Principal, authenticate
+from db.tenants import Principal, authenticate, tenant_id_named, tenant_name
 
 
 def refuse_nul_bytes(request: Request) -> None:
@@ -55,7 +55,7 @@ def get_principal(request: Request) -> Principal:
     with request.app.state.sessions() as session:
         principal = authenticate(session, key=key.strip())
     if principal is None:
-        raise Unauthorized("invalid or revoked API key", code="invalid_api_key")
+        raise Unauthorized("invalid, revoked or expired API key", code="invalid_api_key")
     return principal
 
 
@@ -63,6 +63,33 @@ def require_admin(principal: Annotated[Principal, Depends(get_principal)]) -> Pr
     if not principal.is_admin:
         raise Forbidden("this needs an admin key", code="admin_required")
     return principal
+
+
+def visible_tenant(principal: Principal) -> int | None:
+    """Whose jobs and batches a caller reaches by id: its own tenant's; an admin's, every tenant's (None)."""
+    return None if principal.is_admin else principal.tenant_id
+
+
+def owner_shown(session: Session, viewer: Principal, *, tenant_id: int) -> str | None:
+    """The name of the tenant owning a job or batch, for an admin; None (the field left out) for a tenant, who
+    only ever sees its own."""
+    return tenant_name(session, tenant_id=tenant_id) if viewer.is_admin else None
+
+
+def listed_tenant(
+    session: Annotated[Session, Depends(get_session)],
+    principal: Annotated[Principal, Depends(get_principal)],
+    tenant: Annotated[str | None, Query(max_length=100, description="Admins: only this tenant's (its name).")] = None,
+) -> int | None:
+    """Whose jobs and batches a list shows: the caller's own; an admin's, every tenant's, or those of `?tenant=`."""
+    if tenant is None:
+        return visible_tenant(principal)
+    if not principal.is_admin:
+        raise Forbidden("the `tenant` filter needs an admin key", param="tenant", code="admin_required")
+    tenant_id = tenant_id_named(session, name=tenant)
+    if tenant_id is None:
+        raise NotFound(f"no tenant {tenant!r}", param="tenant", code="tenant_not_found")
+    return tenant_id
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
@@ -74,3 +101,5 @@ SenderDep = Annotated[Celery, Depends(get_sender)]
 RedisDep = Annotated[redis.Redis, Depends(get_redis)]
 CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
 AdminPrincipal = Annotated[Principal, Depends(require_admin)]
+# A list route's tenant: None (an admin listing every tenant's) or the one tenant whose rows it shows.
+ListedTenant = Annotated[int | None, Depends(listed_tenant)]

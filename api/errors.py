@@ -8,13 +8,17 @@
     ├── Conflict             409
     ├── PayloadTooLarge      413
     └── TooManyRequests      429
+    any other exception      500 {"error": {"code": "internal_error", "message", "id", …}}: logged here with its id
+                             and traceback, while the body carries no traceback, SQL, parameter or server path
 
 The body follows OpenAI's error shape, so the openai SDK raises its usual exceptions.
 """
 
 from __future__ import annotations
 
+import logging
 import re
+import secrets
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -22,6 +26,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("lmbatch.api")
 
 
 class ApiError(Exception):
@@ -148,3 +154,14 @@ def install_error_handlers(app: FastAPI) -> None:
             message, code = f"body: not valid UTF-8 ({cause.reason} at byte {cause.start})", "invalid_json"
         body = error_body(message, error_type=error_type, param=param, code=code)
         return JSONResponse(body, status_code=error.status_code, headers=error.headers)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, error: Exception) -> JSONResponse:
+        # Whatever a route did not expect (a database error, a missing file) can carry SQL, parameters and
+        # server paths in its message: those go to the log only, under an id the caller can quote.
+        error_id = "err_" + secrets.token_hex(8)
+        log.error("internal error %s on %s %s", error_id, request.method, request.url.path, exc_info=error)
+        message = f"internal error; the operator finds its details in the server log under {error_id}"
+        body = error_body(message, error_type="server_error", code="internal_error")
+        body["error"]["id"] = error_id
+        return JSONResponse(body, status_code=500)

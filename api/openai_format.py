@@ -3,18 +3,23 @@
 Input lines are `{"custom_id", "method": "POST", "url", "body"}`; each becomes one job item, with the body's
 sampling fields as that item's params. The way back (results → output and error lines) is db/openai_lines.py,
 since the workers write those files when a batch's job ends.
+
+A malformed line is one of the file's errors (the batch is created, `failed`, listing them as OpenAI does); a line
+over one of the door's caps (ParsedFile.refusal) refuses the whole request instead, and nothing is written.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
-from workers.engines.params import GenerateParams
+from workers.engines.jsonl import LineTooLong, bounded_lines
+from workers.engines.params import LIMIT_EXCEEDED, MAX_CUSTOM_ID_CHARS, GenerateParams, InputCaps, text_chars
 
 ENDPOINT_KINDS = {"/v1/chat/completions": "generate", "/v1/completions": "generate", "/v1/embeddings": "embed"}
 MAX_REPORTED_ERRORS = 100
@@ -22,7 +27,24 @@ MAX_REPORTED_ERRORS = 100
 # OpenAI defaults where a body leaves a field out (completions: 16 tokens; both: temperature 1).
 DEFAULT_MAX_TOKENS = {"/v1/chat/completions": 256, "/v1/completions": 16}
 BODY_FIELD_OF_PARAM = {"max_new_tokens": "max_tokens"}
+# Where each endpoint's text is, for naming it when it is too long.
+INPUT_FIELD = {
+    "/v1/chat/completions": "body.messages",
+    "/v1/completions": "body.prompt",
+    "/v1/embeddings": "body.input",
+}
 IGNORED_BODY_FIELDS = {"model", "user", "stream", "n", "logprobs", "top_logprobs", "encoding_format", "store"}
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """The first line over one of the door's caps: the request is refused (413 when the line's size is at fault)."""
+
+    line: int
+    code: str
+    message: str
+    param: str | None
+    too_large: bool = False
 
 
 @dataclass
@@ -30,6 +52,7 @@ class ParsedFile:
     model: str | None = None
     items: list[dict[str, Any]] = field(default_factory=list)
     errors: list[dict[str, Any]] = field(default_factory=list)
+    refusal: Refusal | None = None
 
     def error(self, line: int, code: str, message: str, param: str | None = None) -> None:
         if len(self.errors) < MAX_REPORTED_ERRORS:
@@ -43,40 +66,54 @@ class LineError(ValueError):
         self.param = param
 
 
-def parse_batch_file(path: Path, *, endpoint: str, max_lines: int) -> ParsedFile:
-    """Read the input file line by line (never whole) and collect every problem with its line number."""
+def parse_batch_file(path: Path, *, endpoint: str, max_lines: int, max_line_bytes: int, caps: InputCaps) -> ParsedFile:
+    """Read the input file line by line (never whole, nor one line past max_line_bytes) and collect every problem
+    with its line number; stop at the first line over a cap, which refuses the request (``refusal``)."""
     parsed = ParsedFile()
-    seen_ids: set[str] = set()
     with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            if len(parsed.items) >= max_lines:
-                parsed.error(number, "too_many_requests", f"the file has more than {max_lines} requests")
-                break
-            try:
-                item, model = _parse_line(raw, endpoint=endpoint)
-            except LineError as error:
-                parsed.error(number, error.code, str(error), error.param)
-                continue
-            custom_id = item["custom_id"]
-            if custom_id in seen_ids:
-                parsed.error(number, "duplicate_custom_id", f"custom_id {custom_id!r} appears twice", "custom_id")
-                continue
-            seen_ids.add(custom_id)
-            if parsed.model is None:
-                parsed.model = model
-            elif model != parsed.model:
-                message = f"every request must use the same model: {model!r} differs from {parsed.model!r}"
-                parsed.error(number, "mismatched_model", message, "body.model")
-                continue
-            parsed.items.append(item)
-    if not parsed.items and not parsed.errors:
+        try:
+            lines = bounded_lines(handle, max_bytes=max_line_bytes)
+            _parse_lines(lines, parsed, endpoint=endpoint, max_lines=max_lines, caps=caps)
+        except LineTooLong as error:
+            parsed.refusal = Refusal(error.number, "line_too_long", str(error), None, too_large=True)
+    if not parsed.items and not parsed.errors and parsed.refusal is None:
         parsed.error(0, "empty_file", "the input file holds no requests")
     return parsed
 
 
-def _parse_line(raw: bytes, *, endpoint: str) -> tuple[dict[str, Any], str]:
+def _parse_lines(
+    lines: Iterator[tuple[int, bytes]], parsed: ParsedFile, *, endpoint: str, max_lines: int, caps: InputCaps
+) -> None:
+    seen_ids: set[str] = set()
+    for number, raw in lines:
+        if not raw.strip():
+            continue
+        if len(parsed.items) >= max_lines:
+            parsed.error(number, "too_many_requests", f"the file has more than {max_lines} requests")
+            return
+        try:
+            item, model = _parse_line(raw, endpoint=endpoint, caps=caps)
+        except LineError as error:
+            if error.code == LIMIT_EXCEEDED:
+                parsed.refusal = Refusal(number, error.code, str(error), error.param)
+                return
+            parsed.error(number, error.code, str(error), error.param)
+            continue
+        custom_id = item["custom_id"]
+        if custom_id in seen_ids:
+            parsed.error(number, "duplicate_custom_id", f"custom_id {custom_id!r} appears twice", "custom_id")
+            continue
+        seen_ids.add(custom_id)
+        if parsed.model is None:
+            parsed.model = model
+        elif model != parsed.model:
+            message = f"every request must use the same model: {model!r} differs from {parsed.model!r}"
+            parsed.error(number, "mismatched_model", message, "body.model")
+            continue
+        parsed.items.append(item)
+
+
+def _parse_line(raw: bytes, *, endpoint: str, caps: InputCaps) -> tuple[dict[str, Any], str]:
     try:
         line = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -84,10 +121,11 @@ def _parse_line(raw: bytes, *, endpoint: str) -> tuple[dict[str, Any], str]:
     if not isinstance(line, dict):
         raise LineError("invalid_request", "a line must be a JSON object")
     custom_id = line.get("custom_id")
-    if not isinstance(custom_id, str) or not custom_id or len(custom_id) > 512:
-        raise LineError(
-            "missing_custom_id", "custom_id must be a non-empty string (at most 512 characters)", "custom_id"
-        )
+    if not isinstance(custom_id, str) or not custom_id:
+        raise LineError("missing_custom_id", "custom_id must be a non-empty string", "custom_id")
+    if len(custom_id) > MAX_CUSTOM_ID_CHARS:
+        message = f"custom_id of {len(custom_id)} characters, over the limit of {MAX_CUSTOM_ID_CHARS}"
+        raise LineError(LIMIT_EXCEEDED, message, "custom_id")
     if line.get("method", "POST") != "POST":
         raise LineError("invalid_method", "method must be POST", "method")
     if line.get("url") != endpoint:
@@ -101,7 +139,11 @@ def _parse_line(raw: bytes, *, endpoint: str) -> tuple[dict[str, Any], str]:
     if body.get("n", 1) != 1:
         raise LineError("unsupported_value", "only n = 1 is supported", "body.n")
     item_input = _input_of(body, endpoint)
-    params = {} if endpoint == "/v1/embeddings" else _generate_params(body, endpoint)
+    if text_chars(item_input) > caps.max_item_chars:
+        where = INPUT_FIELD[endpoint]
+        message = f"{where}: {text_chars(item_input)} characters, over the limit of {caps.max_item_chars} per request"
+        raise LineError(LIMIT_EXCEEDED, f"{message} (max_item_chars)", where)
+    params = {} if endpoint == "/v1/embeddings" else _generate_params(body, endpoint, caps)
     return {"custom_id": custom_id, "input": item_input, "params": params}, model
 
 
@@ -133,7 +175,7 @@ def _input_of(body: dict[str, Any], endpoint: str) -> dict[str, Any]:
     return {"text": text}
 
 
-def _generate_params(body: dict[str, Any], endpoint: str) -> dict[str, Any]:
+def _generate_params(body: dict[str, Any], endpoint: str, caps: InputCaps) -> dict[str, Any]:
     unknown = set(body) - IGNORED_BODY_FIELDS - {"messages", "prompt", "max_tokens", "max_completion_tokens"}
     unknown -= {"temperature", "top_p", "stop", "seed", "frequency_penalty", "presence_penalty"}
     if unknown:
@@ -150,10 +192,11 @@ def _generate_params(body: dict[str, Any], endpoint: str) -> dict[str, Any]:
     if body.get("seed") is not None:
         params["seed"] = body["seed"]
     try:
-        GenerateParams.model_validate(params)
+        GenerateParams.model_validate(params, context=caps)
     except ValidationError as error:
         problem = error.errors()[0]
         ours = str(problem["loc"][0]) if problem["loc"] else "body"
         theirs = BODY_FIELD_OF_PARAM.get(ours, ours)
-        raise LineError("invalid_value", f"body.{theirs}: {problem['msg']}", f"body.{theirs}") from error
+        code = LIMIT_EXCEEDED if problem["type"] == LIMIT_EXCEEDED else "invalid_value"
+        raise LineError(code, f"body.{theirs}: {problem['msg']}", f"body.{theirs}") from error
     return params

@@ -91,10 +91,12 @@ def move(session: Session, *, batch_id: str, from_states: tuple[str, ...], to: s
     )
 
 
-def get_batch(session: Session, *, tenant_id: int, batch_id: str) -> Batch | None:
-    """A tenant's batch as the database holds it now (a row this session loaded before is refreshed: a cancel
-    reads the batch again after its job may have ended)."""
-    query = select(Batch).where(Batch.id == batch_id, Batch.tenant_id == tenant_id)
+def get_batch(session: Session, *, tenant_id: int | None, batch_id: str) -> Batch | None:
+    """A tenant's batch (whoever's it is when `tenant_id` is None: an admin's view) as the database holds it now
+    (a row this session loaded before is refreshed: a cancel reads the batch again after its job may have ended)."""
+    query = select(Batch).where(Batch.id == batch_id)
+    if tenant_id is not None:
+        query = query.where(Batch.tenant_id == tenant_id)
     return session.scalar(query.execution_options(populate_existing=True))
 
 
@@ -103,8 +105,11 @@ def batch_by_id(session: Session, *, batch_id: str) -> Batch | None:
     return session.get(Batch, batch_id, populate_existing=True)
 
 
-def list_batches(session: Session, *, tenant_id: int, after: str | None, limit: int) -> list[Batch]:
-    query = select(Batch).where(Batch.tenant_id == tenant_id)
+def list_batches(session: Session, *, tenant_id: int | None, after: str | None, limit: int) -> list[Batch]:
+    """A tenant's batches (every tenant's when `tenant_id` is None: an admin's view), newest first."""
+    query = select(Batch)
+    if tenant_id is not None:
+        query = query.where(Batch.tenant_id == tenant_id)
     if after:
         anchor = get_batch(session, tenant_id=tenant_id, batch_id=after)
         if anchor is not None:

@@ -15,9 +15,12 @@ from db.models import Job, ModelVersion, Shard
 from db.pagination import listed_after
 
 
-def get_job(session: Session, *, tenant_id: int, job_id: str, kind: str | None = None) -> Job | None:
-    """A tenant's job (of `kind`, when given); another tenant's id looks exactly like a missing one."""
-    query = select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id)
+def get_job(session: Session, *, tenant_id: int | None, job_id: str, kind: str | None = None) -> Job | None:
+    """A tenant's job (of `kind`, when given); another tenant's id looks exactly like a missing one.
+    `tenant_id` None: whoever's it is (an admin's view)."""
+    query = select(Job).where(Job.id == job_id)
+    if tenant_id is not None:
+        query = query.where(Job.tenant_id == tenant_id)
     if kind is not None:
         query = query.where(Job.kind == kind)
     return session.scalar(query)
@@ -26,14 +29,17 @@ def get_job(session: Session, *, tenant_id: int, job_id: str, kind: str | None =
 def list_jobs(
     session: Session,
     *,
-    tenant_id: int,
+    tenant_id: int | None,
     limit: int,
     status: str | None = None,
     kind: str | None = None,
     after: Job | None = None,
 ) -> list[Job]:
-    """A tenant's jobs newest first, those listed after `after` (the last one a client saw) when given."""
-    query = select(Job).where(Job.tenant_id == tenant_id)
+    """A tenant's jobs (every tenant's when `tenant_id` is None: an admin's view) newest first, those listed after
+    `after` (the last one a client saw) when given."""
+    query = select(Job)
+    if tenant_id is not None:
+        query = query.where(Job.tenant_id == tenant_id)
     if status:
         query = query.where(Job.status == status)
     if kind:

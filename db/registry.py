@@ -1,27 +1,68 @@
-"""The model registry: immutable versions, aliases, and the refs jobs use (`name`, `name@3`, `name:prod`)."""
+"""The model registry: immutable versions, aliases, who owns and sees them, and the refs jobs use.
+
+Names. A shared catalogue name is bare (`smollm2-135m-instruct`); a tenant's names carry its namespace
+(`acme/support-bot`). A ref is `[ns/]name`, `[ns/]name@N` or `[ns/]name:alias`.
+
+Owners. `owner_tenant_id` NULL is the shared catalogue (built-ins, what an admin registers under a bare name);
+otherwise the one tenant the version belongs to: every `ns/x` version belongs to the tenant of namespace `ns`, and
+versions fine-tuned before namespaces existed keep their bare name but belong to the tenant whose job made them.
+
+Who sees what. A viewer sees a version iff it is the catalogue's, its own tenant's, or the viewer is an admin; a
+version it cannot see resolves exactly as one that does not exist. A bare name means the latest live version its
+owner holds: the catalogue's for a bare name (so no tenant's version ever becomes what a shared name means for
+anyone), the tenant's for `ns/x`.
+"""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVarTuple
 
-from sqlalchemy import delete, exists, func, select
+from sqlalchemy import Select, delete, exists, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from db.jobs import ACTIVE_JOB_STATES
-from db.models import Job, ModelAlias, ModelVersion, utcnow
+from db.models import Job, ModelAlias, ModelVersion, Tenant, utcnow
+from db.tenants import NAMESPACE_PATTERN
 
+# One name: a catalogue name, or the part of a tenant's name after `ns/`.
 NAME_PATTERN = r"[a-z0-9][a-z0-9._-]{0,99}"
-_REF = re.compile(
-    rf"^(?P<name>{NAME_PATTERN})(?:@(?P<version>[1-9][0-9]{{0,8}})|:(?P<alias>[a-z0-9][a-z0-9_-]{{0,63}}))?$"
-)
+# A full model name, `[ns/]name`; at most MAX_NAME_CHARS in all (the column's width).
+MODEL_NAME_PATTERN = rf"(?:{NAMESPACE_PATTERN}/)?{NAME_PATTERN}"
+MAX_NAME_CHARS = 100
+ALIAS_PATTERN = r"[a-z0-9][a-z0-9_-]{0,63}"
+_REF = re.compile(rf"^(?P<name>{MODEL_NAME_PATTERN})(?:@(?P<version>[1-9][0-9]{{0,8}})|:(?P<alias>{ALIAS_PATTERN}))?$")
+_NAME = re.compile(rf"^{MODEL_NAME_PATTERN}$")
+_Columns = TypeVarTuple("_Columns")
 
 
 class InvalidModelRef(ValueError):
-    """A ref that is not `name`, `name@N` or `name:alias` (paths and the like never are)."""
+    """A ref that is not `[ns/]name`, `[ns/]name@N` or `[ns/]name:alias` (paths and the like never are)."""
+
+
+class ModelOwnershipError(ValueError):
+    """A version whose name and owner disagree: `ns/x` belongs to the tenant of `ns`, a bare name to the catalogue."""
+
+
+class Viewer(Protocol):
+    """Who looks at the registry: a tenant, and whether its key is an admin's (db.tenants.Principal is one)."""
+
+    @property
+    def tenant_id(self) -> int: ...
+
+    @property
+    def is_admin(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class TenantView:
+    """A Viewer for code that has a tenant id rather than a Principal."""
+
+    tenant_id: int
+    is_admin: bool = False
 
 
 @dataclass(frozen=True)
@@ -30,34 +71,183 @@ class ModelRef:
     version: int | None = None
     alias: str | None = None
 
+    @property
+    def namespace(self) -> str | None:
+        return namespace_of(self.name)
+
     def __str__(self) -> str:
         if self.version is not None:
             return f"{self.name}@{self.version}"
         return f"{self.name}:{self.alias}" if self.alias else self.name
 
 
+def namespace_of(name: str) -> str | None:
+    """The tenant namespace of a model name (`acme/x` → `acme`); None for a catalogue name."""
+    return name.split("/", 1)[0] if "/" in name else None
+
+
+def base_name(name: str) -> str:
+    """A model name without its namespace (`acme/x` → `x`, `x` → `x`)."""
+    return name.rsplit("/", 1)[-1]
+
+
+def is_model_name(name: str) -> bool:
+    return len(name) <= MAX_NAME_CHARS and _NAME.match(name) is not None
+
+
 def parse_ref(ref: str) -> ModelRef:
     match = _REF.match(ref)
-    if match is None:
+    if match is None or len(match.group("name")) > MAX_NAME_CHARS:
         raise InvalidModelRef(
-            f"{ref!r} is not a model ref: use a registered name, name@VERSION or name:ALIAS "
-            "(lowercase letters, digits, '.', '_' and '-')"
+            f"{ref!r} is not a model ref: use a registered name ([namespace/]name), name@VERSION or name:ALIAS "
+            f"(lowercase letters, digits, '.', '_' and '-'; a name has at most {MAX_NAME_CHARS} characters)"
         )
     version = match.group("version")
     return ModelRef(match.group("name"), int(version) if version else None, match.group("alias"))
 
 
-def resolve(session: Session, ref: str) -> ModelVersion | None:
-    """The version a ref names today: the latest for a bare name. Raises InvalidModelRef on bad syntax."""
+def tenant_model_name(requested: str | None, *, base: str, namespace: str) -> str:
+    """The name a tenant's new model gets: `requested` in the tenant's namespace (`bot` → `acme/bot`; `acme/bot`
+    kept), or the base model's name without its namespace (`acme/<base>`). Raises ValueError for another
+    namespace or a name that is not one."""
+    if requested is None:
+        return f"{namespace}/{base_name(base)}"[:MAX_NAME_CHARS]
+    owner = namespace_of(requested)
+    if owner is not None and owner != namespace:
+        raise ValueError(
+            f"{requested!r} is in the namespace {owner!r}; your models go under {namespace!r} ({namespace}/NAME)"
+        )
+    name = requested if owner is not None else f"{namespace}/{requested}"
+    if not is_model_name(name):
+        raise ValueError(
+            f"{name!r} is not a model name: lowercase letters, digits, '.', '_' and '-' after '{namespace}/', "
+            f"at most {MAX_NAME_CHARS} characters in all"
+        )
+    return name
+
+
+# --- who sees what --------------------------------------------------------------------------------------------
+
+
+def _visible(query: Select[*_Columns], viewer: Viewer) -> Select[*_Columns]:
+    if viewer.is_admin:
+        return query
+    return query.where(or_(ModelVersion.owner_tenant_id.is_(None), ModelVersion.owner_tenant_id == viewer.tenant_id))
+
+
+def shows_lineage(viewer: Viewer, version: ModelVersion) -> bool:
+    """Whether the viewer may read the version's lineage (job, training data, import path): its owner and
+    admins. The catalogue's owner is the admins."""
+    return viewer.is_admin or (version.owner_tenant_id is not None and version.owner_tenant_id == viewer.tenant_id)
+
+
+def _live(name: str) -> Select[ModelVersion]:
+    query = select(ModelVersion).where(ModelVersion.name == name, ModelVersion.deleted_at.is_(None))
+    namespace = namespace_of(name)
+    if namespace is not None:
+        # Only the namespace's tenant ever owns `ns/x` (register_version refuses anything else); said again here
+        # so that a name can never show another owner's version.
+        owner = select(Tenant.id).where(Tenant.namespace == namespace).scalar_subquery()
+        query = query.where(ModelVersion.owner_tenant_id == owner)
+    return query
+
+
+def _meaning(rows: Sequence[ModelVersion], viewer: Viewer) -> ModelVersion | None:
+    """What a bare name means to the viewer, among its live versions the viewer sees (`rows`, oldest first): the
+    latest its owner holds. For a catalogue name, that is the catalogue's latest; a name the catalogue holds no
+    live version of (one fine-tuned under a bare name before namespaces existed) means the viewer's own latest,
+    so such a tenant's stored refs keep working for it and for nobody else."""
+    if not rows or namespace_of(rows[0].name) is not None:
+        return rows[-1] if rows else None
+    shared = [row for row in rows if row.owner_tenant_id is None]
+    if shared:
+        return shared[-1]
+    own = [row for row in rows if row.owner_tenant_id == viewer.tenant_id]
+    return own[-1] if own else None
+
+
+def resolve(session: Session, ref: str, *, viewer: Viewer) -> ModelVersion | None:
+    """The version a ref names for this viewer today, or None (also for a version it may not see). Raises
+    InvalidModelRef on bad syntax."""
     parsed = parse_ref(ref)
-    live = select(ModelVersion).where(ModelVersion.name == parsed.name, ModelVersion.deleted_at.is_(None))
+    live = _visible(_live(parsed.name), viewer)
     if parsed.version is not None:
         return session.scalar(live.where(ModelVersion.version == parsed.version))
     if parsed.alias is not None:
         return session.scalar(
-            live.join(ModelAlias, ModelAlias.version_id == ModelVersion.id).where(ModelAlias.alias == parsed.alias)
+            live.join(ModelAlias, ModelAlias.version_id == ModelVersion.id).where(
+                ModelAlias.name == parsed.name, ModelAlias.alias == parsed.alias
+            )
         )
-    return session.scalar(live.order_by(ModelVersion.version.desc()).limit(1))
+    return _meaning(versions(session, name=parsed.name, viewer=viewer), viewer)
+
+
+def versions(session: Session, *, name: str, viewer: Viewer) -> list[ModelVersion]:
+    """The live versions of `name` the viewer sees, oldest first."""
+    return list(session.scalars(_visible(_live(name), viewer).order_by(ModelVersion.version)))
+
+
+def headline(rows: Sequence[ModelVersion], viewer: Viewer) -> ModelVersion:
+    """The version a model is shown at (`rows`: its live versions the viewer sees, oldest first, at least one):
+    what its bare name means to the viewer, else (an admin looking at a tenant's old bare-named fine-tune) the
+    latest."""
+    return _meaning(rows, viewer) or rows[-1]
+
+
+def listed_versions(session: Session, *, viewer: Viewer) -> list[ModelVersion]:
+    """Every model name the viewer sees, each at its headline version, by name."""
+    rows = session.scalars(
+        _visible(select(ModelVersion).where(ModelVersion.deleted_at.is_(None)), viewer).order_by(
+            ModelVersion.name, ModelVersion.version
+        )
+    )
+    by_name: dict[str, list[ModelVersion]] = {}
+    for row in rows:
+        by_name.setdefault(row.name, []).append(row)
+    return [headline(group, viewer) for group in by_name.values()]
+
+
+def aliases_by_version(session: Session, *, name: str, viewer: Viewer) -> dict[int, list[str]]:
+    """The aliases of `name` that point at versions the viewer sees, by version id."""
+    query = select(ModelAlias.version_id, ModelAlias.alias).join(ModelVersion, ModelVersion.id == ModelAlias.version_id)
+    rows = session.execute(_visible(query.where(ModelAlias.name == name), viewer)).all()
+    found: dict[int, list[str]] = {}
+    for version_id, alias in rows:
+        found.setdefault(version_id, []).append(alias)
+    return found
+
+
+# --- owners ---------------------------------------------------------------------------------------------------
+
+
+def tenant_of_namespace(session: Session, *, namespace: str) -> int | None:
+    return session.scalar(select(Tenant.id).where(Tenant.namespace == namespace))
+
+
+def namespace_of_tenant(session: Session, *, tenant_id: int) -> str | None:
+    return session.scalar(select(Tenant.namespace).where(Tenant.id == tenant_id))
+
+
+def namespaces(session: Session, *, tenant_ids: Iterable[int]) -> dict[int, str]:
+    """The namespace of each tenant id (the owners a listing names)."""
+    ids = set(tenant_ids)
+    if not ids:
+        return {}
+    return dict(session.execute(select(Tenant.id, Tenant.namespace).where(Tenant.id.in_(ids))).tuples().all())
+
+
+def _check_owner(session: Session, name: str, owner_tenant_id: int | None) -> None:
+    namespace = namespace_of(name)
+    if namespace is None:
+        if owner_tenant_id is not None:
+            raise ModelOwnershipError(f"{name!r} is a catalogue name: a tenant's models go under its namespace")
+        return
+    owner = tenant_of_namespace(session, namespace=namespace)
+    if owner is None or owner != owner_tenant_id:
+        raise ModelOwnershipError(f"{name!r} belongs to the tenant of namespace {namespace!r}, not to this owner")
+
+
+# --- writes ---------------------------------------------------------------------------------------------------
 
 
 def register_version(
@@ -68,6 +258,7 @@ def register_version(
     kinds: list[str],
     artifact_uri: str | Callable[[int], str],
     sha256: str,
+    owner_tenant_id: int | None = None,
     parent_id: int | None = None,
     job_id: str | None = None,
     params: dict[str, Any] | None = None,
@@ -75,12 +266,15 @@ def register_version(
     source: str = "registered",
     version: int | None = None,
 ) -> ModelVersion:
-    """Add the next version of `name` (or exactly `version`). The unique (name, version) pair decides
+    """Add the next version of `name` (or exactly `version`), owned by the catalogue (`owner_tenant_id` None,
+    bare names) or by the tenant whose namespace the name carries. The unique (name, version) pair decides
     races: a loser re-reads the latest number and tries again.
 
     `artifact_uri` is where the files are, or a function of the number this call allocates when the files are
     stored under it (`store/<name>/<N>/`): the row is complete when added, so nobody patches it afterwards."""
-    parse_ref(name)
+    if parse_ref(name).name != name:
+        raise InvalidModelRef(f"{name!r} is a ref, not a model name")
+    _check_owner(session, name, owner_tenant_id)
     for _ in range(5):
         number = version or (
             int(
@@ -94,6 +288,7 @@ def register_version(
         row = ModelVersion(
             name=name,
             version=number,
+            owner_tenant_id=owner_tenant_id,
             task=task,
             kinds=kinds,
             artifact_uri=artifact_uri if isinstance(artifact_uri, str) else artifact_uri(number),
@@ -131,41 +326,6 @@ def set_alias(session: Session, *, name: str, alias: str, version: ModelVersion)
     else:
         row.version_id = version.id
     session.flush()
-
-
-def aliases_by_version(session: Session, *, name: str) -> dict[int, list[str]]:
-    rows = session.execute(select(ModelAlias.version_id, ModelAlias.alias).where(ModelAlias.name == name)).all()
-    found: dict[int, list[str]] = {}
-    for version_id, alias in rows:
-        found.setdefault(version_id, []).append(alias)
-    return found
-
-
-def versions(session: Session, *, name: str) -> list[ModelVersion]:
-    return list(
-        session.scalars(
-            select(ModelVersion)
-            .where(ModelVersion.name == name, ModelVersion.deleted_at.is_(None))
-            .order_by(ModelVersion.version)
-        )
-    )
-
-
-def latest_versions(session: Session) -> list[ModelVersion]:
-    """The newest version of every model name."""
-    newest = (
-        select(ModelVersion.name, func.max(ModelVersion.version).label("version"))
-        .where(ModelVersion.deleted_at.is_(None))
-        .group_by(ModelVersion.name)
-    )
-    sub = newest.subquery()
-    return list(
-        session.scalars(
-            select(ModelVersion)
-            .join(sub, (sub.c.name == ModelVersion.name) & (sub.c.version == ModelVersion.version))
-            .order_by(ModelVersion.name)
-        )
-    )
 
 
 def in_use(session: Session, *, version_id: int) -> bool:

@@ -6,14 +6,19 @@ import functools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import psycopg
 from psycopg.types.json import Json
 from sqlalchemy import func, select
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from db.models import ItemResult, utcnow
 
 RESULT_COLUMNS = ("custom_id", "output", "error", "prompt_tokens", "completion_tokens")
+# The custom_id column's width: PostgreSQL refuses a longer value (SQLite stores it), so a writer that must not
+# fail cuts a custom_id to this.
+CUSTOM_ID_CHARS: int = ItemResult.__table__.c.custom_id.type.length  # type: ignore[attr-defined]
 
 
 def upsert_results(session: Session, *, job_id: str, rows: Sequence[dict[str, Any]]) -> None:
@@ -54,8 +59,13 @@ def _upsert_through_psycopg(session: Session, values: list[dict[str, Any]]) -> N
         for column in ("output", "error"):
             if row[column] is not None:
                 row[column] = Json(row[column])
-    with driver.cursor() as cursor:
-        cursor.executemany(_postgresql_upsert_sql(), values)
+    try:
+        with driver.cursor() as cursor:
+            cursor.executemany(_postgresql_upsert_sql(), values)
+    except psycopg.Error as error:
+        # As SQLAlchemy's own exception (DataError, OperationalError, …), so callers tell a refused value from a
+        # lost connection the same way on every path. Without the parameters: they are tenants' outputs.
+        raise DBAPIError.instance(_postgresql_upsert_sql(), None, error, psycopg.Error, hide_parameters=True) from error
 
 
 @functools.cache

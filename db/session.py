@@ -25,6 +25,9 @@ WRITE_OPTION = "lmbatch_write"
 
 def make_engine(settings: Settings, **overrides: Any) -> Engine:
     settings.ensure_dirs()
+    # An error's message (logged, or shown by a careless handler) names the statement but not its values: those
+    # are tenants' prompts, metadata and keys' hashes.
+    overrides = {"hide_parameters": True, **overrides}
     if "poolclass" not in overrides and ":memory:" not in settings.database_url:
         # Only the default QueuePool takes these (NullPool and the in-memory pool refuse them).
         pool = {"pool_size": settings.database_pool_size, "max_overflow": settings.database_max_overflow}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -127,6 +128,42 @@ class Settings(BaseSettings):
         if self.is_sqlite and ":memory:" not in self.database_url:
             path = self.database_url.split("///", 1)[-1]
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+
+# What every example secret in deploy/ starts with, and no generated secret does (they are random URL-safe text).
+EXAMPLE_SECRET_PREFIX = "change-me"
+
+
+class ExampleSecretError(RuntimeError):
+    """A process was asked to start, outside development mode, with an example secret in its settings."""
+
+
+def example_secrets(settings: Settings) -> list[str]:
+    """The variables (``LMBATCH_*``) whose value, or whose URL's password, is an example secret (``change-me…``).
+
+    Checked on every text setting, so a secret added later is covered without being listed here."""
+    found = []
+    for name, value in settings.model_dump().items():
+        if not isinstance(value, str):
+            continue
+        try:
+            password = urlsplit(value).password if name.endswith("_url") else None
+        except ValueError:  # not a URL this check can read; connecting with it will say what is wrong
+            password = None
+        if any(text.lower().startswith(EXAMPLE_SECRET_PREFIX) for text in (value, password or "")):
+            found.append(f"LMBATCH_{name.upper()}")
+    return found
+
+
+def refuse_example_secrets(settings: Settings) -> None:
+    """Raise ExampleSecretError naming each example secret, unless ``settings.dev_mode``: the API, the workers,
+    Flower and `lmbatch up` call it first, so deploy files copied as they are never run."""
+    found = [] if settings.dev_mode else example_secrets(settings)
+    if found:
+        raise ExampleSecretError(
+            f"refusing to start with an example secret ({EXAMPLE_SECRET_PREFIX}…) in {', '.join(found)}: "
+            "set real secrets (deploy/README.md), or LMBATCH_DEV_MODE=true on a development machine"
+        )
 
 
 @lru_cache(maxsize=1)

@@ -1,7 +1,8 @@
 """Totals for monitoring (the API's /metrics): read-only aggregates over jobs and shards.
 
 Derived from the database at scrape time rather than kept in one process's memory, so every API replica reports
-the same numbers and a restart loses nothing.
+the same numbers and a restart loses nothing. Totals over all tenants only: nothing here groups by tenant, so no
+series /metrics builds from them can name one.
 """
 
 from __future__ import annotations

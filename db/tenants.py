@@ -6,8 +6,9 @@ import hashlib
 import re
 import secrets
 from dataclasses import dataclass
+from datetime import datetime
 
-from sqlalchemy import exists, select, update
+from sqlalchemy import exists, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.models import ApiKey, Tenant, utcnow
@@ -58,34 +59,96 @@ def get_or_create_tenant(session: Session, *, name: str) -> Tenant:
     return tenant
 
 
-def create_key(session: Session, *, tenant_name: str, scope: str = "tenant") -> str:
-    """Make a new key for the tenant (created if new) and return it; only its hash is kept."""
+def tenant_id_named(session: Session, *, name: str) -> int | None:
+    """The id of the tenant called `name`: what an admin's `?tenant=` filter names."""
+    return session.scalar(select(Tenant.id).where(Tenant.name == name))
+
+
+def tenant_name(session: Session, *, tenant_id: int) -> str | None:
+    """A tenant's name, for the `tenant` field an admin sees on any tenant's jobs and batches (read once per
+    session: a page of one tenant's rows asks the database once)."""
+    tenant = session.get(Tenant, tenant_id)
+    return tenant.name if tenant is not None else None
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """A key as `lmbatch keys list` shows it: never the key nor its hash, only the prefix that recognises it."""
+
+    id: int
+    tenant: str
+    scope: str
+    prefix: str
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+
+@dataclass(frozen=True)
+class IssuedKey:
+    """A key just made: its id (what `keys revoke` takes) and the key itself, which is shown this once."""
+
+    id: int
+    key: str
+
+
+def issue_key(
+    session: Session, *, tenant_name: str, scope: str = "tenant", expires_at: datetime | None = None
+) -> IssuedKey:
+    """Make a new key for the tenant (created if new), valid until revoked or, when given, until `expires_at`;
+    only its hash is kept."""
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, not {scope!r}")
     tenant = get_or_create_tenant(session, name=tenant_name)
     key = KEY_PREFIX + secrets.token_urlsafe(32)
-    session.add(ApiKey(tenant_id=tenant.id, key_hash=hash_key(key), prefix=key[:10], scope=scope))
+    row = ApiKey(tenant_id=tenant.id, key_hash=hash_key(key), prefix=key[:10], scope=scope, expires_at=expires_at)
+    session.add(row)
     session.flush()
-    return key
+    return IssuedKey(id=row.id, key=key)
 
 
-def revoke_key(session: Session, *, key: str) -> bool:
-    """Revoke a key; False when no live key matches."""
-    return bool(
-        changed(
-            session,
-            update(ApiKey)
-            .where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None))
-            .values(revoked_at=utcnow()),
+def create_key(session: Session, *, tenant_name: str, scope: str = "tenant", expires_at: datetime | None = None) -> str:
+    """Make a new key for the tenant (created if new) and return it; only its hash is kept."""
+    return issue_key(session, tenant_name=tenant_name, scope=scope, expires_at=expires_at).key
+
+
+def list_keys(session: Session, *, tenant_name: str | None = None) -> list[KeyInfo]:
+    """Every key (of one tenant, when named), revoked and expired ones included, oldest first."""
+    query = select(ApiKey, Tenant.name).join(Tenant, Tenant.id == ApiKey.tenant_id)
+    if tenant_name is not None:
+        query = query.where(Tenant.name == tenant_name)
+    return [
+        KeyInfo(
+            id=key.id,
+            tenant=name,
+            scope=key.scope,
+            prefix=key.prefix,
+            created_at=key.created_at,
+            expires_at=key.expires_at,
+            revoked_at=key.revoked_at,
         )
-    )
+        for key, name in session.execute(query.order_by(ApiKey.id)).all()
+    ]
+
+
+def revoke_key(session: Session, *, key_id: int | None = None, key: str | None = None) -> bool:
+    """Revoke a key by its id (what `keys list` shows), or by the key itself (a leaked key an operator holds);
+    False when no live key matches."""
+    if (key_id is None) == (key is None):
+        raise ValueError("give exactly one of key_id or key")
+    match = ApiKey.id == key_id if key_id is not None else ApiKey.key_hash == hash_key(key or "")
+    return bool(changed(session, update(ApiKey).where(match, ApiKey.revoked_at.is_(None)).values(revoked_at=utcnow())))
 
 
 def authenticate(session: Session, *, key: str) -> Principal | None:
     row = session.execute(
         select(ApiKey.scope, Tenant.id, Tenant.name, Tenant.namespace)
         .join(Tenant, Tenant.id == ApiKey.tenant_id)
-        .where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None))
+        .where(
+            ApiKey.key_hash == hash_key(key),
+            ApiKey.revoked_at.is_(None),
+            or_(ApiKey.expires_at.is_(None), ApiKey.expires_at > utcnow()),
+        )
     ).one_or_none()
     if row is None:
         return None

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psycopg
+import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, func, select, text
 from sqlalchemy.exc import DBAPIError
@@ -59,6 +61,62 @@ def empty_tables(engine: Engine, *, attempts: int = 5) -> None:
             time.sleep(0.2)
 
 
+@contextmanager
+def refusing_inserts(engine: Engine, table: str, *, message: str = "refused by a test trigger") -> Iterator[None]:
+    """Inside the block, every INSERT into ``table`` fails in the database itself (a trigger), as a full disk or a
+    broken constraint would: how a test provokes a real internal error without mocking the database."""
+    name = f"lmbatch_test_refuse_{table}"
+    if engine.dialect.name == "postgresql":
+        create = [
+            f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql"
+            f" AS $$ BEGIN RAISE EXCEPTION '{message}'; END $$",
+            f"CREATE TRIGGER {name} BEFORE INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION {name}()",
+        ]
+        drop = [f"DROP TRIGGER IF EXISTS {name} ON {table}", f"DROP FUNCTION IF EXISTS {name}()"]
+    else:
+        create = [f"CREATE TRIGGER {name} BEFORE INSERT ON {table} BEGIN SELECT RAISE(ABORT, '{message}'); END"]
+        drop = [f"DROP TRIGGER IF EXISTS {name}"]
+    with engine.begin() as connection:
+        for statement in create:
+            connection.execute(text(statement))
+    try:
+        yield
+    finally:
+        with engine.begin() as connection:
+            for statement in drop:
+                connection.execute(text(statement))
+
+
+@contextmanager
+def refusing_rows(engine: Engine, table: str, *, when: str, on: str = "INSERT") -> Iterator[None]:
+    """Inside the block, the database itself refuses an ``on`` (INSERT or UPDATE) of a row of ``table`` for which
+    ``when`` holds (SQL over ``NEW``, e.g. ``length(NEW.custom_id) > 512``): a trigger, as a column's width or a
+    constraint would refuse it, so a test provokes a refused write without mocking the database."""
+    name = f"lmbatch_test_refuse_{on.lower()}_{table}"
+    if engine.dialect.name == "postgresql":
+        create = [
+            f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql"
+            " AS $$ BEGIN RAISE EXCEPTION 'refused by a test trigger'; END $$",
+            f"CREATE TRIGGER {name} BEFORE {on} ON {table} FOR EACH ROW WHEN ({when}) EXECUTE FUNCTION {name}()",
+        ]
+        drop = [f"DROP TRIGGER IF EXISTS {name} ON {table}", f"DROP FUNCTION IF EXISTS {name}()"]
+    else:
+        create = [
+            f"CREATE TRIGGER {name} BEFORE {on} ON {table} FOR EACH ROW WHEN {when}"
+            " BEGIN SELECT RAISE(ABORT, 'refused by a test trigger'); END"
+        ]
+        drop = [f"DROP TRIGGER IF EXISTS {name}"]
+    with engine.begin() as connection:
+        for statement in create:
+            connection.execute(text(statement))
+    try:
+        yield
+    finally:
+        with engine.begin() as connection:
+            for statement in drop:
+                connection.execute(text(statement))
+
+
 def make_key(session_factory: sessionmaker[Session], tenant: str, scope: str = "tenant") -> str:
     """A new API key of ``tenant`` (created if new); ``scope="admin"`` for one that may change the registry."""
     with transaction(session_factory) as session:
@@ -90,6 +148,55 @@ def make_job(session_factory: sessionmaker[Session], *, items: int = 4, shard_si
         )
 
 
+def add_model_row(
+    session_factory: sessionmaker[Session], name: str, *, owner: str | None = None, task: str = "encoder"
+) -> ModelVersion:
+    """The next version of model ``name`` as a row only (no files): the shared catalogue's, or with ``owner`` the
+    tenant of that name's (created if new; a tenant "acme" has the namespace "acme", so its names are "acme/…")."""
+    with transaction(session_factory) as session:
+        owner_id = get_or_create_tenant(session, name=owner).id if owner is not None else None
+        return register_version(
+            session,
+            name=name,
+            owner_tenant_id=owner_id,
+            task=task,
+            kinds=["embed", "classify"],
+            artifact_uri="/nowhere",
+            sha256="0" * 64,
+        )
+
+
+def make_job_on(
+    session_factory: sessionmaker[Session],
+    model: str,
+    *,
+    kind: str,
+    items: list[dict[str, Any]],
+    params: dict[str, Any] | None = None,
+    shard_size: int = 64,
+    tenant: str = "acme",
+) -> jobs.NewJob:
+    """A queued job of ``tenant`` on the latest version of the registered ``model``, written straight to the
+    database as the door once accepted it: items the door refuses today (a custom_id over 512 characters) included,
+    as a job accepted before that cap would hold them."""
+    with transaction(session_factory) as session:
+        owner = get_or_create_tenant(session, name=tenant)
+        version = session.scalars(
+            select(ModelVersion).where(ModelVersion.name == model).order_by(ModelVersion.version.desc())
+        ).first()
+        assert version is not None, f"no model {model!r} is registered"
+        return jobs.create_job(
+            session,
+            tenant_id=owner.id,
+            kind=kind,
+            model_ref=model,
+            model_version_id=version.id,
+            params=params or {},
+            items=items,
+            shard_size=shard_size,
+        )
+
+
 def count_results(session_factory: sessionmaker[Session], job_id: str) -> int:
     """Result rows written for a job so far."""
     with session_factory() as session:
@@ -110,6 +217,15 @@ def snapshot(session_factory: sessionmaker[Session], files_dir: Path) -> dict[st
         }
     on_disk = sorted(str(p.relative_to(files_dir)) for p in files_dir.rglob("*")) if files_dir.exists() else []
     return {"rows": rows, "states": states, "files": on_disk}
+
+
+def queue_lengths(redis_url: str) -> dict[str, int]:
+    """The length of every list in a Redis DB: Celery's queues (and their priority sub-queues), by key."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return {key.decode(): int(client.llen(key)) for key in client.scan_iter() if client.type(key) == b"list"}
+    finally:
+        client.close()
 
 
 # ------------------------------------------------------------------------------------------- inputs and files

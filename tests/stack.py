@@ -70,8 +70,8 @@ class RedisDb(enum.IntEnum):
     BENCH = 13
     # test_bad_input's door: one API for the whole module and no worker, so its queued job never moves.
     BAD_INPUT = 14
-    # The Stack of a test module with workers of its own (test_pinning, test_monitoring, test_cli_client):
-    # one module at a time, each flushing it before its first worker starts.
+    # The Stack of a test module with workers of its own (test_pinning, test_monitoring, test_cli_client), and
+    # test_shard_failures' poisoned worker: one module at a time, each flushing it before its first worker starts.
     OPS = 15
 
 

@@ -10,9 +10,12 @@ from __future__ import annotations
 from celery import Celery
 
 import celeryconfig
-from db.settings import Settings
+from db.settings import Settings, refuse_example_secrets
 
 settings = Settings()
+# A worker, Flower and `celery inspect` all load this module: none starts with a deploy file's `change-me…`
+# secrets (the message names them) unless LMBATCH_DEV_MODE is set.
+refuse_example_secrets(settings)
 
 # Celery imports these when a worker starts, before it sends any worker signal: the hooks first, so that they are
 # connected in time; nothing here imports them, so neither imports this module back in a cycle.

@@ -1,4 +1,4 @@
-"""``lmbatch db upgrade`` and ``lmbatch keys create | revoke``: what an operator does to the database directly.
+"""``lmbatch db upgrade`` and ``lmbatch keys create | list | revoke``: what an operator does to the database directly.
 
 Unlike the client commands (api/cli/jobs.py, api/cli/models.py) these open the database named by the settings
 (``LMBATCH_DATABASE_URL``), so they run on a host that reaches it, and an API key is made here before any
@@ -8,11 +8,20 @@ request can carry one. SQLAlchemy, the migrations and the built-in models are im
 
 from __future__ import annotations
 
-from typing import Annotated
+import re
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.table import Table
 
-from api.cli.common import CliError, out, settings_of
+from api.cli.common import CliError, out, settings_of, show
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from sqlalchemy.orm import Session
 
 admin_app = typer.Typer()  # merged into the root app: `lmbatch db …` and `lmbatch keys …`
 db_app = typer.Typer(help="The SQL database: schema and built-in models.", no_args_is_help=True)
@@ -57,40 +66,129 @@ def db_upgrade(
 # -------------------------------------------------------------------------------------------------- keys
 
 
+DURATION = re.compile(r"(\d+)\s*([mhdw])")
+DURATION_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_duration(text: str) -> timedelta:
+    """`30d`, `12h`, `90m`, `2w`: how long a key lives."""
+    match = DURATION.fullmatch(text.strip().lower())
+    if match is None or int(match[1]) == 0:
+        raise CliError(f"--expires-in {text!r}: give a positive number and a unit, like 30d, 12h, 90m or 2w")
+    return timedelta(**{DURATION_UNITS[match[2]]: int(match[1])})
+
+
+def parse_instant(text: str) -> datetime:
+    """An ISO 8601 date or time (`2030-01-31`, `2030-01-31T18:00+02:00`); one without a zone is in UTC."""
+    try:
+        instant = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise CliError(f"--expires-at {text!r}: not an ISO 8601 date or time (like 2030-01-31T18:00Z)") from None
+    return instant if instant.tzinfo is not None else instant.replace(tzinfo=UTC)
+
+
+def expiry(expires_in: str | None, expires_at: str | None) -> datetime | None:
+    if expires_in is not None and expires_at is not None:
+        raise CliError("give --expires-in or --expires-at, not both")
+    if expires_in is None and expires_at is None:
+        return None
+    now = datetime.now(UTC)
+    try:
+        instant = now + parse_duration(expires_in) if expires_in is not None else parse_instant(expires_at or "")
+    except OverflowError:
+        raise CliError(f"--expires-in {expires_in}: beyond the year 9999") from None
+    if instant <= now:
+        raise CliError(f"--expires-at {expires_at}: already past")
+    return instant
+
+
+def utc_text(instant: datetime | None) -> str:
+    return instant.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ") if instant is not None else "-"
+
+
+@contextmanager
+def database_session(ctx: typer.Context) -> Iterator[Session]:
+    """One write transaction on the database the settings name; the engine is closed after it."""
+    from db.session import make_engine, make_session_factory, transaction
+
+    engine = make_engine(settings_of(ctx))
+    try:
+        with transaction(make_session_factory(engine)) as session:
+            yield session
+    finally:
+        engine.dispose()
+
+
 @keys_app.command("create")
 def keys_create(
     ctx: typer.Context,
     tenant: Annotated[str, typer.Option("--tenant", help="Tenant name; created if new.")],
-    admin: Annotated[bool, typer.Option("--admin", help="An admin key (manages models for every tenant).")] = False,
+    admin: Annotated[
+        bool, typer.Option("--admin", help="An admin key: manages models, jobs and batches of every tenant.")
+    ] = False,
+    expires_in: Annotated[
+        str | None, typer.Option("--expires-in", help="Lifetime: 30d, 12h, 90m or 2w. Default: until revoked.")
+    ] = None,
+    expires_at: Annotated[
+        str | None,
+        typer.Option("--expires-at", help="Expiry as an ISO 8601 date or time (UTC unless it names a zone)."),
+    ] = None,
 ) -> None:
     """Make an API key. It is printed once, as the last line; only its sha256 is stored."""
-    from db.session import make_engine, make_session_factory, transaction
-    from db.tenants import create_key
+    from db.tenants import issue_key
 
     if not tenant.strip():
         raise CliError("--tenant must not be empty")
-    engine = make_engine(settings_of(ctx))
-    try:
-        with transaction(make_session_factory(engine)) as session:
-            key = create_key(session, tenant_name=tenant.strip(), scope="admin" if admin else "tenant")
-    finally:
-        engine.dispose()
-    out.print(f"created {'an admin' if admin else 'a tenant'} key for tenant {tenant.strip()!r} (shown only now):")
-    typer.echo(key)
+    until = expiry(expires_in, expires_at)
+    with database_session(ctx) as session:
+        issued = issue_key(session, tenant_name=tenant.strip(), scope="admin" if admin else "tenant", expires_at=until)
+    lifetime = f"expires {utc_text(until)}" if until else "valid until revoked"
+    out.print(
+        f"created {'an admin' if admin else 'a tenant'} key, id {issued.id}, for tenant {tenant.strip()!r}, "
+        f"{lifetime} (shown only now):"
+    )
+    typer.echo(issued.key)
+
+
+@keys_app.command("list")
+def keys_list(
+    ctx: typer.Context,
+    tenant: Annotated[str | None, typer.Option("--tenant", help="Only this tenant's keys.")] = None,
+) -> None:
+    """Every key, revoked and expired ones included: id, tenant, scope, the key's first characters, dates."""
+    from db.tenants import list_keys
+
+    with database_session(ctx) as session:
+        keys = list_keys(session, tenant_name=tenant)
+    now = datetime.now(UTC)
+    table = Table(box=None, pad_edge=False)
+    for column in ("ID", "TENANT", "SCOPE", "PREFIX", "STATE", "CREATED", "EXPIRES", "REVOKED"):
+        table.add_column(column, no_wrap=True)
+    for key in keys:
+        state = "revoked" if key.revoked_at else "expired" if key.expires_at and key.expires_at <= now else "live"
+        table.add_row(
+            str(key.id), key.tenant, key.scope, key.prefix + "…", state,
+            utc_text(key.created_at), utc_text(key.expires_at), utc_text(key.revoked_at),
+        )  # fmt: skip
+    show(table)
 
 
 @keys_app.command("revoke")
-def keys_revoke(ctx: typer.Context, key: Annotated[str, typer.Argument(help="The key to revoke.")]) -> None:
+def keys_revoke(
+    ctx: typer.Context,
+    key_id: Annotated[
+        str, typer.Argument(metavar="KEY_ID", help="The key's id (see `lmbatch keys list`), or a leaked key itself.")
+    ],
+) -> None:
     """Revoke a key: requests that carry it are refused from now on."""
-    from db.session import make_engine, make_session_factory, transaction
-    from db.tenants import revoke_key
+    from db.tenants import KEY_PREFIX, revoke_key
 
-    engine = make_engine(settings_of(ctx))
-    try:
-        with transaction(make_session_factory(engine)) as session:
-            revoked = revoke_key(session, key=key.strip())
-    finally:
-        engine.dispose()
+    given = key_id.strip()
+    # A leaked key an operator holds is taken as it is (matched by its hash): no look-up of its id first.
+    if not given.isdigit() and not given.startswith(KEY_PREFIX):
+        raise CliError(f"{given[:40]!r} is not a key id: give the number `lmbatch keys list` shows")
+    with database_session(ctx) as session:
+        revoked = revoke_key(session, key_id=int(given)) if given.isdigit() else revoke_key(session, key=given)
     if not revoked:
         raise CliError("no live key matches (unknown, or already revoked)")
     out.print("key revoked")

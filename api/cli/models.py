@@ -1,9 +1,10 @@
-"""``lmbatch models list | show | alias`` and ``lmbatch finetune``: the model registry and how new versions
-are made, over HTTP (api/client.py).
+"""``lmbatch models list | show | alias | delete`` and ``lmbatch finetune``: the model registry and how new
+versions are made, over HTTP (api/client.py).
 
-Listing and fine-tuning need any tenant's key; moving an alias needs an admin key (``lmbatch keys create
---admin``). A fine-tune is a job like any other (``lmbatch status`` and ``cancel`` work on it); it lives here
-because what it leaves behind is a model version.
+Listing and fine-tuning need any tenant's key: a tenant sees the shared catalogue and its own models
+(``namespace/name``). A tenant moves aliases of, and deletes versions of, its own models; the shared catalogue's
+need an admin key (``lmbatch keys create --admin``). A fine-tune is a job like any other (``lmbatch status`` and
+``cancel`` work on it); it lives here because what it leaves behind is a model version.
 """
 
 from __future__ import annotations
@@ -43,16 +44,17 @@ def _listed(values: Any) -> str:
 
 @models_app.command("list", cls=OneLineUsage)
 def models_list(url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None) -> None:
-    """Every model with its latest version, what it can do, and its aliases."""
+    """Every model you see (the catalogue and your own): latest version, owner, kinds, task, aliases."""
     with connect(url, api_key) as client:
         models = client.list_models()["data"]
     table = Table(box=None, pad_edge=False)
-    for column in ("NAME", "LATEST", "KINDS", "TASK", "ALIASES"):
+    for column in ("NAME", "LATEST", "OWNER", "KINDS", "TASK", "ALIASES"):
         table.add_column(column, no_wrap=column == "NAME")
     for model in models:
         table.add_row(
-            model["id"], str(model["latest_version"]), _listed(model["kinds"]), model["task"], _listed(model["aliases"])
-        )
+            model["id"], str(model["latest_version"]), model["owned_by"], _listed(model["kinds"]), model["task"],
+            _listed(model["aliases"]),
+        )  # fmt: skip
     show(table)
 
 
@@ -83,16 +85,29 @@ def models_show(
 
 @models_app.command("alias", cls=OneLineUsage)
 def models_alias(
-    name: Annotated[str, typer.Argument(help="The model's name.")],
+    name: Annotated[str, typer.Argument(help="The model's name (namespace/name for your own).")],
     alias: Annotated[str, typer.Argument(help="The alias, such as production; jobs then use name:alias.")],
     version: Annotated[int, typer.Argument(min=1, help="The version the alias points to from now on.")],
     url: UrlOpt = DEFAULT_URL,
     api_key: KeyOpt = None,
 ) -> None:
-    """Point an alias at a version (admin key); jobs submitted with ``name:alias`` use it from now on."""
+    """Point an alias at a version of your own model (any, with an admin key); ``name:alias`` then means it."""
     with connect(url, api_key) as client:
         client.set_alias(name, alias, version)
     out.print(f"{name}:{alias} → {name}@{version}")
+
+
+@models_app.command("delete", cls=OneLineUsage)
+def models_delete(
+    name: Annotated[str, typer.Argument(help="The model's name (namespace/name for your own).")],
+    version: Annotated[int, typer.Argument(min=1, help="The version to delete; its number is never reused.")],
+    url: UrlOpt = DEFAULT_URL,
+    api_key: KeyOpt = None,
+) -> None:
+    """Delete a version of your own model (any model with an admin key); refused while a job uses it."""
+    with connect(url, api_key) as client:
+        client.delete_model_version(name, version)
+    out.print(f"deleted {name}@{version}")
 
 
 # ---------------------------------------------------------------------------------------------- finetune
@@ -152,7 +167,10 @@ def finetune(
     zero_stage: Annotated[int | None, typer.Option(min=0, max=3, help="DeepSpeed ZeRO stage.")] = None,
     num_gpus: Annotated[int | None, typer.Option(min=1)] = None,
     labels: Annotated[str | None, typer.Option(help="Comma-separated labels (sequence-classification).")] = None,
-    output_name: Annotated[str | None, typer.Option(help="Register the result under this model name.")] = None,
+    output_name: Annotated[
+        str | None,
+        typer.Option(help="Register the result as NAME in your namespace (default: namespace/<base model's name>)."),
+    ] = None,
     wait: Annotated[bool, typer.Option("--wait", "-w", help="Follow the run (losses) until it ends.")] = False,
     url: UrlOpt = DEFAULT_URL,
     api_key: KeyOpt = None,

@@ -2,8 +2,12 @@
 
 ``up`` is the whole stack on one host; ``api``, ``worker`` and ``flower`` are one part each, for hosts that
 split them. Starting, supervising and stopping the children is api/cli/stack/ (launcher, supervisor,
-embedded Redis, ports); which Celery workers a host runs is workers/plan.py. Both are imported inside the
-commands, so ``lmbatch --help`` stays instant and the launcher a small process (no torch, ever).
+embedded Redis, ports, restarts); which Celery workers a host runs is workers/plan.py. Both are imported inside
+the commands, so ``lmbatch --help`` stays instant and the launcher a small process (no torch, ever).
+
+``up`` and ``worker`` restart a worker that dies on its own (with backoff; one that keeps dying is given up) and
+stop everything on SIGINT or SIGTERM. No command starts with an example secret (``change-me…``) unless
+LMBATCH_DEV_MODE is set.
 """
 
 from __future__ import annotations
@@ -72,9 +76,14 @@ def api(
     import uvicorn
 
     from api.app import create_app
+    from db.settings import ExampleSecretError
 
     settings = settings_of(ctx)
-    uvicorn.run(create_app(settings), host=host or settings.api_host, port=port or settings.api_port)
+    try:
+        app = create_app(settings)
+    except ExampleSecretError as error:
+        raise CliError(str(error)) from None
+    uvicorn.run(app, host=host or settings.api_host, port=port or settings.api_port)
 
 
 @serve_app.command()
@@ -107,15 +116,16 @@ def worker(
             f"lmbatch: {plan.node} on {'GPU ' + plan.env['CUDA_VISIBLE_DEVICES'] if plan.gpus else 'CPU'}, "
             f"queues {','.join(plan.queues)}"
         )
-    run_processes(worker_specs(plans), out)
+    run_processes(worker_specs(plans), settings, out)
 
 
 @serve_app.command()
 def flower(ctx: typer.Context, port: Annotated[int, typer.Option()] = 5555) -> None:
-    """Run Flower (the Celery monitor) behind basic auth, in the foreground."""
+    """Run Flower (the Celery monitor) behind basic auth, in the foreground, on LMBATCH_FLOWER_HOST (loopback
+    unless set)."""
     from api.cli.stack.launcher import flower_spec, run_processes, settings_env, with_flower_password
 
     settings, generated = with_flower_password(settings_of(ctx))
     if generated:
         out.print(f"lmbatch: Flower user {settings.flower_user}, generated password {settings.flower_password}")
-    run_processes([flower_spec(settings, port=port, env=settings_env(settings))], out)
+    run_processes([flower_spec(settings, port=port, env=settings_env(settings))], settings, out)

@@ -1,6 +1,8 @@
 """/v1/batches: OpenAI's Batch API over lmbatch jobs (the official openai SDK works against it).
 
 Reads only read: a batch's job ending is what moves it to its final status (see api/services/batches.py).
+A tenant sees only its own batches; an admin sees, lists (`?tenant=` for one tenant's) and cancels every tenant's,
+each shown with its `tenant`.
 """
 
 from __future__ import annotations
@@ -8,9 +10,20 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query
+from fastapi.responses import JSONResponse
 
-from api.deps import CurrentPrincipal, SenderDep, SessionDep, SessionsDep, SettingsDep
+from api.deps import (
+    CurrentPrincipal,
+    ListedTenant,
+    SenderDep,
+    SessionDep,
+    SessionsDep,
+    SettingsDep,
+    owner_shown,
+    visible_tenant,
+)
 from api.errors import BadRequest, NotFound
+from api.idempotency import IdempotentPostDep
 from api.openai_format import ENDPOINT_KINDS
 from api.routes.files import owned_file
 from api.schemas.batches import BatchCreate, BatchList, BatchPublic
@@ -24,7 +37,7 @@ router = APIRouter(tags=["batches"])
 
 
 def owned_batch(session: SessionDep, principal: Principal, batch_id: str) -> Batch:
-    batch = batch_repo.get_batch(session, tenant_id=principal.tenant_id, batch_id=batch_id)
+    batch = batch_repo.get_batch(session, tenant_id=visible_tenant(principal), batch_id=batch_id)
     if batch is None:
         raise NotFound(f"no batch {batch_id!r}", param="batch_id", code="batch_not_found")
     return batch
@@ -32,6 +45,21 @@ def owned_batch(session: SessionDep, principal: Principal, batch_id: str) -> Bat
 
 @router.post("/batches", response_model=BatchPublic)
 def create_batch(
+    body: BatchCreate,
+    principal: CurrentPrincipal,
+    session: SessionDep,
+    sessions: SessionsDep,
+    settings: SettingsDep,
+    sender: SenderDep,
+    once: IdempotentPostDep,
+) -> BatchPublic | JSONResponse:
+    def accept() -> BatchPublic:
+        return _accept_batch(body, principal, session, sessions, settings, sender)
+
+    return once.answer_once(accept, status_code=200)
+
+
+def _accept_batch(
     body: BatchCreate,
     principal: CurrentPrincipal,
     session: SessionDep,
@@ -46,6 +74,7 @@ def create_batch(
     batch, shard_ids = batches_service.create_batch(
         sessions,
         tenant_id=principal.tenant_id,
+        viewer=principal,
         stored=stored,
         endpoint=body.endpoint,
         completion_window=body.completion_window,
@@ -57,20 +86,27 @@ def create_batch(
     return batches_service.batch_public(session, batch)
 
 
+def shown_batch(session: SessionDep, principal: Principal, batch: Batch) -> BatchPublic:
+    """The batch as the caller sees it: with its owning tenant when the caller is an admin."""
+    public = batches_service.batch_public(session, batch)
+    return public.model_copy(update={"tenant": owner_shown(session, principal, tenant_id=batch.tenant_id)})
+
+
 @router.get("/batches/{batch_id}", response_model=BatchPublic)
 def get_batch(batch_id: str, principal: CurrentPrincipal, session: SessionDep) -> BatchPublic:
-    return batches_service.batch_public(session, owned_batch(session, principal, batch_id))
+    return shown_batch(session, principal, owned_batch(session, principal, batch_id))
 
 
 @router.get("/batches", response_model=BatchList)
 def list_batches(
     principal: CurrentPrincipal,
     session: SessionDep,
+    tenant_id: ListedTenant,
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> BatchList:
-    rows = batch_repo.list_batches(session, tenant_id=principal.tenant_id, after=after, limit=limit + 1)
-    data = [batches_service.batch_public(session, batch) for batch in rows[:limit]]
+    rows = batch_repo.list_batches(session, tenant_id=tenant_id, after=after, limit=limit + 1)
+    data = [shown_batch(session, principal, batch) for batch in rows[:limit]]
     return BatchList(
         data=data,
         first_id=data[0].id if data else None,
@@ -87,4 +123,4 @@ def cancel_batch(
     end_reads(session)
     batches_service.cancel(sessions, batch, settings)
     fresh = owned_batch(session, principal, batch_id)
-    return batches_service.batch_public(session, fresh)
+    return shown_batch(session, principal, fresh)

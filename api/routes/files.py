@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 from fastapi import APIRouter, Form, Query, UploadFile
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, JSONResponse
 
 from api.deps import CurrentPrincipal, SessionDep, SessionsDep, SettingsDep
 from api.errors import BadRequest, NotFound, PayloadTooLarge
+from api.idempotency import IdempotentPostDep, upload_fingerprint
 from api.schemas.files import FileDeleted, FileList, FilePublic, FilePurpose
 from db import files as file_repo
 from db.models import new_id
@@ -33,18 +34,22 @@ def upload_file(
     principal: CurrentPrincipal,
     sessions: SessionsDep,
     settings: SettingsDep,
-) -> FilePublic:
+    once: IdempotentPostDep,
+) -> FilePublic | JSONResponse:
     filename = (file.filename or "upload.jsonl")[:255]
     if "\x00" in filename:  # PostgreSQL text cannot hold it; refused before a byte is stored
         raise BadRequest("the file name holds a NUL character", param="file", code="invalid_filename")
     settings.files_dir.mkdir(parents=True, exist_ok=True)
     file_id = new_id("file")
     target = settings.files_dir / file_id
-    size, lines, digest = _store(file, target, max_bytes=settings.max_request_bytes)
+    size, lines, digest = _store(
+        file, target, max_bytes=settings.max_request_bytes, max_line_bytes=settings.max_line_bytes
+    )
     if size == 0:
         target.unlink(missing_ok=True)
         raise BadRequest("the file is empty", param="file", code="empty_file")
-    try:
+
+    def register() -> FilePublic:
         with transaction(sessions) as session:
             row = file_repo.add_file(
                 session,
@@ -57,17 +62,27 @@ def upload_file(
                 line_count=lines,
                 storage_path=str(target.resolve()),
             )
+        return FilePublic.of(row)
+
+    # A retry is known by its form fields and its file's bytes, hashed while they were stored.
+    fingerprint = upload_fingerprint(purpose=purpose, filename=filename, content_sha256=digest)
+    try:
+        answer = once.answer_once(register, status_code=200, fingerprint=fingerprint)
     except BaseException:
         target.unlink(missing_ok=True)  # no row will ever name these bytes
         raise
-    return FilePublic.of(row)
+    if isinstance(answer, JSONResponse):
+        target.unlink(missing_ok=True)  # a retry: the first upload's copy is the file
+    return answer
 
 
-def _store(upload: UploadFile, target: Path, *, max_bytes: int) -> tuple[int, int, str]:
+def _store(upload: UploadFile, target: Path, *, max_bytes: int, max_line_bytes: int) -> tuple[int, int, str]:
     """Stream the upload to disk (never whole in memory) and move it into place only when complete,
-    so a crash leaves at most an unreferenced temp file."""
+    so a crash leaves at most an unreferenced temp file. A line over `max_line_bytes` refuses the upload as soon
+    as it passes the limit, whatever chunk it spans."""
     digest = hashlib.sha256()
     size = lines = 0
+    line_bytes = 0  # of the line being read, so far (its newline left out)
     last = b"\n"
     with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".upload-", delete=False) as out:
         try:
@@ -77,6 +92,7 @@ def _store(upload: UploadFile, target: Path, *, max_bytes: int) -> tuple[int, in
                     raise PayloadTooLarge(
                         f"file over the limit of {max_bytes} bytes", param="file", code="file_too_large"
                     )
+                line_bytes = _check_line_lengths(chunk, line_bytes, first_line=lines + 1, max_bytes=max_line_bytes)
                 digest.update(chunk)
                 lines += chunk.count(b"\n")
                 last = chunk[-1:]
@@ -89,6 +105,21 @@ def _store(upload: UploadFile, target: Path, *, max_bytes: int) -> tuple[int, in
         lines += 1
     os.replace(out.name, target)
     return size, lines, digest.hexdigest()
+
+
+def _check_line_lengths(chunk: bytes, carried: int, *, first_line: int, max_bytes: int) -> int:
+    """Refuse a line of ``chunk`` longer than ``max_bytes`` (its first piece continues a line of ``carried``
+    bytes, numbered ``first_line``); returns the bytes of the line still open at the chunk's end."""
+    pieces = chunk.split(b"\n")
+    lengths = [carried + len(pieces[0]), *map(len, pieces[1:])]
+    if max(lengths) > max_bytes:
+        number = first_line + next(i for i, length in enumerate(lengths) if length > max_bytes)
+        raise PayloadTooLarge(
+            f"file: line {number} is over the limit of {max_bytes} bytes per line (max_line_bytes)",
+            param="file",
+            code="line_too_long",
+        )
+    return lengths[-1]
 
 
 @router.get("/files", response_model=FileList)

@@ -60,15 +60,17 @@ def create_fine_tuning_job(
     sender: SenderDep,
     client: RedisDep,
 ) -> FineTuningJob:
-    version = intake.resolve_model(session, ref=body.model, kind="finetune")
+    version = intake.resolve_model(session, ref=body.model, kind="finetune", viewer=principal)
     accepted = accept_finetune(
         session,
         tenant_id=principal.tenant_id,
+        namespace=principal.namespace,
         version=version,
-        params=body.native_params(version.name),
+        params=body.native_params(version.name, namespace=principal.namespace),
         training_file=body.training_file,
         validation_file=body.validation_file,
         client=client,
+        settings=settings,
         training_purpose="fine-tune",
     )
     end_reads(session)

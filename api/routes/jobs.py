@@ -1,4 +1,5 @@
-"""/v1/jobs: enqueue, poll, list, cancel, and read results. A tenant sees only its own jobs."""
+"""/v1/jobs: enqueue, poll, list, cancel, and read results. A tenant sees only its own jobs; an admin sees, lists
+(`?tenant=` for one tenant's) and cancels every tenant's, each shown with its `tenant`."""
 
 from __future__ import annotations
 
@@ -7,10 +8,21 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
-from api.deps import CurrentPrincipal, RedisDep, SenderDep, SessionDep, SessionsDep, SettingsDep
+from api.deps import (
+    CurrentPrincipal,
+    ListedTenant,
+    RedisDep,
+    SenderDep,
+    SessionDep,
+    SessionsDep,
+    SettingsDep,
+    owner_shown,
+    visible_tenant,
+)
 from api.errors import Conflict, NotFound
+from api.idempotency import IdempotentPostDep
 from api.routes.files import owned_file
 from api.schemas.common import MAX_INT32
 from api.schemas.jobs import JobCreate, JobEventList, JobEventPublic, JobList, JobPublic, ResultPage, ResultPublic
@@ -35,16 +47,17 @@ JSONL = "application/jsonl"
 
 
 def owned_job(session: Session, principal: Principal, job_id: str) -> Job:
-    job = job_reads.get_job(session, tenant_id=principal.tenant_id, job_id=job_id)
+    job = job_reads.get_job(session, tenant_id=visible_tenant(principal), job_id=job_id)
     if job is None:
         raise NotFound(f"no job {job_id!r}", param="job_id", code="job_not_found")
     return job
 
 
-def job_public(session: Session, job: Job) -> JobPublic:
+def job_public(session: Session, job: Job, viewer: Principal | None = None) -> JobPublic:
     ref = job_reads.version_ref(session, model_version_id=job.model_version_id)
     running = job_repo.running_progress(session, job_id=job.id) if job.status == "running" else 0
-    return JobPublic.of(job, version_ref=ref, running_done=running)
+    tenant = owner_shown(session, viewer, tenant_id=job.tenant_id) if viewer is not None else None
+    return JobPublic.of(job, version_ref=ref, running_done=running, tenant=tenant)
 
 
 @router.post("/jobs", status_code=202, response_model=JobPublic)
@@ -56,19 +69,37 @@ def create_job(
     settings: SettingsDep,
     sender: SenderDep,
     client: RedisDep,
+    once: IdempotentPostDep,
+) -> JobPublic | JSONResponse:
+    def accept() -> JobPublic:
+        return _accept_job(body, principal, session, sessions, settings, sender, client)
+
+    return once.answer_once(accept, status_code=202)
+
+
+def _accept_job(
+    body: JobCreate,
+    principal: CurrentPrincipal,
+    session: SessionDep,
+    sessions: SessionsDep,
+    settings: SettingsDep,
+    sender: SenderDep,
+    client: RedisDep,
 ) -> JobPublic:
-    version = intake.resolve_model(session, ref=body.model, kind=body.kind)
+    version = intake.resolve_model(session, ref=body.model, kind=body.kind, viewer=principal)
     items: Iterable[dict[str, Any]]
     if body.kind == "finetune":
         assert body.training_file is not None  # JobCreate's validator requires it for this kind
         accepted = accept_finetune(
             session,
             tenant_id=principal.tenant_id,
+            namespace=principal.namespace,
             version=version,
             params=body.params,
             training_file=body.training_file,
             validation_file=body.validation_file,
             client=client,
+            settings=settings,
         )
         params, items = accepted.params, accepted.items
     else:
@@ -98,16 +129,15 @@ def create_job(
 def list_jobs(
     principal: CurrentPrincipal,
     session: SessionDep,
+    tenant_id: ListedTenant,
     status: str | None = None,
     kind: str | None = None,
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> JobList:
     anchor = owned_job(session, principal, after) if after else None
-    rows = job_reads.list_jobs(
-        session, tenant_id=principal.tenant_id, status=status, kind=kind, after=anchor, limit=limit + 1
-    )
-    data = [job_public(session, job) for job in rows[:limit]]
+    rows = job_reads.list_jobs(session, tenant_id=tenant_id, status=status, kind=kind, after=anchor, limit=limit + 1)
+    data = [job_public(session, job, principal) for job in rows[:limit]]
     return JobList(
         data=data,
         has_more=len(rows) > limit,
@@ -118,7 +148,7 @@ def list_jobs(
 
 @router.get("/jobs/{job_id}", response_model=JobPublic)
 def get_job(job_id: str, principal: CurrentPrincipal, session: SessionDep) -> JobPublic:
-    return job_public(session, owned_job(session, principal, job_id))
+    return job_public(session, owned_job(session, principal, job_id), principal)
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobPublic)
@@ -129,7 +159,7 @@ def cancel_job(job_id: str, principal: CurrentPrincipal, sessions: SessionsDep) 
             raise Conflict(f"job {job_id} already {job.status}", param="job_id", code="job_finished")
         job_repo.cancel_job(session, job_id=job.id)
     with sessions() as session:
-        return job_public(session, owned_job(session, principal, job_id))
+        return job_public(session, owned_job(session, principal, job_id), principal)
 
 
 @router.get("/jobs/{job_id}/results", response_model=ResultPage)

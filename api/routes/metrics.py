@@ -3,23 +3,30 @@
 Counters are derived from the database (the source of truth) rather than kept in one process's memory,
 so every API replica reports the same numbers and a restart loses nothing. Flower serves its own
 /metrics (task runtimes, events, workers) beside this one.
+
+Only a scraper holding the metrics token reads it (`Authorization: Bearer <LMBATCH_METRICS_TOKEN>`, Prometheus's
+`authorization` scrape setting); with no token set it is closed. Every series is a total over all tenants: none
+carries a tenant's name or id, so the token shows no tenant anything about another.
 """
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import redis
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from api.deps import RedisDep
+from api.deps import RedisDep, SettingsDep
+from api.errors import Unauthorized
 from db import stats
 from db.names import QUEUES
 from workers.presence import read_workers
+from workers.restart_records import read_restart_stats
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -78,9 +85,36 @@ class _Collector:
             pass  # the broker's absence shows on /healthz; the database metrics still answer
         yield depth
         yield online
+        yield from self._launcher_metrics()
+
+    def _launcher_metrics(self) -> Iterator[Metric]:
+        # What the launchers (`lmbatch up`, `lmbatch worker`) recorded on the broker: worker names only.
+        restarts = CounterMetricFamily(
+            "lmbatch_worker_restarts", "Times a launcher restarted a worker that died", labels=["worker"]
+        )
+        given_up = GaugeMetricFamily("lmbatch_workers_given_up", "Workers a launcher stopped restarting")
+        try:
+            recorded = read_restart_stats(self.client)
+        except redis.RedisError:
+            pass  # as above: the broker's absence shows on /healthz
+        else:
+            for worker, count in recorded.restarts.items():
+                restarts.add_metric([worker], count)
+            given_up.add_metric([], len(recorded.given_up))
+        yield restarts
+        yield given_up
 
 
-@router.get("/metrics", include_in_schema=False)
+def require_metrics_token(request: Request, settings: SettingsDep) -> None:
+    """401 unless the request carries the metrics token; always 401 when none is set (the endpoint is closed)."""
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    expected = settings.metrics_token
+    # compare_digest: the time taken says nothing about how much of a guess was right.
+    if not expected or scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected.encode()):
+        raise Unauthorized("/metrics needs 'Authorization: Bearer <metrics token>'", code="invalid_metrics_token")
+
+
+@router.get("/metrics", include_in_schema=False, dependencies=[Depends(require_metrics_token)])
 def metrics(request: Request, client: RedisDep) -> Response:
     registry = CollectorRegistry(auto_describe=False)
     with request.app.state.sessions() as session:

@@ -3,11 +3,11 @@ fields, names and order follow OpenAI's Batch object."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from api.schemas.common import ObjectId, Strict, epoch
+from api.schemas.common import Metadata, ObjectId, Strict, epoch
 from db.batches import Progress
 from db.models import Batch
 
@@ -18,7 +18,7 @@ class BatchCreate(Strict):
     input_file_id: ObjectId
     endpoint: Endpoint
     completion_window: Literal["24h"] = "24h"
-    metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = Field(None, max_length=16)
+    metadata: Metadata | None = None
     output_expires_after: dict[str, Any] | None = None
 
 
@@ -81,6 +81,8 @@ class BatchPublic(BaseModel):
     expired_at: int | None
     cancelling_at: int | None
     cancelled_at: int | None
+    # lmbatch's own, shown to admins only (the tenant owning the batch); the SDK ignores it.
+    tenant: str | None = Field(None, exclude_if=lambda value: value is None)
 
     @classmethod
     def of(cls, row: Batch, progress: Progress) -> BatchPublic:

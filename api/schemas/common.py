@@ -13,6 +13,17 @@ ObjectId = Annotated[str, Field(min_length=1, max_length=40, pattern=r"^[A-Za-z0
 # Integer columns are 32-bit: a larger offset or cursor could match nothing, and PostgreSQL refuses to compare it.
 MAX_INT32 = 2**31 - 1
 
+# OpenAI's caps on `metadata`, the same at every door that takes it (jobs, batches, fine-tunes): at most 16 pairs,
+# keys of at most 64 characters, values of at most 512.
+MAX_METADATA_PAIRS, MAX_METADATA_KEY_CHARS, MAX_METADATA_VALUE_CHARS = 16, 64, 512
+Metadata = Annotated[
+    dict[
+        Annotated[str, Field(max_length=MAX_METADATA_KEY_CHARS)],
+        Annotated[str, Field(max_length=MAX_METADATA_VALUE_CHARS)],
+    ],
+    Field(max_length=MAX_METADATA_PAIRS),
+]
+
 
 def epoch(moment: datetime | None) -> int | None:
     return int(moment.timestamp()) if moment else None

@@ -12,7 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
-from api.schemas.common import ObjectId, Strict, epoch
+from api.schemas.common import Metadata, ObjectId, Strict, epoch
+from db import registry
 from db.models import Job, JobEvent
 from db.names import TERMINAL_JOB_STATES
 
@@ -49,11 +50,13 @@ class FineTuningJobCreate(Strict):
     method: Method | None = None
     suffix: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9_-]{0,39}$")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)  # torch.manual_seed takes at most 64 bits
-    metadata: dict[str, str] | None = Field(None, max_length=16)
+    metadata: Metadata | None = None
     integrations: list[Any] | None = None
 
-    def native_params(self, base_name: str) -> dict[str, Any]:
-        """The same request in lmbatch's params (still to be validated); "auto" leaves lmbatch's default."""
+    def native_params(self, base_name: str, *, namespace: str) -> dict[str, Any]:
+        """The same request in lmbatch's params (still to be validated); "auto" leaves lmbatch's default. A
+        `suffix` names the result `<namespace>/<base name without its namespace>-<suffix>`; without one, the door
+        gives the tenant's default name (db.registry.tenant_model_name)."""
         chosen = (self.method.supervised.hyperparameters if self.method else None) or self.hyperparameters
         chosen = chosen or OpenAIHyperparameters()
         hyper: dict[str, Any] = {}
@@ -65,7 +68,9 @@ class FineTuningJobCreate(Strict):
             hyper["learning_rate"] = BASE_LEARNING_RATE * chosen.learning_rate_multiplier
         if self.seed is not None:
             hyper["seed"] = self.seed
-        output_name = f"{base_name}-{self.suffix}"[:100] if self.suffix else None
+        output_name = None
+        if self.suffix:
+            output_name = f"{namespace}/{registry.base_name(base_name)}-{self.suffix}"[: registry.MAX_NAME_CHARS]
         return {"task": "causal-lm", "hyperparameters": hyper, "output_name": output_name}
 
 

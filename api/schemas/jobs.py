@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from api.schemas.common import ObjectId, Strict, epoch
+from api.schemas.common import Metadata, ObjectId, Strict, epoch
 from db.models import Job, JobEvent
 from db.names import JobKind
 
@@ -25,7 +25,7 @@ class JobCreate(Strict):
     validation_file: ObjectId | None = None
     params: dict[str, Any] = Field(default_factory=dict)
     priority: int = Field(0, ge=0, le=9)
-    metadata: dict[str, str] | None = Field(None, max_length=16)
+    metadata: Metadata | None = None
 
     @model_validator(mode="after")
     def _sources_fit_the_kind(self) -> JobCreate:
@@ -72,9 +72,11 @@ class JobPublic(BaseModel):
     started_at: int | None
     finished_at: int | None
     cancelled_at: int | None
+    # Shown to admins only (the tenant owning the job); left out of a tenant's view, which holds only its own.
+    tenant: str | None = Field(None, exclude_if=lambda value: value is None)
 
     @classmethod
-    def of(cls, job: Job, *, version_ref: str | None, running_done: int) -> JobPublic:
+    def of(cls, job: Job, *, version_ref: str | None, running_done: int, tenant: str | None = None) -> JobPublic:
         done = job.succeeded + job.failed + running_done
         total = max(job.total, 1)
         elapsed = None
@@ -103,6 +105,7 @@ class JobPublic(BaseModel):
             started_at=epoch(job.started_at),
             finished_at=epoch(job.finished_at),
             cancelled_at=epoch(job.cancelled_at),
+            tenant=tenant,
         )
 
 

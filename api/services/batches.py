@@ -14,14 +14,15 @@ from typing import TYPE_CHECKING
 
 from celery import Celery
 
-from api.openai_format import ENDPOINT_KINDS, ParsedFile, parse_batch_file
+from api.errors import ApiError, BadRequest, PayloadTooLarge
+from api.openai_format import ENDPOINT_KINDS, ParsedFile, Refusal, parse_batch_file
 from api.schemas.batches import BatchPublic
-from api.services.intake import check_tenant_quota
+from api.services.intake import check_tenant_quota, input_caps
 from api.services.submit import submit
 from db import batches as batch_repo
 from db import jobs as job_repo
 from db.models import Batch, ModelVersion, StoredFile, new_id, utcnow
-from db.registry import InvalidModelRef, resolve
+from db.registry import InvalidModelRef, Viewer, resolve
 from db.session import transaction
 from db.settings import Settings
 from workers.shards.batch_finalizer import finalize_batch_of_job
@@ -37,19 +38,29 @@ def create_batch(
     sessions: sessionmaker[Session],
     *,
     tenant_id: int,
+    viewer: Viewer,
     stored: StoredFile,
     endpoint: str,
     completion_window: str,
     metadata: dict[str, str] | None,
     settings: Settings,
 ) -> tuple[Batch, list[int]]:
-    """Validate the input file; a bad one makes a `failed` batch with every error and its line number.
-    Returns the batch and the shard ids to enqueue after commit."""
-    parsed = parse_batch_file(Path(stored.storage_path), endpoint=endpoint, max_lines=settings.max_batch_lines)
+    """Validate the input file; a bad one makes a `failed` batch with every error and its line number, and a line
+    over one of the door's caps refuses the request (nothing written). Returns the batch and the shard ids to
+    enqueue after commit."""
+    parsed = parse_batch_file(
+        Path(stored.storage_path),
+        endpoint=endpoint,
+        max_lines=settings.max_batch_lines,
+        max_line_bytes=settings.max_line_bytes,
+        caps=input_caps(settings),
+    )
+    if parsed.refusal is not None:
+        raise _refused(parsed.refusal)
     kind = ENDPOINT_KINDS[endpoint]
     version: ModelVersion | None = None
     if parsed.model is not None and not parsed.errors:
-        version = _model_for(sessions, parsed.model, kind, parsed)
+        version = _model_for(sessions, parsed.model, kind, parsed, viewer)
     with transaction(sessions) as session:
         batch_id = new_id("batch").replace("-", "_")
         batch_repo.add_batch(
@@ -97,16 +108,27 @@ def create_batch(
         return _reloaded(session, batch_id), new.shard_ids
 
 
+def _refused(refusal: Refusal) -> ApiError:
+    """A line over a cap, as the request's refusal: 413 for its size, else 400 naming the line's field."""
+    if refusal.too_large:
+        return PayloadTooLarge(f"input_file_id: {refusal.message}", param="input_file_id", code=refusal.code)
+    message = f"input_file_id: line {refusal.line}: {refusal.message}"
+    return BadRequest(message, param=refusal.param or "input_file_id", code=refusal.code)
+
+
 def _reloaded(session: Session, batch_id: str) -> Batch:
     batch = batch_repo.batch_by_id(session, batch_id=batch_id)
     assert batch is not None, batch_id  # written in this very transaction
     return batch
 
 
-def _model_for(sessions: sessionmaker[Session], ref: str, kind: str, parsed: ParsedFile) -> ModelVersion | None:
+def _model_for(
+    sessions: sessionmaker[Session], ref: str, kind: str, parsed: ParsedFile, viewer: Viewer
+) -> ModelVersion | None:
+    """The version the lines' `model` names for the caller; another tenant's model reads as a missing one."""
     with sessions() as session:
         try:
-            version = resolve(session, ref)
+            version = resolve(session, ref, viewer=viewer)
         except InvalidModelRef as error:
             parsed.error(1, "invalid_model", str(error), "body.model")
             return None

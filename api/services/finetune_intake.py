@@ -14,15 +14,20 @@ from typing import TYPE_CHECKING, Any
 import redis
 from pydantic import ValidationError
 
-from api.errors import BadRequest, invalid_field
+from api.errors import BadRequest
+from api.services.intake import input_caps, line_too_long, refused_params
 from db.files import get_file
-from workers.engines.finetune.params import FinetuneParams, TrainingDataError, validate_training_file
+from db.registry import tenant_model_name
+from workers.engines.finetune.params import FinetuneParams, TrainingDataError, planned_tokens, validate_training_file
+from workers.engines.jsonl import LineTooLong
+from workers.engines.params import LIMIT_EXCEEDED
 from workers.presence import read_workers
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
     from db.models import ModelVersion, StoredFile
+    from db.settings import Settings
 
 # Which base model tasks each fine-tuning task can start from.
 BASE_TASKS = {"causal-lm": ("causal-lm",), "sequence-classification": ("encoder", "sequence-classification")}
@@ -41,37 +46,42 @@ def accept_finetune(
     session: Session,
     *,
     tenant_id: int,
+    namespace: str,
     version: ModelVersion,
     params: dict[str, Any],
     training_file: str,
     validation_file: str | None,
     client: redis.Redis,
+    settings: Settings,
     training_purpose: str | None = None,
 ) -> AcceptedFinetune:
     """Check a fine-tune in the order a client fixes it: params, GPUs, then each file. `training_purpose`, when
     given, is the purpose the training file must have been uploaded with (OpenAI's door asks for it)."""
-    parsed = _validate_finetune_params(params, version)
+    parsed = _validate_finetune_params(params, version, settings)
+    parsed = _named_output(parsed, base=version, namespace=namespace)
     _check_gpus_offered(parsed, client)
     training = _owned_training_file(session, tenant_id, training_file, "training_file")
     if training_purpose is not None and training.purpose != training_purpose:
         raise BadRequest(f"the training file's purpose must be {training_purpose!r}", param="training_file")
     run: dict[str, Any] = {
         "training_file": training.id,
-        "training": _check_training_file(training, parsed, param="training_file"),
+        "training": _check_training_file(training, parsed, param="training_file", settings=settings),
         "validation_file": None,
     }
+    _check_token_budget(parsed, rows=run["training"]["rows"], settings=settings)
     if validation_file is not None:
         validation = _owned_training_file(session, tenant_id, validation_file, "validation_file")
-        _check_training_file(validation, parsed, param="validation_file")
+        _check_training_file(validation, parsed, param="validation_file", settings=settings)
         run["validation_file"] = validation.id
     return AcceptedFinetune(params=parsed.model_dump(), items=[{"custom_id": None, "input": run}])
 
 
-def _validate_finetune_params(params: dict[str, Any], version: ModelVersion) -> FinetuneParams:
+def _validate_finetune_params(params: dict[str, Any], version: ModelVersion, settings: Settings) -> FinetuneParams:
     try:
-        parsed = FinetuneParams.model_validate(params)
+        parsed = FinetuneParams.model_validate(params, context=input_caps(settings))
     except ValidationError as error:
-        raise invalid_field(error, prefix="params", code="invalid_params") from error
+        raise refused_params(error) from error
+    parsed = _with_time_limit(parsed, settings)
     if version.task not in BASE_TASKS[parsed.task]:
         raise BadRequest(
             f"model {version.name}@{version.version} is a {version.task} model, "
@@ -82,10 +92,64 @@ def _validate_finetune_params(params: dict[str, Any], version: ModelVersion) -> 
     return parsed
 
 
-def _check_training_file(stored: StoredFile, params: FinetuneParams, *, param: str) -> dict[str, Any]:
+def _named_output(params: FinetuneParams, *, base: ModelVersion, namespace: str) -> FinetuneParams:
+    """The params with the name the result will have, fixed now in the caller's namespace (`bot` → `acme/bot`;
+    none given → `acme/<base name>`), so the worker registers exactly that, and never a version of a name the
+    tenant does not own."""
+    try:
+        name = tenant_model_name(params.output_name, base=base.name, namespace=namespace)
+    except ValueError as error:
+        message = f"params.output_name: {error}"
+        raise BadRequest(message, param="params.output_name", code="invalid_output_name") from error
+    return params.model_copy(update={"output_name": name})
+
+
+def _with_time_limit(params: FinetuneParams, settings: Settings) -> FinetuneParams:
+    """The run's wall-clock limit, stored with the job: the setting's unless the client asks for less."""
+    cap = settings.finetune_time_limit_seconds
+    if params.time_limit_seconds is None:
+        return params.model_copy(update={"time_limit_seconds": cap})
+    if params.time_limit_seconds > cap:
+        raise BadRequest(
+            f"params.time_limit_seconds: {params.time_limit_seconds}, over the limit of {cap} seconds "
+            "(finetune_time_limit_seconds)",
+            param="params.time_limit_seconds",
+            code=LIMIT_EXCEEDED,
+        )
+    return params
+
+
+def _check_token_budget(params: FinetuneParams, *, rows: int, settings: Settings) -> None:
+    """Refuse a run that could process more tokens than the budget (steps x examples per step x max_seq_len),
+    naming the step count the client set (max_steps, or else epochs)."""
+    hp, budget = params.hyperparameters, settings.finetune_max_token_budget
+    tokens = planned_tokens(hp, rows=rows, num_gpus=params.num_gpus)
+    if tokens <= budget:
+        return
+    at_fault = "max_steps" if hp.max_steps is not None else "epochs"
+    raise BadRequest(
+        f"params.hyperparameters.{at_fault}: this run could process {tokens} tokens (steps x batch_size x "
+        f"gradient_accumulation_steps x num_gpus x max_seq_len), over the budget of {budget} "
+        "(finetune_max_token_budget)",
+        param=f"params.hyperparameters.{at_fault}",
+        code=LIMIT_EXCEEDED,
+    )
+
+
+def _check_training_file(
+    stored: StoredFile, params: FinetuneParams, *, param: str, settings: Settings
+) -> dict[str, Any]:
     """Stream the file through the row schema; a bad file is refused naming its bad line numbers."""
     try:
-        summary = validate_training_file(Path(stored.storage_path), params.task, allowed_labels=params.labels)
+        summary = validate_training_file(
+            Path(stored.storage_path),
+            params.task,
+            allowed_labels=params.labels,
+            max_line_bytes=settings.max_line_bytes,
+            caps=input_caps(settings),
+        )
+    except LineTooLong as error:
+        raise line_too_long(error, param=param) from error
     except TrainingDataError as error:
         raise BadRequest(f"{param}: {error}", param=param, code="invalid_training_file") from error
     return {"rows": summary.rows, "labels": summary.labels, "sha256": summary.sha256 or stored.sha256}

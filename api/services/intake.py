@@ -12,8 +12,9 @@ from pydantic import ValidationError
 
 from api.errors import BadRequest, NotFound, PayloadTooLarge, TooManyRequests, invalid_field
 from db.job_reads import unfinished_items
-from db.registry import InvalidModelRef, resolve
-from workers.engines.params import PARAMS_BY_KIND, parse_item
+from db.registry import InvalidModelRef, Viewer, resolve
+from workers.engines.jsonl import LineTooLong, bounded_lines
+from workers.engines.params import LIMIT_EXCEEDED, PARAMS_BY_KIND, InputCaps, InvalidItem, parse_item
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -25,9 +26,10 @@ if TYPE_CHECKING:
 ZERO_SHOT_TASKS = ("encoder", "causal-lm")
 
 
-def resolve_model(session: Session, *, ref: str, kind: str) -> ModelVersion:
+def resolve_model(session: Session, *, ref: str, kind: str, viewer: Viewer) -> ModelVersion:
+    """The version `ref` names for the caller; another tenant's model is the same 404 as a missing one."""
     try:
-        version = resolve(session, ref)
+        version = resolve(session, ref, viewer=viewer)
     except InvalidModelRef as error:
         raise BadRequest(str(error), param="model", code="invalid_model_ref") from error
     if version is None:
@@ -43,11 +45,27 @@ def resolve_model(session: Session, *, ref: str, kind: str) -> ModelVersion:
     return version
 
 
+def input_caps(settings: Settings) -> InputCaps:
+    """The caps this deployment's door puts on a request (the Limits table of the README)."""
+    return InputCaps(
+        max_stop_chars=settings.max_stop_chars,
+        max_item_chars=settings.max_item_chars,
+        max_labels=settings.max_labels,
+        max_label_chars=settings.max_label_chars,
+    )
+
+
+def refused_params(error: ValidationError, *, prefix: str = "params") -> BadRequest:
+    """A 400 naming the param at fault; its code says whether a cap refused it or the param is malformed."""
+    code = LIMIT_EXCEEDED if error.errors()[0]["type"] == LIMIT_EXCEEDED else "invalid_params"
+    return invalid_field(error, prefix=prefix, code=code)
+
+
 def validate_params(*, kind: str, params: dict[str, Any], version: ModelVersion, settings: Settings) -> dict[str, Any]:
     try:
-        parsed = PARAMS_BY_KIND[kind].model_validate(params)
+        parsed = PARAMS_BY_KIND[kind].model_validate(params, context=input_caps(settings))
     except ValidationError as error:
-        raise invalid_field(error, prefix="params", code="invalid_params") from error
+        raise refused_params(error) from error
     clean = parsed.model_dump()
     if kind == "generate" and clean["max_new_tokens"] > settings.max_new_tokens_cap:
         raise BadRequest(f"params.max_new_tokens: at most {settings.max_new_tokens_cap}", param="params.max_new_tokens")
@@ -60,13 +78,14 @@ def validate_params(*, kind: str, params: dict[str, Any], version: ModelVersion,
     return clean
 
 
-def _shard_item(kind: str, raw: Any, where: str) -> dict[str, Any]:
+def _shard_item(kind: str, raw: Any, where: str, caps: InputCaps) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise BadRequest(f"{where}: an item must be a JSON object", param=where, code="invalid_item")
     try:
-        item = parse_item(kind, raw)
-    except ValueError as error:
-        raise BadRequest(f"{where}: {error}", param=where, code="invalid_item") from error
+        item = parse_item(kind, raw, caps=caps)
+    except InvalidItem as error:
+        code = LIMIT_EXCEEDED if error.over_limit else "invalid_item"
+        raise BadRequest(f"{where}: {error}", param=where, code=code) from error
     custom_id = item.pop("custom_id", None)
     return {"custom_id": custom_id, "input": item}
 
@@ -75,14 +94,16 @@ def items_from_request(kind: str, inputs: list[dict[str, Any]], settings: Settin
     if not inputs:
         raise BadRequest("inputs: give at least one item", param="inputs", code="empty_inputs")
     _check_count(len(inputs), settings, param="inputs")
-    return [_shard_item(kind, raw, f"inputs[{i}]") for i, raw in enumerate(inputs)]
+    caps = input_caps(settings)
+    return [_shard_item(kind, raw, f"inputs[{i}]", caps) for i, raw in enumerate(inputs)]
 
 
 def items_from_file(kind: str, stored: StoredFile, settings: Settings) -> Iterator[dict[str, Any]]:
     """Read a JSONL input file line by line, yielding shard items; a bad line is refused with its (1-based)
     line number. A generator: the caller streams it into shard rows inside its transaction."""
     count = 0
-    for number, line in _lines(Path(stored.storage_path)):
+    caps = input_caps(settings)
+    for number, line in _lines(Path(stored.storage_path), max_line_bytes=settings.max_line_bytes):
         if not line.strip():
             continue
         try:
@@ -93,7 +114,7 @@ def items_from_file(kind: str, stored: StoredFile, settings: Settings) -> Iterat
             ) from error
         count += 1
         _check_count(count, settings, param="input_file_id")
-        yield _shard_item(kind, raw, f"input_file_id: line {number}")
+        yield _shard_item(kind, raw, f"input_file_id: line {number}", caps)
 
 
 def require_items(total: int) -> None:
@@ -101,13 +122,21 @@ def require_items(total: int) -> None:
         raise BadRequest("input_file_id: the file holds no items", param="input_file_id", code="empty_inputs")
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
+def _lines(path: Path, *, max_line_bytes: int) -> Iterator[tuple[int, str]]:
     with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                yield number, raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise BadRequest(f"input_file_id: line {number} is not UTF-8", param="input_file_id") from error
+        try:
+            for number, raw in bounded_lines(handle, max_bytes=max_line_bytes):
+                try:
+                    yield number, raw.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    raise BadRequest(f"input_file_id: line {number} is not UTF-8", param="input_file_id") from error
+        except LineTooLong as error:
+            raise line_too_long(error, param="input_file_id") from error
+
+
+def line_too_long(error: LineTooLong, *, param: str) -> PayloadTooLarge:
+    """A 413 for a JSONL line over max_line_bytes, naming the field that holds the file and the line."""
+    return PayloadTooLarge(f"{param}: {error}", param=param, code="line_too_long")
 
 
 def _check_count(count: int, settings: Settings, *, param: str) -> None:

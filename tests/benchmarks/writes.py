@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from db.jobs import create_job
 from db.models import Tenant, utcnow
-from db.registry import resolve
+from db.registry import TenantView, resolve
 from db.results import upsert_results
 from db.session import transaction
 from tests.benchmarks.common import Result, log, median, paired_rounds, production_defaults, sizes, timed
@@ -47,8 +47,9 @@ def result_rows(count: int) -> list[dict[str, Any]]:
 def _new_job(stack: Stack) -> str:
     with transaction(stack.session_factory) as session:
         tenant_id = session.scalar(select(Tenant.id).where(Tenant.name == f"bench-{stack.name}"))
-        version = resolve(session, "all-minilm-l6-v2")
-        assert tenant_id is not None and version is not None
+        assert tenant_id is not None
+        version = resolve(session, "all-minilm-l6-v2", viewer=TenantView(tenant_id))
+        assert version is not None
         new = create_job(
             session,
             tenant_id=tenant_id,

@@ -2,7 +2,11 @@
 
 No Docker or cluster here: the files are parsed and held to what lmbatch needs — the services and GPU requests are
 there, the migration runs before the API, every `LMBATCH_*` variable is a real setting (with a value it accepts),
-and every metric the dashboard queries is one that lmbatch or Flower exports.
+and every metric the dashboard queries is one that lmbatch or Flower exports — and to their hardening: Redis asks
+for a password that the URLs carry, only lmbatch's pods reach Redis and PostgreSQL, containers run without
+privileges on a read-only root from pinned images, Flower listens on loopback unless a container needs otherwise,
+Prometheus sends the metrics token, training checkpoints are out of the API's and Flower's reach, and the example
+secrets are ones that the startup refusal catches.
 """
 
 from __future__ import annotations
@@ -10,8 +14,9 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -19,12 +24,19 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from api.app import create_app
+from api.cli.stack.launcher import flower_spec
 from db.migrate import upgrade
-from db.settings import Settings
+from db.settings import ExampleSecretError, Settings, example_secrets, refuse_example_secrets
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 K8S = DEPLOY / "k8s"
 SYSTEMD = DEPLOY / "systemd"
+PROMETHEUS = DEPLOY / "prometheus"
+# Where fine-tunes keep their runs and checkpoints, under LMBATCH_VAR_DIR (workers/shards/finetune_runner.py job_dir;
+# not imported: it loads torch).
+CHECKPOINTS = "finetune"
+# An image reference pinned to a version: a tag with at least major.minor, never `latest`.
+PINNED_IMAGE = re.compile(r"[\w./-]+:v?\d+\.\d+[\w.-]*")
 PREFIX = "LMBATCH_"
 # ${VAR}, ${VAR:-default}, ${VAR:?message}: Compose's interpolation.
 INTERPOLATION = re.compile(r"\$\{(\w+)(?::?([-?])([^}]*))?\}")
@@ -267,11 +279,15 @@ def lmbatch_metrics(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
     var = tmp_path_factory.mktemp("metrics")
     # Nothing listens on port 1: the Redis gauges are still declared, without samples.
     settings = Settings(
-        _env_file=None, database_url=f"sqlite:///{var / 'm.db'}", var_dir=var, redis_url="redis://127.0.0.1:1/0"
+        _env_file=None,
+        database_url=f"sqlite:///{var / 'm.db'}",
+        var_dir=var,
+        redis_url="redis://127.0.0.1:1/0",
+        metrics_token="deploy-test-token",  # /metrics answers only its token
     )
     upgrade(settings)
     with TestClient(create_app(settings)) as client:
-        return metric_names(client.get("/metrics").text)
+        return metric_names(client.get("/metrics", headers={"Authorization": "Bearer deploy-test-token"}).text)
 
 
 @pytest.fixture(scope="module")
@@ -316,3 +332,245 @@ def test_the_dashboard_is_importable_json_with_unique_panel_ids() -> None:
     for panel in dashboard["panels"]:
         for target in panel.get("targets", []):
             assert target["datasource"]["uid"] == "${datasource}" and target["refId"], panel["title"]
+
+
+# ------------------------------------------------------------------------------------------------ hardening
+
+
+def compose_env_example() -> dict[str, str]:
+    return env_file(DEPLOY / "env.example")
+
+
+def render(value: str, variables: dict[str, str]) -> str:
+    """A value as Compose renders it with ``variables`` (deploy/.env), else the defaults."""
+    return INTERPOLATION.sub(lambda m: variables.get(m.group(1), m.group(3) if m.group(2) == "-" else ""), value)
+
+
+def lmbatch_services() -> dict[str, dict[str, Any]]:
+    """The Compose services that run the lmbatch image (the x-lmbatch anchor)."""
+    return {name: svc for name, svc in compose()["services"].items() if "IMAGE" in str(svc.get("image"))}
+
+
+def workloads() -> list[dict[str, Any]]:
+    return [doc for doc in manifests() if doc["kind"] in ("Deployment", "StatefulSet", "Job")]
+
+
+def pod_labels(workload: dict[str, Any]) -> dict[str, str]:
+    return dict(workload["spec"]["template"]["metadata"]["labels"])
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A Kubernetes label selector (matchLabels, matchExpressions In / NotIn / Exists / DoesNotExist) on ``labels``."""
+    if any(labels.get(key) != value for key, value in selector.get("matchLabels", {}).items()):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator, values = expression["key"], expression["operator"], expression.get("values", [])
+        matched = {
+            "In": labels.get(key) in values,
+            "NotIn": labels.get(key) not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[operator]
+        if not matched:
+            return False
+    return True
+
+
+def settings_from(variables: dict[str, str]) -> Settings:
+    return Settings(
+        _env_file=None, **{k[len(PREFIX) :].lower(): v for k, v in variables.items() if k.startswith(PREFIX)}
+    )
+
+
+def test_every_image_is_pinned_to_a_version() -> None:
+    kustomized = yaml.safe_load((K8S / "kustomization.yaml").read_text())["images"]
+    renamed = {image["name"]: f"{image['newName']}:{image['newTag']}" for image in kustomized}
+    images = {f"compose {name}": render(svc["image"], {}) for name, svc in compose()["services"].items()}
+    for doc in workloads():
+        for container in containers(doc) + containers(doc, init=True):
+            images[f"k8s {doc['metadata']['name']}/{container['name']}"] = renamed.get(
+                container["image"], container["image"]
+            )
+    text = (DEPLOY / "Dockerfile").read_text()
+    (python_version,) = re.findall(r"^ARG PYTHON_VERSION=(\S+)", text, re.M)
+    (base,) = re.findall(r"^FROM (\S+)", text, re.M)
+    images["Dockerfile FROM"] = base.replace("${PYTHON_VERSION}", python_version)
+    loose = {where: image for where, image in images.items() if not PINNED_IMAGE.fullmatch(image) or "latest" in image}
+    assert not loose, f"images without a version: {loose}"
+
+
+def test_k8s_pods_run_without_privileges_on_a_read_only_root() -> None:
+    for doc in workloads():
+        name = doc["metadata"]["name"]
+        pod = doc["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True, name
+        assert pod["securityContext"]["runAsUser"] > 0, name
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        for container in containers(doc) + containers(doc, init=True):
+            where = f"{name}/{container['name']}"
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False, where
+            assert context["capabilities"] == {"drop": ["ALL"]}, where
+            assert context["readOnlyRootFilesystem"] is True, where
+            assert not context.get("privileged"), where
+            if container["image"] == "lmbatch":  # HOME=/tmp in the image: caches need a writable /tmp
+                volumes = {volume["name"]: volume for volume in pod["volumes"]}
+                (tmp,) = [mount for mount in container["volumeMounts"] if mount["mountPath"] == "/tmp"]
+                assert "emptyDir" in volumes[tmp["name"]], where
+
+
+def test_compose_runs_lmbatch_without_privileges_on_a_read_only_root() -> None:
+    services = compose()["services"]
+    assert set(lmbatch_services()) >= {"migrate", "api", "flower", "gpu0", "gpu1"}
+    for name, service in lmbatch_services().items():
+        assert service["read_only"] is True and "/tmp" in service["tmpfs"], name
+        assert service["cap_drop"] == ["ALL"], name
+    for name, service in services.items():
+        assert "no-new-privileges:true" in service["security_opt"], name
+        assert not service.get("privileged") and not service.get("cap_add"), name
+    assert "\nVOLUME" not in (DEPLOY / "Dockerfile").read_text()  # an anonymous volume would be writable
+
+
+def test_redis_asks_for_a_password_and_every_redis_url_carries_it() -> None:
+    # Compose: --requirepass from deploy/.env, required; the URL and the healthcheck use the same variable
+    services, variables = compose()["services"], compose_env_example()
+    command = services["redis"]["command"]
+    assert re.fullmatch(r"\$\{REDIS_PASSWORD:\?.+\}", command[command.index("--requirepass") + 1])
+    assert render(services["redis"]["environment"]["REDISCLI_AUTH"], variables) == variables["REDIS_PASSWORD"]
+    for name, service in lmbatch_services().items():
+        environment = {k: render(str(v), variables) for k, v in service["environment"].items()}
+        assert urlsplit(environment["LMBATCH_REDIS_URL"]).password == variables["REDIS_PASSWORD"], name
+        assert urlsplit(environment["LMBATCH_DATABASE_URL"]).password == variables["POSTGRES_PASSWORD"], name
+    # Kubernetes: the same password in the server's args, its probe, and the URL; the URL is a secret
+    secret = manifest("Secret", "lmbatch-secrets")["stringData"]
+    (redis,) = containers(manifest("StatefulSet", "lmbatch-redis"))
+    args = redis["args"]
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    from_secret = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in redis["env"] if "valueFrom" in e}
+    assert from_secret["REDIS_PASSWORD"] == from_secret["REDISCLI_AUTH"]
+    assert from_secret["REDIS_PASSWORD"] == {"name": "lmbatch-secrets", "key": "REDIS_PASSWORD"}
+    assert urlsplit(secret["LMBATCH_REDIS_URL"]).password == secret["REDIS_PASSWORD"]
+    assert urlsplit(secret["LMBATCH_DATABASE_URL"]).password == secret["POSTGRES_PASSWORD"]
+    assert "LMBATCH_REDIS_URL" not in manifest("ConfigMap", "lmbatch-config")["data"]
+    # systemd
+    assert urlsplit(env_file(SYSTEMD / "lmbatch.env.example")["LMBATCH_REDIS_URL"]).password
+
+
+def test_only_lmbatch_pods_that_need_them_reach_redis_and_postgres() -> None:
+    policies = [doc for doc in manifests() if doc["kind"] == "NetworkPolicy"]
+    pods = {doc["metadata"]["name"]: pod_labels(doc) for doc in workloads()}
+    expected = {
+        "lmbatch-redis": ({"lmbatch-api", "lmbatch-worker", "lmbatch-flower"}, 6379),
+        "lmbatch-postgres": ({"lmbatch-migrate", "lmbatch-api", "lmbatch-worker"}, 5432),
+    }
+    for server, (clients, port) in expected.items():
+        (policy,) = [p for p in policies if selects(p["spec"]["podSelector"], pods[server])]
+        assert "Ingress" in policy["spec"]["policyTypes"], server
+        allowed = set()
+        for rule in policy["spec"]["ingress"]:
+            assert rule["ports"] == [{"protocol": "TCP", "port": port}], server
+            for peer in rule["from"]:
+                # Pods of this namespace only: no namespaceSelector, no ipBlock
+                assert set(peer) == {"podSelector"}, (server, peer)
+                allowed |= {name for name, labels in pods.items() if selects(peer["podSelector"], labels)}
+                # A pod that merely calls itself an API, without being lmbatch's, is not let in
+                assert not selects(peer["podSelector"], {"app.kubernetes.io/component": "api"}), server
+        assert allowed == clients, server
+
+
+def test_flower_listens_on_loopback_unless_its_container_needs_otherwise(tmp_path: Path) -> None:
+    # The setting's default, which the launcher passes to Flower
+    settings = Settings(_env_file=None, flower_password="pw", flower_state_file=tmp_path / "flower.db")
+    assert "--address=127.0.0.1" in flower_spec(settings, port=5555, env={}).argv
+    opened = settings.model_copy(update={"flower_host": "0.0.0.0"})
+    assert "--address=0.0.0.0" in flower_spec(opened, port=5555, env={}).argv
+    # Set only on Flower's own container, where a port mapping or a Service must reach it
+    services = compose()["services"]
+    assert services["flower"]["environment"]["LMBATCH_FLOWER_HOST"] == "0.0.0.0"
+    assert render(services["flower"]["ports"][0], {}).startswith("127.0.0.1:")  # published on the host's loopback
+    others = [
+        name
+        for name, svc in services.items()
+        if name != "flower" and "LMBATCH_FLOWER_HOST" in svc.get("environment", {})
+    ]
+    assert others == []
+    (flower,) = containers(manifest("Deployment", "lmbatch-flower"))
+    assert {e["name"]: e.get("value") for e in flower["env"]}["LMBATCH_FLOWER_HOST"] == "0.0.0.0"
+    assert "LMBATCH_FLOWER_HOST" not in manifest("ConfigMap", "lmbatch-config")["data"]
+    assert "LMBATCH_FLOWER_HOST" not in dockerfile_env()
+    assert "LMBATCH_FLOWER_HOST" not in env_file(SYSTEMD / "lmbatch.env.example")
+
+
+def test_metrics_need_the_token_and_prometheus_sends_it_from_a_file() -> None:
+    # Every deployment sets a token (/metrics is closed without one) ...
+    assert "LMBATCH_METRICS_TOKEN" in compose()["x-lmbatch"]["environment"]
+    assert "LMBATCH_METRICS_TOKEN" in manifest("Secret", "lmbatch-secrets")["stringData"]
+    assert "LMBATCH_METRICS_TOKEN" in env_file(SYSTEMD / "lmbatch.env.example")
+    # ... and every scrape job of lmbatch's API sends it, read from a file rather than written in the config
+    compose_config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+    kubernetes_config = yaml.safe_load((PROMETHEUS / "kubernetes.yml").read_text())
+    for config in (compose_config, kubernetes_config):
+        (job,) = [job for job in config["scrape_configs"] if job["job_name"] == "lmbatch"]
+        assert job["authorization"]["type"] == "Bearer" and job["authorization"]["credentials_file"]
+        assert "credentials" not in job["authorization"] and "bearer_token" not in job
+    # Compose's Prometheus finds the token where the config says: the METRICS_TOKEN of deploy/.env, as a secret
+    prometheus = compose()["services"]["prometheus"]
+    assert "./prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in prometheus["volumes"]
+    (secret,) = prometheus["secrets"]
+    (job,) = [job for job in compose_config["scrape_configs"] if job["job_name"] == "lmbatch"]
+    assert job["authorization"]["credentials_file"] == f"/run/secrets/{secret['target']}"
+    assert compose()["secrets"][secret["source"]] == {"environment": "METRICS_TOKEN"}
+    # An annotation-based scrape cannot send the token: the API's pods do not ask for one
+    annotations = manifest("Deployment", "lmbatch-api")["spec"]["template"]["metadata"].get("annotations", {})
+    assert "prometheus.io/scrape" not in annotations
+
+
+def covers(mount: str, path: str) -> bool:
+    return PurePosixPath(path).is_relative_to(PurePosixPath(mount))
+
+
+def test_training_checkpoints_are_out_of_reach_of_the_api_and_flower() -> None:
+    var_dir = compose()["x-lmbatch"]["environment"]["LMBATCH_VAR_DIR"]
+    checkpoints = f"{var_dir}/{CHECKPOINTS}"
+    # Compose: only workers mount anything that holds the checkpoints; the API and Flower have a read-only root
+    services = compose()["services"]
+    mounting = {
+        name for name, svc in services.items() for v in svc.get("volumes", []) if covers(v.split(":")[1], checkpoints)
+    }
+    assert mounting == {"gpu0", "gpu1"}
+    assert services["api"]["read_only"] is True and services["flower"]["read_only"] is True
+    # Kubernetes: the same, the shared volume reaching the API only through sub-directories other than the runs
+    assert manifest("ConfigMap", "lmbatch-config")["data"]["LMBATCH_VAR_DIR"] == var_dir
+    for kind, name in (("Deployment", "lmbatch-api"), ("Deployment", "lmbatch-flower")):
+        for container in containers(manifest(kind, name)):
+            for mount in container["volumeMounts"]:
+                assert not covers(mount["mountPath"], checkpoints), (name, mount)
+                assert not mount.get("subPath", "x").startswith(CHECKPOINTS), (name, mount)
+    (worker,) = containers(manifest("StatefulSet", "lmbatch-worker"))
+    assert any(covers(mount["mountPath"], checkpoints) for mount in worker["volumeMounts"])
+    # systemd: everything is read-only (strict) but the paths each unit may write
+    for name, may_write in (("lmbatch-api", False), ("lmbatch-flower", False), ("lmbatch-worker@", True)):
+        keys = unit(SYSTEMD / f"{name}.service")
+        assert keys["ProtectSystem"] == ["strict"], name
+        writable = [path.lstrip("-") for line in keys["ReadWritePaths"] for path in line.split()]
+        assert any(covers(path, f"/var/lib/lmbatch/{CHECKPOINTS}") for path in writable) is may_write, name
+
+
+def test_the_example_secrets_are_ones_the_startup_refusal_catches() -> None:
+    # Kubernetes: every secret of the example Secret, as an lmbatch container sees it
+    config = manifest("ConfigMap", "lmbatch-config")["data"]
+    secret = manifest("Secret", "lmbatch-secrets")["stringData"]
+    settings = settings_from({**config, **secret})
+    named = {"LMBATCH_DATABASE_URL", "LMBATCH_REDIS_URL", "LMBATCH_FLOWER_PASSWORD", "LMBATCH_METRICS_TOKEN"}
+    assert set(example_secrets(settings)) == named
+    with pytest.raises(ExampleSecretError, match="LMBATCH_REDIS_URL"):
+        refuse_example_secrets(settings)
+    refuse_example_secrets(settings.model_copy(update={"dev_mode": True}))  # a development machine may
+    assert all(value.startswith("change-me") for key, value in secret.items() if key.endswith("PASSWORD"))
+    # Compose, with deploy/.env copied from env.example as it is
+    variables = compose_env_example()
+    flower = {k: render(str(v), variables) for k, v in compose()["services"]["flower"]["environment"].items()}
+    assert set(example_secrets(settings_from(flower))) == named
+    assert all(variables[key].startswith("change-me") for key in variables if key.endswith(("PASSWORD", "TOKEN")))
+    # systemd
+    assert set(example_secrets(settings_from(env_file(SYSTEMD / "lmbatch.env.example")))) == named

@@ -76,10 +76,16 @@ def test_given_a_child_killed_by_a_signal_expect_a_retryable_error() -> None:
         outcome(1, TORCHRUN_SIGNAL_REPORT)
 
 
-def test_given_a_crash_expect_a_permanent_error_quoting_stderr() -> None:
-    with pytest.raises(PermanentJobError, match="CUDA out of memory") as caught:
-        outcome(1, "Traceback (most recent call last):\nRuntimeError: CUDA out of memory")
+def test_given_a_crash_expect_a_permanent_error_naming_the_exit_code_and_no_stderr(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    traceback = 'Traceback (most recent call last):\n  File "/srv/lmbatch/x.py"\nRuntimeError: CUDA out of memory'
+    with caplog.at_level("ERROR"), pytest.raises(PermanentJobError) as caught:
+        outcome(1, traceback)
     assert not isinstance(caught.value, RetryableJobError)
+    # The job's error (a tenant reads it) names the kind of failure; the traceback goes to the worker's log.
+    assert (caught.value.code, str(caught.value)) == ("training_failed", "the training process exited with code 1")
+    assert "CUDA out of memory" in caplog.text and "/srv/lmbatch" in caplog.text
     with pytest.raises(PermanentJobError, match="without a result"):
         outcome(0)
 

@@ -199,7 +199,7 @@ def test_errors_are_one_line_on_stderr_and_a_non_zero_exit(tmp_path: Path, api_u
     submit = ("submit", "classify", "--model", "all-minilm-l6-v2", "--input", "in.jsonl")
     cases = {
         # a wrong API key: the API's 401, with what to do about it
-        "HTTP 401: invalid or revoked API key": run_cli(tmp_path, *submit, url=api_url, key="lmb_wrong"),
+        "HTTP 401: invalid, revoked or expired API key": run_cli(tmp_path, *submit, url=api_url, key="lmb_wrong"),
         # the API's own refusal of a bad job, naming the field
         "HTTP 400 (params.labels)": run_cli(tmp_path, *submit, url=api_url, key=api_key),
         # nothing listening

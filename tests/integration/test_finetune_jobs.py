@@ -59,19 +59,16 @@ def test_finetune_job_registers_a_new_version_and_its_loss_falls(ft_stack: Any, 
     assert job.status_code == 202, job.text
     done = wait_job(client, tenant, job.json()["id"], timeout=240)
     assert done["status"] == "succeeded", done
-    assert done["model_version"] == "tiny-lm@2"
+    assert done["model_version"] == "acme/tiny-lm@1"  # the tenant's own model, never a version of the shared one
     losses = [e["metrics"]["loss"] for e in events(client, tenant, done["id"]) if "loss" in e["metrics"]]
     assert len(losses) >= 10 and losses[-1] < losses[0], losses
-    shown = client.get("/v1/models/tiny-lm", headers=tenant).json()
+    shown = client.get("/v1/models/acme/tiny-lm", headers=tenant).json()
     new = shown["versions"][-1]
-    assert new["version"] == 2 and new["job_id"] == done["id"] and new["parent_id"] is not None
+    assert new["version"] == 1 and new["job_id"] == done["id"] and new["parent_id"] is not None
     assert new["params"]["training_sha256"] and new["metrics"]["steps"] == 20
     # The new version serves jobs at once.
-    gen = client.post(
-        "/v1/jobs",
-        json={"kind": "generate", "model": "tiny-lm@2", "inputs": [{"prompt": "Hi"}], "params": {"max_new_tokens": 4}},
-        headers=tenant,
-    ).json()
+    body = {"kind": "generate", "model": done["model_version"], "inputs": [{"prompt": "Hi"}]}
+    gen = client.post("/v1/jobs", json={**body, "params": {"max_new_tokens": 4}}, headers=tenant).json()
     assert wait_job(client, tenant, gen["id"])["status"] == "succeeded"
 
 

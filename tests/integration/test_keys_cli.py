@@ -1,4 +1,4 @@
-"""`lmbatch db upgrade` / `keys create` / `keys revoke` as real processes on a real SQLite file."""
+"""`lmbatch db upgrade` / `keys create` / `keys list` / `keys revoke` as real processes on a real SQLite file."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import re
 import sqlite3
 import subprocess
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import pytest
 from tests.stack import lmbatch_argv
 
 KEY_LINE = re.compile(r"^lmb_[A-Za-z0-9_-]{20,}$")
+CREATED_LINE = re.compile(r"key, id (\d+), for tenant")
 
 
 def run_cli(database: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -71,3 +73,47 @@ def test_expected_errors_are_one_line(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert "lmbatch db upgrade" in result.stderr and "Traceback" not in result.stderr
+
+
+def created_key(result: subprocess.CompletedProcess[str]) -> tuple[int, str]:
+    """The id `keys create` reports and the key it prints last."""
+    assert result.returncode == 0, result.stderr
+    match = CREATED_LINE.search(result.stdout)
+    assert match, result.stdout
+    return int(match[1]), result.stdout.strip().splitlines()[-1]
+
+
+def listed(database: Path) -> tuple[dict[int, list[str]], str]:
+    """`keys list` as rows by key id (TENANT SCOPE PREFIX STATE CREATED EXPIRES REVOKED), and as printed."""
+    result = run_cli(database, "keys", "list")
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines()[1:] if line.strip()]
+    return {int(row[0]): row[1:] for row in rows}, result.stdout
+
+
+def test_keys_are_listed_revoked_by_id_and_made_to_expire(database: Path) -> None:
+    # Given an admin key for ever and a tenant key that expires in 30 days
+    admin_id, admin_key = created_key(run_cli(database, "keys", "create", "--tenant", "ops", "--admin"))
+    tenant_result = run_cli(database, "keys", "create", "--tenant", "acme", "--expires-in", "30d")
+    tenant_id, tenant_key = created_key(tenant_result)
+    # When the keys are listed
+    rows, shown = listed(database)
+    # Expect each with its tenant, scope, prefix and state, the expiry 30 days away, and never the key or its hash
+    assert rows[admin_id][:4] == ["ops", "admin", admin_key[:10] + "…", "live"]
+    assert rows[tenant_id][:4] == ["acme", "tenant", tenant_key[:10] + "…", "live"]
+    expires = datetime.strptime(rows[tenant_id][6] + " " + rows[tenant_id][7], "%Y-%m-%d %H:%M:%SZ")
+    assert abs(expires.replace(tzinfo=UTC) - (datetime.now(UTC) + timedelta(days=30))) < timedelta(minutes=5)
+    assert rows[admin_id][6] == "-"
+    for secret in (admin_key, tenant_key, hashlib.sha256(tenant_key.encode()).hexdigest()):
+        assert secret not in shown
+    # When the tenant key is revoked by its id
+    assert run_cli(database, "keys", "revoke", str(tenant_id)).returncode == 0
+    # Expect it listed as revoked, the admin key still live, and the database refusing it
+    rows, _ = listed(database)
+    assert rows[tenant_id][3] == "revoked" and rows[admin_id][3] == "live"
+    with sqlite3.connect(database) as connection:
+        revoked = connection.execute("SELECT revoked_at FROM api_keys WHERE id = ?", (tenant_id,)).fetchone()
+    assert revoked[0] is not None
+    # And an expiry in the past refused in one line
+    result = run_cli(database, "keys", "create", "--tenant", "acme", "--expires-at", "2001-01-01")
+    assert result.returncode != 0 and "already past" in result.stderr and result.stderr.strip().count("\n") == 0

@@ -32,6 +32,9 @@ from tests.stack import RedisDb, Stack, WorkerProcess, lmbatch_argv, require_ser
 pytestmark = pytest.mark.slow
 
 GOOD, BAD, SHARD_SIZE = 600, 4, 200
+# /metrics answers only this token, as Prometheus sends it (its `authorization` scrape setting).
+METRICS_TOKEN = "monitoring-test-token"
+SCRAPE = {"Authorization": f"Bearer {METRICS_TOKEN}"}
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
@@ -52,7 +55,12 @@ def ops_stack(tmp_path_factory: pytest.TempPathFactory, builtin_models_ready: Pa
     require_services(redis_db=RedisDb.OPS, postgres=True)
     var = tmp_path_factory.mktemp("monitoring")
     # One torch thread: two busy threads on a shared two-core machine spin against each other (10x slower, seen).
-    overrides = {"shard_size": SHARD_SIZE, "torch_threads": 1, "flower_state_file": var / "flower.db"}
+    overrides: dict[str, Any] = {
+        "shard_size": SHARD_SIZE,
+        "torch_threads": 1,
+        "flower_state_file": var / "flower.db",
+        "metrics_token": METRICS_TOKEN,
+    }
     with Stack("monitoring", var, redis=RedisDb.OPS, **overrides) as stack:
         yield stack
 
@@ -142,7 +150,7 @@ def watched_job(
     for position in (5, 250, 420, 599):  # unusable items (empty text) in three of the shards
         items.insert(position, {"custom_id": f"bad-{position}", "text": ""})
     with TestClient(create_app(ops_settings)) as api:
-        before = samples(api.get("/metrics").text)
+        before = samples(api.get("/metrics", headers=SCRAPE).text)
         job = api.post(
             "/v1/jobs",
             json={"kind": "classify", "model": "all-minilm-l6-v2", "inputs": items, "params": {"labels": ["a", "b"]}},
@@ -168,7 +176,7 @@ def watched_job(
 
         wait_for(observe, timeout=120, interval=0.25, what="the job to end, as Flower sees it too")
         watched.job = api.get(f"/v1/jobs/{job['id']}", headers=headers).json()
-        watched.after = samples(api.get("/metrics").text)
+        watched.after = samples(api.get("/metrics", headers=SCRAPE).text)
     return watched
 
 

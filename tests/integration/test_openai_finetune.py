@@ -66,7 +66,8 @@ def test_sdk_fine_tune_then_use_the_model_in_a_chat_batch(sdk: OpenAI) -> None:
     assert job.id.startswith("ftjob-") and job.status in ("queued", "running")
     done = wait_status(sdk, job.id, {"succeeded", "failed", "cancelled"})
     assert done.status == "succeeded", done
-    assert done.fine_tuned_model == "tiny-lm-zorblax@1"
+    # The result is the tenant's own model, in its namespace; the SDK retrieves it by that ref (with a '/').
+    assert done.fine_tuned_model == "sdk-user/tiny-lm-zorblax@1"
     events = list(sdk.fine_tuning.jobs.list_events(job.id, limit=100))
     losses = [
         e.data["train_loss"] if "train_loss" in e.data else e.data.get("loss")

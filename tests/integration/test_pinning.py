@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.app import create_app
 from db.models import ItemResult, Shard
 from db.settings import Settings
-from tests.factories import classify_items, wait_job
+from tests.factories import auth_headers, classify_items, wait_job
 from tests.stack import REPO, RedisDb, Stack, require_services, settings_env, wait_for
 from workers.plan import WorkerPlan, plan_workers
 
@@ -135,7 +135,8 @@ def workers(worker_pair: list[PlannedWorker]) -> list[PlannedWorker]:
 
 @pytest.fixture(scope="module")
 def headers(ops_stack: Stack) -> dict[str, str]:
-    return ops_stack.headers
+    """An admin's: GET /v1/workers is for admins."""
+    return auth_headers(ops_stack.session_factory, "ops-admin", "admin")
 
 
 def shards_of(session_factory: sessionmaker[Session], job_id: str) -> list[Any]:

@@ -187,7 +187,9 @@ CORPUS: list[Bad] = [
     case("unknown model", "cannot do the kind", "POST /v1/jobs", 400, "model", body=gen(model="all-minilm-l6-v2")),
     case("path as model", "../ traversal", "POST /v1/jobs", 400, "model", body=job(model="../../etc/passwd")),
     case("path as model", "absolute path", "POST /v1/jobs", 400, "model", body=job(model="/var/lib/models/x")),
-    case("path as model", "hub-style owner/name", "POST /v1/jobs", 400, "model", body=job(model="evil/remote-code")),
+    # `owner/name` reads as a tenant's model (namespace/name): one nobody has is a 404, never fetched from a hub.
+    case("path as model", "hub-style owner/name", "POST /v1/jobs", 404, "model", body=job(model="evil/remote-code")),
+    case("path as model", "hub-style nested path", "POST /v1/jobs", 400, "model", body=job(model="evil/repo/sub")),
     case("wrong content type", "text/plain body", "POST /v1/jobs", 415, "body", content=json.dumps(CLASSIFY).encode(),
          content_type="text/plain"),
     case("wrong content type", "form-encoded body", "POST /v1/jobs", 415, "body", data={"kind": "classify"}),

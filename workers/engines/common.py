@@ -21,6 +21,11 @@ ShouldStop = Callable[[], bool]
 OnBatch = Callable[[list[ItemResult]], None]
 
 
+class BatchInterrupted(Exception):
+    """A batch function saw ``should_stop`` say yes part-way (between decode steps): its results are unfinished, so
+    the batch loop drops them and stops, and the items stay without a result for a re-run to take up."""
+
+
 def too_long(item: EngineItem, n_tokens: int, limit: int, what: str) -> ItemResult:
     return ItemResult.failed(
         item,
@@ -43,8 +48,9 @@ def run_batches(
     """Run ``run_batch`` over length-bucketed batches and return every result so far, ordered by index.
 
     Items rejected before batching are reported first, as a batch of their own. ``should_stop`` is asked before
-    each batch; what is returned is exactly what was passed to ``on_batch``, so a caller that persists in
-    ``on_batch`` and stops early can resume with the items it has no result for.
+    each batch (and ``run_batch`` may ask it within one, raising BatchInterrupted); what is returned is exactly what
+    was passed to ``on_batch``, so a caller that persists in ``on_batch`` and stops early can resume with the items
+    it has no result for.
     """
     results: list[ItemResult] = []
 
@@ -62,7 +68,11 @@ def run_batches(
     for positions in bucket_by_length(lengths, batch_size, max_tokens, extra_tokens=extra_tokens):
         if should_stop():
             break
-        emit(runner.run([prepared[p] for p in positions]))
+        try:
+            batch_results = runner.run([prepared[p] for p in positions])
+        except BatchInterrupted:
+            break
+        emit(batch_results)
     return sorted(results, key=lambda r: r.index)
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from workers.engines.common import Prepared, pad_batch, pad_id, run_batches, too_long
+from workers.engines.common import BatchInterrupted, Prepared, pad_batch, pad_id, run_batches, too_long
 from workers.engines.params import GenerateParams
+from workers.engines.stopping import StopRequested, StopStrings
 from workers.engines.types import INVALID_ITEM, EngineItem, ItemResult
 from workers.errors import PermanentJobError
 from workers.models.loading import LoadedModel
@@ -31,9 +31,11 @@ def generate(
     Output per item: ``{"text", "finish_reason": "stop" | "length", "usage": {...}}``. ``text`` is cut before the
     first ``params.stop`` string. With a seed, sampling is reproducible for the same items and batch size.
     ``max_batch_tokens`` caps a batch's padded positions, prompt plus new tokens (see ``batch_token_budget``).
+    ``should_stop`` is asked before each batch and between decode steps; a batch it cuts short is dropped, so what
+    ``on_batch`` saw is exactly what was finished.
     """
     if model.task != "causal-lm":
-        raise PermanentJobError(f"generate needs a causal LM; {model.path} is a {model.task} model")
+        raise PermanentJobError(f"generate needs a causal LM; this model is a {model.task} model")
     prepared, rejected = _tokenize(model, items, params)
     eos_ids = _eos_ids(model)
     config = GenerationConfig(
@@ -41,14 +43,13 @@ def generate(
         do_sample=params.temperature > 0,
         pad_token_id=pad_id(model.tokenizer),
         eos_token_id=eos_ids,
-        stop_strings=params.stop or None,
     )
     if params.temperature > 0:
         # Set explicitly (top_k=0 included): generate fills unset values from the model's own defaults.
         config.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
 
     def run_batch(batch: list[Prepared]) -> list[ItemResult]:
-        return _generate_batch(model, batch, params, config, eos_ids)
+        return _generate_batch(model, batch, params, config, eos_ids, should_stop)
 
     return run_batches(
         prepared,
@@ -120,7 +121,7 @@ def _eos_ids(model: LoadedModel) -> list[int]:
     if eos is None:
         eos = model.tokenizer.eos_token_id
     if eos is None:
-        raise PermanentJobError(f"{model.path} defines no end-of-sequence token")
+        raise PermanentJobError("this model defines no end-of-sequence token")
     return [int(e) for e in eos] if isinstance(eos, list | tuple) else [int(eos)]
 
 
@@ -137,16 +138,31 @@ def _generate_batch(
     params: GenerateParams,
     config: GenerationConfig,
     eos_ids: list[int],
+    should_stop: Callable[[], bool],
 ) -> list[ItemResult]:
     input_ids, mask = pad_batch([ids for _, ids in batch], pad_id(model.tokenizer), left=True, device=model.device)
-    kwargs: dict[str, Any] = {"tokenizer": model.tokenizer} if params.stop else {}
+    interrupt = StopRequested(should_stop)
+    criteria: list[StoppingCriteria] = [interrupt]
+    stop_strings = None
+    if params.stop:
+        stop_strings = StopStrings(
+            model.tokenizer, params.stop, prompt_length=input_ids.shape[1], pad_id=pad_id(model.tokenizer)
+        )
+        criteria.append(stop_strings)
     sampling_seeded = config.do_sample and params.seed is not None
     devices = [model.device.index or 0] if model.device.type == "cuda" else []
     with torch.inference_mode(), torch.random.fork_rng(devices=devices, enabled=sampling_seeded):
         if sampling_seeded:
             assert params.seed is not None
             torch.manual_seed(_batch_seed(params.seed, min(item.index for item, _ in batch)))
-        output = model.model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config, **kwargs)
+        output = model.model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            generation_config=config,
+            stopping_criteria=StoppingCriteriaList(criteria),
+        )
+    if interrupt.fired:
+        raise BatchInterrupted
     generated = output[:, input_ids.shape[1] :].cpu()
 
     # Where each row ended, from whole-tensor operations: generate fills a finished row (EOS or stop string) with
@@ -162,11 +178,13 @@ def _generate_batch(
     )
 
     results = []
-    rows = zip(batch, texts, end_at.tolist(), by_eos.tolist(), strict=True)
-    for (item, ids), text, n_end, eos_seen in rows:
+    # A row a stop string ended says so even when its text holds no stop string to cut (a special token as stop).
+    ended_by_stop = (stop_strings.stopped if stop_strings is not None else []) or [False] * len(batch)
+    rows = zip(batch, texts, end_at.tolist(), by_eos.tolist(), ended_by_stop, strict=True)
+    for (item, ids), text, n_end, eos_seen, stop_ended in rows:
         text, stopped = _cut_at_stop(text, params.stop)
         completion = n_end + (1 if eos_seen else 0)  # the EOS token was generated, so it counts
-        finish = "stop" if stopped or eos_seen else "length"
+        finish = "stop" if stopped or stop_ended or eos_seen else "length"
         usage = {"prompt_tokens": len(ids), "completion_tokens": completion}
         output = {"text": text, "finish_reason": finish, "usage": usage}
         results.append(ItemResult(item.index, item.custom_id, output, None, len(ids), completion))

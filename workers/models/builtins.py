@@ -1,4 +1,5 @@
-"""Built-in models: built from PyPI packages into the model store and registered as version 1.
+"""Built-in models: built from PyPI packages into the model store and registered as version 1 of the shared
+catalogue (no owner: every tenant sees them, and only an admin changes them).
 
 Unlike an import or a fine-tune (workers/models/registration.py), a built-in is built in place at
 ``store/<name>/1/`` and its checksum cached beside it (``MARKER``), so registering it is one row with a fixed
@@ -185,6 +186,7 @@ def ensure_builtin_models(settings: Settings) -> list[str]:
                 register_version(
                     session,
                     name=model.name,
+                    owner_tenant_id=None,
                     version=model.version,
                     task=model.task,
                     kinds=list(model.kinds),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -22,12 +23,23 @@ from workers.errors import ModelIntegrityError, PermanentJobError
 MARKER = ".lmbatch-complete.json"
 _CHUNK = 1 << 20
 
+# Tenant versions live under this folder of the store; a catalogue name cannot start with "_" (version_dir).
+TENANT_DIR = "_tenants"
+# Weights in these formats are pickles (torch.save, joblib): loading one runs whatever code it holds. An import
+# must bring safetensors instead.
+PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".joblib"})
+
 TASKS = ("causal-lm", "encoder", "sequence-classification")
 _KINDS = {
     "causal-lm": ["generate", "classify", "embed", "finetune"],
     "encoder": ["embed", "classify", "finetune"],
     "sequence-classification": ["classify", "finetune"],
 }
+
+
+class UnsafeModelDirectory(ValueError):
+    """A directory offered for import holds what lmbatch never loads or copies: a symbolic link, a special file
+    (FIFO, device, socket), or pickle-based weights. The message names the entry, relative to the directory."""
 
 
 class PathNotAllowedError(PermanentJobError, ValueError):
@@ -98,6 +110,60 @@ def confine(path: Path | str, roots: Iterable[Path]) -> Path:
     raise PathNotAllowedError(f"model path {path} resolves to {resolved}, outside the allowed roots ({allowed})")
 
 
+def _entries(root: Path) -> Iterator[tuple[str, os.stat_result]]:
+    """Every entry under ``root`` (relative POSIX path, its own lstat), links never followed."""
+    pending = [root]
+    while pending:
+        with os.scandir(pending.pop()) as listing:
+            for entry in listing:
+                info = entry.stat(follow_symlinks=False)
+                yield Path(entry.path).relative_to(root).as_posix(), info
+                if stat.S_ISDIR(info.st_mode):
+                    pending.append(Path(entry.path))
+
+
+def refuse_links_and_special_files(root: Path) -> None:
+    """Raise UnsafeModelDirectory at the first symbolic link or special file (FIFO, device, socket) under
+    ``root``: a link could make the store read files outside the directory, a FIFO or device block a copy."""
+    for relative, info in _entries(root):
+        if stat.S_ISLNK(info.st_mode):
+            raise UnsafeModelDirectory(f"{relative} is a symbolic link: a model directory to import must hold none")
+        if not (stat.S_ISDIR(info.st_mode) or stat.S_ISREG(info.st_mode)):
+            raise UnsafeModelDirectory(
+                f"{relative} is a special file (FIFO, device or socket): a model directory holds only files"
+            )
+
+
+def check_importable(root: Path) -> None:
+    """Raise UnsafeModelDirectory unless ``root`` holds only directories and regular files, and its weights are
+    safetensors: none in a pickle-based format, and at least one ``*.safetensors`` file."""
+    refuse_links_and_special_files(root)
+    weights = 0
+    for relative, info in _entries(root):
+        suffix = Path(relative).suffix.lower()
+        if stat.S_ISREG(info.st_mode) and suffix in PICKLE_SUFFIXES:
+            raise UnsafeModelDirectory(
+                f"{relative} is in a pickle-based format ({suffix}), which can run code when loaded: "
+                "lmbatch imports safetensors weights only (save_pretrained(..., safe_serialization=True))"
+            )
+        weights += suffix == ".safetensors"
+    if not weights:
+        raise UnsafeModelDirectory("no *.safetensors weights: lmbatch imports safetensors weights only")
+
+
+def _copy_regular_file(source: str, target: str) -> None:
+    # shutil.copytree's copy function: opened without following a link, and without blocking on a FIFO, then
+    # copied only if it is a regular file, so nothing swapped in after the check is read.
+    fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as reader:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise UnsafeModelDirectory(f"{Path(source).name} is not a regular file")
+        with open(target, "xb") as writer:
+            shutil.copyfileobj(reader, writer, _CHUNK)
+    os.chmod(target, stat.S_IMODE(info.st_mode))
+
+
 def detect_task(config: dict) -> str:
     """The engine task for a transformers ``config.json`` (already parsed), from its architecture names."""
     architectures = config.get("architectures") or []
@@ -117,8 +183,17 @@ def kinds_for_task(task: str) -> list[str]:
 
 
 def version_dir(store: Path, name: str, number: int) -> Path:
-    """Where version ``number`` of ``name`` lives, absolute: ``store/<name>/<number>/``."""
-    return Path(store).resolve() / name / str(number)
+    """Where version ``number`` of ``name`` lives, absolute: ``store/<name>/<number>/`` for a catalogue name,
+    ``store/_tenants/<ns>/<name>/<number>/`` for a tenant's ``ns/name``.
+
+    Tenant versions sit under a prefix no catalogue name can have (a name starts with a letter or digit), so
+    tenant ``acme``'s ``acme/2`` never lands inside catalogue model ``acme``'s version 2."""
+    root = Path(store).resolve()
+    parts = name.split("/")
+    if len(parts) > 2 or any(part in ("", ".", "..") or part.startswith((".", "_")) for part in parts):
+        raise PathNotAllowedError(f"{name!r} is not a model name that can name a directory in the store")
+    relative = Path(TENANT_DIR, *parts) if len(parts) == 2 else Path(name)
+    return confine(root / relative / str(number), [root])
 
 
 @contextmanager
@@ -134,10 +209,13 @@ def staged(directory: Path, *, store: Path, name: str, keep_source: bool) -> Ite
         yield directory
         return
     Path(store).mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".import-{name}-", dir=store))
+    staging = Path(tempfile.mkdtemp(prefix=f".import-{name.replace('/', '+')}-", dir=store))
     try:
         copy = staging / "model"
-        shutil.copytree(directory, copy, symlinks=False)
+        # Links are copied as links (never followed), other files only when they are regular ones, and the copy
+        # is checked again: what was checked at the source may have changed since.
+        shutil.copytree(directory, copy, symlinks=True, copy_function=_copy_regular_file)
+        refuse_links_and_special_files(copy)
         yield copy
     finally:
         shutil.rmtree(staging, ignore_errors=True)

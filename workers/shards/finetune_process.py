@@ -5,8 +5,11 @@ group die with the child, and a worker killed mid-run leaves checkpoints that a 
 
 Failures, as seen by the task that called ``launch_finetune``:
     the run raised a JobError          the same class (TrainingDataError keeps its line numbers)
-    the child died by a signal         RetryableJobError (OOM killer, a node going down: resume later)
-    the child exited non-zero          PermanentJobError with its last stderr lines
+    the child died by a signal         TrainingKilledError, retryable (OOM killer, a node going down: resume later)
+    the child exited non-zero          TrainingFailedError, naming the exit code only
+
+The child's stderr goes to the worker's log, line by line, and its last lines again with the failure: a traceback
+holds server paths and library internals, so the job's error (which its tenant reads) never carries it.
 """
 
 from __future__ import annotations
@@ -41,7 +44,22 @@ STDERR_TAIL_LINES = 40  # a Python traceback plus torchrun's failure report
 _SIGNALLED_WORKER = re.compile(r"exitcode\s*:\s*-\d+")
 # Inherited rendezvous variables would point the child at its parent's group (a test or an outer launcher).
 _DIST_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
-_KILL_GRACE_S = 60.0
+# How long a child asked to stop (SIGTERM: finish the step in flight) may take before it is killed. A step of a
+# large model, or a checkpoint being written, takes seconds to a minute; a child that never stops must not hold
+# its GPU (or keep a cancelled or timed-out job open) for ever.
+KILL_GRACE_SECONDS = 60.0
+
+
+class TrainingFailedError(PermanentJobError):
+    """The training process exited with an error of its own (a crash, not a JobError it reported)."""
+
+    code = "training_failed"
+
+
+class TrainingKilledError(RetryableJobError):
+    """The training process (or one of its ranks) was killed by a signal: the OOM killer, a node going down."""
+
+    code = "training_killed"
 
 
 def finetune_env(parent: Mapping[str, str]) -> dict[str, str]:
@@ -65,11 +83,13 @@ def launch_finetune(
     on_event: Callable[[dict[str, Any]], None],
     should_stop: Callable[[], bool],
     poll_interval: float = 0.5,
+    kill_grace: float = KILL_GRACE_SECONDS,
 ) -> FinetuneResult:
     """Run ``spec`` in a child process with ``num_procs`` ranks; call ``on_event`` for each of its events.
 
     ``should_stop`` is asked about every ``poll_interval`` seconds; once it says yes the child gets SIGTERM,
-    finishes its current step and returns a result with ``stopped=True``.
+    finishes its current step and returns a result with ``stopped=True``; one still running ``kill_grace`` seconds
+    later is killed (the result is then a stopped one too).
     """
     if num_procs < 1:
         raise PermanentJobError(f"num_procs must be at least 1, got {num_procs}")
@@ -89,7 +109,9 @@ def launch_finetune(
             preexec_fn=die_with_parent,
         )
         try:
-            return _follow(child, on_event=on_event, should_stop=should_stop, poll_interval=poll_interval)
+            return _follow(
+                child, on_event=on_event, should_stop=should_stop, poll_interval=poll_interval, kill_grace=kill_grace
+            )
         finally:
             _reap(child)
     finally:
@@ -102,6 +124,7 @@ def _follow(
     on_event: Callable[[dict[str, Any]], None],
     should_stop: Callable[[], bool],
     poll_interval: float,
+    kill_grace: float,
 ) -> FinetuneResult:
     lines: queue.Queue[tuple[str, str | None]] = queue.Queue()
     assert child.stdout is not None and child.stderr is not None
@@ -112,6 +135,7 @@ def _follow(
     error: dict[str, Any] | None = None
     last_event: dict[str, Any] = {}
     open_streams, stop_sent, next_check = 2, False, 0.0
+    kill_at: float | None = None
     while open_streams:
         try:
             stream, line = lines.get(timeout=poll_interval)
@@ -121,7 +145,7 @@ def _follow(
             open_streams -= 1
         elif stream == "err":
             stderr_tail.append(line)
-            log.debug("finetune child: %s", line)
+            log.info("finetune child (pid %s) stderr: %s", child.pid, line)
         elif line.startswith(EVENT_PREFIX):
             event = json.loads(line[len(EVENT_PREFIX) :])
             last_event.update(event)
@@ -138,6 +162,11 @@ def _follow(
                 # torchrun forwards SIGTERM to its ranks, which agree to stop before their next step.
                 child.send_signal(signal.SIGTERM)
                 stop_sent = True
+                kill_at = time.monotonic() + kill_grace
+        if kill_at is not None and time.monotonic() >= kill_at and child.poll() is None:
+            log.warning("finetune child (pid %s) still running %.0f s after SIGTERM; killing it", child.pid, kill_grace)
+            child.kill()
+            kill_at = None
     returncode = child.wait()
     return _outcome(returncode, result, error, stderr_tail, stop_sent=stop_sent, last_event=last_event)
 
@@ -174,12 +203,14 @@ def _outcome(
             output_dir=None,
         )
     tail = "\n".join(stderr_tail)
+    if tail:
+        log.error("the training process exited with code %s; its last stderr lines:\n%s", returncode, tail)
     if returncode < 0 or _SIGNALLED_WORKER.search(tail):
-        signum = -returncode if returncode < 0 else None
-        raise RetryableJobError(f"fine-tune process killed by signal {signum or '(in a rank)'}; resume later")
+        what = f"signal {-returncode}" if returncode < 0 else "a signal (in one of its ranks)"
+        raise TrainingKilledError(f"the training process was killed by {what}; it resumes from its last checkpoint")
     if returncode == 0:
-        raise PermanentJobError(f"fine-tune process exited without a result:\n{tail}")
-    raise PermanentJobError(f"fine-tune process failed (exit code {returncode}):\n{tail}")
+        raise TrainingFailedError("the training process exited without a result")
+    raise TrainingFailedError(f"the training process exited with code {returncode}")
 
 
 def _job_error(error: dict[str, Any]) -> JobError:
@@ -187,7 +218,10 @@ def _job_error(error: dict[str, Any]) -> JobError:
         errors = [(int(n), str(msg)) for n, msg in error["errors"]]
         return TrainingDataError(errors, bad_lines=error.get("bad_lines"))
     cls = RetryableJobError if error.get("retryable") else PermanentJobError
-    return cls(str(error.get("message", "fine-tune failed")))
+    reported = cls(str(error.get("message", "fine-tune failed")))
+    if isinstance(error.get("code"), str):
+        reported.code = error["code"]  # the kind the run reported (model_integrity, …), not just its class's
+    return reported
 
 
 def _reap(child: subprocess.Popen[str]) -> None:
@@ -196,7 +230,7 @@ def _reap(child: subprocess.Popen[str]) -> None:
         return
     child.send_signal(signal.SIGTERM)
     try:
-        child.wait(timeout=_KILL_GRACE_S)
+        child.wait(timeout=KILL_GRACE_SECONDS)
     except subprocess.TimeoutExpired:
         child.kill()
         child.wait()

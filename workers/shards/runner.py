@@ -7,6 +7,10 @@ both runners carry (the work, its tally, the lease keeper) is in work.py.
 What a SIGKILL leaves at each point: before the claim commits, nothing; after it, a running shard whose
 lease expires (or which this node reclaims at once) and is run again; mid-run, results of finished
 batches, overwritten by the re-run; after finish commits, a done shard whose redelivery does nothing.
+
+Every shard ends: results and failures are written through recording.py, which stores an item error where the
+database refuses a result and a fixed error where it refuses the shard's own, so a write that fails never leaves a
+shard running to be claimed again and again. A cancel or pause is seen between decode steps (work.StopCheck).
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.exc import OperationalError
 
 from db import events, job_reads, jobs
-from db.results import upsert_results
 from db.session import transaction
 from db.sharding import item_index
 from workers.engines.params import PARAMS_BY_KIND
@@ -31,7 +34,8 @@ from workers.errors import PermanentJobError, RetryableJobError
 from workers.models.versions import VersionInfo, load_version
 from workers.runtime import Runtime
 from workers.shards.batch_finalizer import finalize_batch_of_job
-from workers.shards.work import LeaseKeeper, ShardWork, Tally
+from workers.shards.recording import record_results, record_shard_end, tenant_error
+from workers.shards.work import LeaseKeeper, ShardWork, StopCheck, Tally
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -39,6 +43,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("lmbatch.shard")
 
 ProgressCallback = Callable[[int, int], None]
+# At most this long between two reads of whether the job was cancelled or paused (never longer than a heartbeat).
+STOP_CHECK_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -61,15 +67,17 @@ def run_shard(runtime: Runtime, shard_id: int, *, on_progress: ProgressCallback 
         work = _load_work(session, shard_id)
 
     if work.attempts > settings.max_shard_attempts:
-        reason = f"gave up after {work.attempts - 1} attempts (the worker died or failed each time)"
-        return _fail(runtime, work, PermanentJobError(reason), Tally())
+        reason = f"gave up after {_attempts(work.attempts - 1)} (the worker died or failed each time)"
+        return _fail(runtime, work, {"code": "worker_lost", "message": reason}, Tally())
 
     keeper = LeaseKeeper(runtime, shard_id)
     keeper.start()
     tally = Tally()
-
-    def should_stop() -> bool:
-        return keeper.lost or _job_is_stopping(runtime, work.job_id)
+    should_stop = StopCheck(
+        keeper,
+        lambda: _job_is_stopping(runtime, work.job_id),
+        interval=min(STOP_CHECK_SECONDS, settings.heartbeat_seconds),
+    )
 
     try:
         if work.kind == "finetune":
@@ -81,7 +89,8 @@ def run_shard(runtime: Runtime, shard_id: int, *, on_progress: ProgressCallback 
             _run_inference(runtime, work, should_stop=should_stop, keeper=keeper, tally=tally, on_progress=on_progress)
     except PermanentJobError as error:
         keeper.stop()
-        return _fail(runtime, work, error, tally)
+        log.error("shard %s failed: %s", shard_id, error)
+        return _fail(runtime, work, tenant_error(error), tally)
     except (RetryableJobError, OperationalError) as error:
         keeper.stop()
         return _retry(runtime, work, error, tally)
@@ -114,9 +123,7 @@ def _run_inference(
     engine = _engine_for(work.kind)
 
     def on_batch(results: list[ItemResult]) -> None:
-        with transaction(runtime.sessions) as session:
-            upsert_results(session, job_id=work.job_id, rows=[_result_row(r) for r in results])
-        tally.add(results)
+        tally.add(record_results(runtime.sessions, job_id=work.job_id, results=results))
         keeper.progress = tally.done
         if on_progress is not None:
             on_progress(tally.done, len(work.items))
@@ -215,53 +222,38 @@ def _job_is_stopping(runtime: Runtime, job_id: str) -> bool:
         return jobs.job_status(session, job_id=job_id) in ("cancelling", "cancelled", "paused")
 
 
-def _result_row(result: ItemResult) -> dict[str, Any]:
-    return {
-        "index": result.index,
-        "custom_id": result.custom_id,
-        "output": result.output,
-        "error": result.error,
-        "prompt_tokens": result.prompt_tokens,
-        "completion_tokens": result.completion_tokens,
-    }
-
-
 def _finish(runtime: Runtime, work: ShardWork, status: str, tally: Tally, error: dict[str, Any] | None = None) -> None:
-    with transaction(runtime.sessions) as session:
-        won = jobs.finish_shard(
-            session,
-            shard_id=work.shard_id,
-            worker=runtime.worker_name,
-            status=status,
-            succeeded=tally.succeeded,
-            failed=tally.failed,
-            prompt_tokens=tally.prompt_tokens,
-            completion_tokens=tally.completion_tokens,
-            duration_seconds=time.monotonic() - work.started,
-            error=error,
-        )
+    won = record_shard_end(
+        runtime.sessions,
+        shard_id=work.shard_id,
+        worker=runtime.worker_name,
+        status=status,
+        tally=tally,
+        duration_seconds=time.monotonic() - work.started,
+        error=error,
+    )
     if not won:
-        log.warning("shard %s was taken over before it finished here; its results were overwritten", work.shard_id)
+        log.warning("shard %s did not end here (taken over, or its end was refused); see above", work.shard_id)
     else:  # this shard may have ended its job: an OpenAI batch it serves is finalized now (this never raises)
         finalize_batch_of_job(runtime.settings, runtime.sessions, job_id=work.job_id)
 
 
-def _fail(runtime: Runtime, work: ShardWork, error: Exception, tally: Tally) -> ShardOutcome:
-    """Every item without a result gets the shard's error, so each input still has one result line."""
-    detail = {"code": getattr(error, "code", "engine_error"), "message": str(error)}
+def _fail(runtime: Runtime, work: ShardWork, detail: dict[str, str], tally: Tally) -> ShardOutcome:
+    """Every item without a result gets the shard's error (``detail``, as a tenant may read it), so each input
+    still has one result line; then the shard ends as failed, whatever the database refuses on the way."""
     missing = [item for item in work.items if item.index not in tally.indexes]
-    rows = [{"index": item.index, "custom_id": item.custom_id, "error": detail} for item in missing]
-    with transaction(runtime.sessions) as session:
-        upsert_results(session, job_id=work.job_id, rows=rows)
-    tally.failed += len(missing)
+    failed = [ItemResult.failed(item, detail["code"], detail["message"]) for item in missing]
+    tally.add(record_results(runtime.sessions, job_id=work.job_id, results=failed))
     _finish(runtime, work, "failed", tally, error=detail)
-    log.error("shard %s failed: %s", work.shard_id, error)
     return ShardOutcome("failed", done=tally.done)
 
 
 def _retry(runtime: Runtime, work: ShardWork, error: Exception, tally: Tally) -> ShardOutcome:
     if work.attempts >= runtime.settings.max_shard_attempts:
-        return _fail(runtime, work, PermanentJobError(f"{type(error).__name__}: {error}"), tally)
+        detail = tenant_error(error)
+        detail["message"] = f"{detail['message']} (gave up after {_attempts(work.attempts)})"
+        log.error("shard %s failed for good after %d attempts: %s", work.shard_id, work.attempts, error)
+        return _fail(runtime, work, detail, tally)
     try:
         with transaction(runtime.sessions) as session:
             jobs.requeue_shard(
@@ -274,3 +266,7 @@ def _retry(runtime: Runtime, work: ShardWork, error: Exception, tally: Tally) ->
         # The database itself is away: the lease will lapse and the shard comes back either way.
         log.warning("shard %s: database unreachable, leaving the lease to lapse", work.shard_id)
     return ShardOutcome("retry", retry_in=min(30.0, 2.0 * work.attempts), done=tally.done)
+
+
+def _attempts(count: int) -> str:
+    return f"{count} attempt" if count == 1 else f"{count} attempts"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,3 +92,32 @@ class LeaseKeeper(threading.Thread):
 
     def stop(self) -> None:
         self._stopped.set()
+
+
+class StopCheck:
+    """Whether a running shard should stop: its lease was lost, or its job was cancelled or paused.
+
+    Cheap enough for an engine to ask between decode steps: ``job_is_stopping`` (a database read) runs at most once
+    per ``interval`` seconds, so a cancel is seen within about that long, well inside one lease period, while a
+    generation of thousands of steps costs a read per second rather than one per token. Once it says yes it keeps
+    saying yes. A database that cannot be reached for a moment is not a reason to stop: the last answer stands.
+    """
+
+    def __init__(self, keeper: LeaseKeeper, job_is_stopping: Callable[[], bool], *, interval: float) -> None:
+        self._keeper = keeper
+        self._job_is_stopping = job_is_stopping
+        self._interval = interval
+        self._next_read = 0.0
+        self._stopping = False
+
+    def __call__(self) -> bool:
+        if self._keeper.lost or self._stopping:
+            return True
+        now = time.monotonic()
+        if now >= self._next_read:
+            self._next_read = now + self._interval
+            try:
+                self._stopping = self._job_is_stopping()
+            except OperationalError:
+                log.warning("could not read whether the job was cancelled (database unreachable); going on")
+        return self._stopping

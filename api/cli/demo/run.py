@@ -32,7 +32,14 @@ def run_demo(settings: Settings, console: Console, *, keep_running: bool) -> int
     api_port = settings.api_port if port_is_free(settings.api_host, settings.api_port) else free_port()
     flower_port = 5555 if port_is_free(settings.api_host, 5555) else free_port()
     password = settings.flower_password or secrets.token_urlsafe(12)
-    env = {**os.environ, "LMBATCH_API_PORT": str(api_port), "LMBATCH_FLOWER_PASSWORD": password}
+    # /metrics answers only its token: the demo reads it to see a worker up, so it sets one when none is.
+    metrics_token = settings.metrics_token or secrets.token_urlsafe(24)
+    env = {
+        **os.environ,
+        "LMBATCH_API_PORT": str(api_port),
+        "LMBATCH_FLOWER_PASSWORD": password,
+        "LMBATCH_METRICS_TOKEN": metrics_token,
+    }
     base = f"http://{settings.api_host}:{api_port}"
     console.print(f"[bold]lmbatch demo[/]: starting the stack (`lmbatch up`), logs in {settings.var_dir}/logs/")
     stack = subprocess.Popen(
@@ -43,7 +50,7 @@ def run_demo(settings: Settings, console: Console, *, keep_running: bool) -> int
         start_new_session=True,
     )
     try:
-        _wait_healthy(base, stack, console)
+        _wait_healthy(base, stack, console, metrics_token)
         key = _demo_key(settings)
         with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=60) as client:
             _generation(client, console)
@@ -68,14 +75,16 @@ def run_demo(settings: Settings, console: Console, *, keep_running: bool) -> int
                 os.killpg(stack.pid, signal.SIGKILL)
 
 
-def _wait_healthy(base: str, stack: subprocess.Popen[bytes], console: Console, timeout: float = 600) -> None:
+def _wait_healthy(
+    base: str, stack: subprocess.Popen[bytes], console: Console, metrics_token: str, timeout: float = 600
+) -> None:
     deadline = time.monotonic() + timeout
     with console.status("waiting for the API, a worker and Flower (the first run converts SmolLM2 once, ~20 s)"):
         while time.monotonic() < deadline:
             if stack.poll() is not None:
                 raise SystemExit(f"lmbatch up exited with {stack.returncode}; see var/logs/")
             try:
-                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200 and _worker_present(base):
+                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200 and _worker_present(base, metrics_token):
                     return
             except httpx.HTTPError:
                 pass
@@ -83,9 +92,9 @@ def _wait_healthy(base: str, stack: subprocess.Popen[bytes], console: Console, t
     raise SystemExit(f"the stack did not become healthy within {timeout:.0f} s; see var/logs/")
 
 
-def _worker_present(base: str) -> bool:
-    # The workers list needs a key; healthz alone says nothing about workers, so peek at the metrics.
-    text = httpx.get(f"{base}/metrics", timeout=5).text
+def _worker_present(base: str, metrics_token: str) -> bool:
+    # The workers list needs an admin key; healthz alone says nothing about workers, so peek at the metrics.
+    text = httpx.get(f"{base}/metrics", headers={"Authorization": f"Bearer {metrics_token}"}, timeout=5).text
     return any(line.startswith("lmbatch_workers_online ") and not line.endswith(" 0.0") for line in text.splitlines())
 
 

@@ -82,4 +82,6 @@ def embedded_redis(data_dir: Path, env: dict[str, str]) -> EmbeddedRedis | None:
         "--daemonize", "no",
     ]  # fmt: skip
     description = f"embedded Redis {_version(binary)} ({binary}, {origin}), data in {data_dir}"
-    return EmbeddedRedis(ChildSpec("redis", argv, env), f"redis://127.0.0.1:{port}/0", description)
+    # Essential: without the broker nothing is served. Restarted on the same port, it finds its append-only file.
+    spec = ChildSpec("redis", argv, env, essential=True)
+    return EmbeddedRedis(spec, f"redis://127.0.0.1:{port}/0", description)

@@ -1,7 +1,8 @@
 """Child processes in the foreground: start them, stream their output, stop them without leaving orphans.
 
 Used by ``lmbatch up``, ``lmbatch worker`` and ``lmbatch flower``. One thread only: a selector loop reads
-every child's output, so no lock is needed and nothing runs beside ``fork``.
+every child's output, so no lock is needed and nothing runs beside ``fork``. Whether and when a child that
+died is started again is api/cli/stack/restarts.py; this module only does it (``restart``).
 
 Each child runs in its own session (process group). Ctrl-C in a terminal is delivered to the foreground
 process group only, so it reaches the supervisor alone, which then stops the children in order (the API
@@ -35,6 +36,10 @@ class ChildSpec:
     env: dict[str, str]
     # What the kernel sends the child if the supervisor dies without stopping it (Linux).
     death_signal: int = signal.SIGTERM
+    # A Celery worker's node name (gpu0@host): its restarts and give-ups are counted under it for /metrics.
+    worker: str | None = None
+    # The stack serves nothing without it (the API, an embedded broker): giving it up stops the launcher.
+    essential: bool = False
 
 
 @dataclass
@@ -146,6 +151,20 @@ class Supervisor:
         for child in done:
             child.reported = True
         return done
+
+    def restart(self, dead: Child) -> Child:
+        """Start ``dead``'s spec again in its place (sweep it first: see ``sweep``)."""
+        self.sweep(dead)
+        self.children.remove(dead)
+        return self.start(dead.spec)
+
+    def sweep(self, dead: Child) -> None:
+        """SIGKILL what is left of a child that exited (a Celery worker's pool process, which may still hold a
+        GPU or a shard), and close its pipe and log."""
+        self.stop([dead], grace=0)
+
+    def alive(self) -> list[Child]:
+        return [child for child in self.children if not child.closed and child.returncode is None]
 
     def wait_exit(self, child: Child, *, timeout: float, stop: StopSignals | None = None) -> int | None:
         """Pump output until ``child`` exits (its code), ``timeout`` passes or a stop is requested (None)."""

@@ -9,26 +9,34 @@ Training files are JSON Lines, one example per line:
                                 {"prompt": "...", "completion": "..."}
                                 {"text": "..."}
     sequence-classification     {"text": "...", "label": "positive"}   (or an int label)
+
+As in workers/engines/params.py, the caps on size are the door's: labels are capped only when validation is given
+an ``InputCaps`` context, and a training file's lines only when its reader is given ``max_line_bytes``, so a job
+accepted before a cap existed still runs in the worker.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from workers.engines.params import ChatMessage, distinct_labels
+from workers.engines.jsonl import bounded_lines
+from workers.engines.params import ChatMessage, InputCaps, check_labels, distinct_labels
 from workers.errors import PermanentJobError
 
 FinetuneTask = Literal["causal-lm", "sequence-classification"]
 FINETUNE_TASKS: tuple[str, ...] = ("causal-lm", "sequence-classification")
-# The model registry's name pattern: a fine-tune registers its result under this name.
-OUTPUT_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,99}$"
+# The model registry's name pattern, `[namespace/]name` (db.registry.MODEL_NAME_PATTERN, repeated because the
+# engines import nothing of db): a fine-tune registers its result under this name, which the door has put in the
+# tenant's namespace.
+OUTPUT_NAME_PATTERN = r"^(?:[a-z0-9](?:[a-z0-9-]{0,38}[a-z0-9])?/)?[a-z0-9][a-z0-9._-]{0,99}$"
 MAX_REPORTED_ERRORS = 20
 
 
@@ -74,13 +82,18 @@ class FinetuneParams(_Strict):
     hyperparameters: Hyperparameters = Field(default_factory=lambda: Hyperparameters.model_validate({}))
     deepspeed: DeepSpeedOptions = Field(default_factory=lambda: DeepSpeedOptions.model_validate({}))
     num_gpus: int = Field(1, ge=1, le=64)
-    output_name: str | None = Field(None, pattern=OUTPUT_NAME_PATTERN)
+    output_name: str | None = Field(None, pattern=OUTPUT_NAME_PATTERN, max_length=100)
     validation_fraction: float = Field(0.1, ge=0.0, le=0.5)
     labels: list[str] | None = Field(None, min_length=2, max_length=1000)
+    # The run's wall-clock limit, after which it stops and the job fails with reason `time_limit`. The door sets it
+    # (to settings.finetune_time_limit_seconds unless asked for less), so a job keeps the limit it was accepted
+    # with; None: a job accepted before limits existed, which runs without one.
+    time_limit_seconds: int | None = Field(None, ge=1)
 
     @field_validator("labels")
     @classmethod
-    def _distinct_labels(cls, labels: list[str] | None) -> list[str] | None:
+    def _distinct_labels(cls, labels: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        check_labels(labels, info)
         return distinct_labels(labels)
 
     @model_validator(mode="after")
@@ -127,9 +140,10 @@ class LabeledTextRow(_StrictRow):
 
     @field_validator("label")
     @classmethod
-    def _usable_label(cls, label: str | int) -> str | int:
+    def _usable_label(cls, label: str | int, info: ValidationInfo) -> str | int:
         if isinstance(label, str) and not label.strip():
             raise ValueError("label must be a non-empty string or an int")
+        check_labels([label_name(label)], info)
         return label
 
 
@@ -156,6 +170,19 @@ def label_name(label: str | int) -> str:
 def sort_labels(names: set[str] | list[str]) -> list[str]:
     """The id order for labels found in the data: numeric labels by value (so 0..k-1 keep their ids), then text."""
     return sorted(set(names), key=lambda s: (0, int(s), "") if re.fullmatch(r"-?\d+", s) else (1, 0, s))
+
+
+def planned_tokens(hp: Hyperparameters, *, rows: int, num_gpus: int) -> int:
+    """The most tokens a run can process: optimizer steps x examples per step x max_seq_len. Without max_steps the
+    steps are epochs x steps per epoch, counted as the trainer counts them (finetune/ds.py steps_per_epoch) over
+    every row of the file (a validation split only lowers it)."""
+    per_step = hp.batch_size * hp.gradient_accumulation_steps * num_gpus
+    if hp.max_steps is not None:
+        steps = hp.max_steps
+    else:
+        micro_batches = math.ceil(math.ceil(rows / num_gpus) / hp.batch_size)
+        steps = hp.epochs * max(1, math.ceil(micro_batches / hp.gradient_accumulation_steps))
+    return steps * per_step * hp.max_seq_len
 
 
 # --- file validation -----------------------------------------------------------------------------------------
@@ -186,12 +213,19 @@ class TrainingFileSummary:
 
 
 def validate_training_file(
-    path: Path | str, task: str, *, allowed_labels: list[str] | None = None
+    path: Path | str,
+    task: str,
+    *,
+    allowed_labels: list[str] | None = None,
+    max_line_bytes: int | None = None,
+    caps: InputCaps | None = None,
 ) -> TrainingFileSummary:
     """Stream a JSONL training file and check every row against ``task``'s schema.
 
     Blank lines are skipped. Raises TrainingDataError naming up to 20 bad line numbers, or when no row is
-    usable. With ``allowed_labels``, a classification label outside that list is an error.
+    usable. With ``allowed_labels``, a classification label outside that list is an error. The door also gives
+    ``max_line_bytes`` (a longer line is refused at once, read no further than the limit: LineTooLong) and its
+    ``caps`` (each label's length, and how many distinct labels the data may hold).
     """
     if task not in FINETUNE_TASKS:
         raise TrainingDataError([(0, f"unknown fine-tuning task {task!r}")])
@@ -204,15 +238,18 @@ def validate_training_file(
     except OSError as exc:
         raise TrainingDataError([(0, f"cannot read {path}: {exc.strerror}")]) from None
     with handle:
-        for number, raw_line in enumerate(handle, start=1):
+        for number, raw_line in bounded_lines(handle, max_bytes=max_line_bytes):
             digest.update(raw_line)
             if not raw_line.strip():
                 continue
-            problem, label = _check_line(raw_line, task, allowed_labels)
+            problem, label = _check_line(raw_line, task, allowed_labels, caps)
             if problem is None:
                 rows += 1
                 if label is not None:
                     labels.add(label)
+                    if caps is not None and allowed_labels is None and len(labels) > caps.max_labels:
+                        problem = f"more than {caps.max_labels} distinct labels (max_labels)"
+                        raise TrainingDataError([(number, problem)])
                 continue
             bad += 1
             if len(errors) < MAX_REPORTED_ERRORS:
@@ -228,7 +265,9 @@ def _open(path: Path | str) -> BinaryIO:
     return Path(path).open("rb")
 
 
-def _check_line(raw_line: bytes, task: str, allowed_labels: list[str] | None) -> tuple[str | None, str | None]:
+def _check_line(
+    raw_line: bytes, task: str, allowed_labels: list[str] | None, caps: InputCaps | None
+) -> tuple[str | None, str | None]:
     """(problem, label name) for one non-blank line; problem is None when the row is usable."""
     try:
         raw = json.loads(raw_line)
@@ -237,7 +276,7 @@ def _check_line(raw_line: bytes, task: str, allowed_labels: list[str] | None) ->
     if not isinstance(raw, dict):
         return f"a row must be a JSON object, got {type(raw).__name__}", None
     try:
-        row = row_model(task, raw).model_validate(raw)
+        row = row_model(task, raw).model_validate(raw, context=caps)
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
         return _describe(exc), None
     if not isinstance(row, LabeledTextRow):

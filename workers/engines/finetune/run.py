@@ -102,7 +102,7 @@ def run_finetune(
     if params.task != spec.task:
         raise PermanentJobError(f"spec task {spec.task!r} differs from params task {params.task!r}")
     if not (spec.base_model_dir / "config.json").is_file():
-        raise PermanentJobError(f"{spec.base_model_dir} is not a transformers model directory (no config.json)")
+        raise PermanentJobError("the base model is not a transformers model directory (no config.json)")
     hp = params.hyperparameters
     # Data problems surface before the process group exists: a bad file fails in seconds, on every rank alike.
     tokenizer = AutoTokenizer.from_pretrained(spec.base_model_dir, local_files_only=True, trust_remote_code=False)
@@ -248,7 +248,7 @@ def _build_model(spec: FinetuneSpec, params: FinetuneParams, labels: list[str] |
 def _resume(engine: Any, checkpoint_dir: Path, sha256: str) -> int:
     _path, client = engine.load_checkpoint(str(checkpoint_dir))
     if not client or "step" not in client:
-        raise PermanentJobError(f"checkpoint in {checkpoint_dir} holds no training position; cannot resume")
+        raise PermanentJobError("the last checkpoint holds no training position; cannot resume from it")
     if client.get("data_sha256") != sha256:
         raise PermanentJobError("the checkpoint was made on another training file; refusing to resume from it")
     random.setstate(client["rng"]["python"])
