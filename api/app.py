@@ -22,22 +22,32 @@ from workers.shards.enqueue import make_sender
 
 class BodySizeLimit:
     """Refuse a request body over the limit: at once when its Content-Length says so, and as soon as a streamed
-    (chunked) body passes it, so no route ever holds more than the limit in memory or on disk."""
+    (chunked) body passes it, so no route ever holds more than the limit in memory or on disk.
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+    Uploads (`upload_paths`) may reach `max_bytes`; every other body is parsed whole as JSON, into objects several
+    times its size, so it gets the smaller `max_json_bytes`."""
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int, max_json_bytes: int, upload_paths: frozenset[str]) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.max_json_bytes = min(max_json_bytes, max_bytes)
+        self.upload_paths = upload_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        message = f"request body over the limit of {self.max_bytes} bytes"
+        upload = scope["path"] in self.upload_paths
+        limit = self.max_bytes if upload else self.max_json_bytes
+        setting = "max_request_bytes" if upload or limit == self.max_bytes else "max_json_body_bytes"
+        message = f"request body over the limit of {limit} bytes ({setting})"
+        if not upload:
+            message += "; send larger inputs as an uploaded file (POST /v1/files)"
         length = Headers(scope=scope).get("content-length")
         refusal = None
         if length is not None and not (length.isascii() and length.isdigit()):
             refusal = (400, f"Content-Length {length[:40]!r} is not a number of bytes", "invalid_content_length")
-        elif length is not None and int(length) > self.max_bytes:
+        elif length is not None and int(length) > limit:
             refusal = (413, message, "payload_too_large")
         if refusal is not None:
             status, text, code = refusal
@@ -51,7 +61,7 @@ class BodySizeLimit:
             event = await receive()
             if event["type"] == "http.request":
                 received += len(event.get("body", b""))
-                if received > self.max_bytes:
+                if received > limit:
                     # An HTTPException: FastAPI re-raises it from body parsing, and errors.py renders it.
                     raise HTTPException(413, detail=message)
             return event
@@ -85,7 +95,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="lmbatch", version="0.1.0", lifespan=lifespan, dependencies=[Depends(refuse_nul_bytes)])
     app.state.settings = settings
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=settings.max_request_bytes,
+        max_json_bytes=settings.max_json_body_bytes,
+        upload_paths=frozenset({"/v1/files"}),
+    )
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(metrics.router)

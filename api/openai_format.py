@@ -19,7 +19,14 @@ from typing import Any
 from pydantic import ValidationError
 
 from workers.engines.jsonl import LineTooLong, bounded_lines
-from workers.engines.params import LIMIT_EXCEEDED, MAX_CUSTOM_ID_CHARS, GenerateParams, InputCaps, text_chars
+from workers.engines.params import (
+    CHAT_ROLES,
+    LIMIT_EXCEEDED,
+    MAX_CUSTOM_ID_CHARS,
+    GenerateParams,
+    InputCaps,
+    text_chars,
+)
 
 ENDPOINT_KINDS = {"/v1/chat/completions": "generate", "/v1/completions": "generate", "/v1/embeddings": "embed"}
 MAX_REPORTED_ERRORS = 100
@@ -155,6 +162,9 @@ def _input_of(body: dict[str, Any], endpoint: str) -> dict[str, Any]:
         for message in messages:
             if not isinstance(message, dict) or not isinstance(message.get("role"), str):
                 raise LineError("invalid_body", "each message needs a role and content", "body.messages")
+            if message["role"] not in CHAT_ROLES:
+                roles = ", ".join(CHAT_ROLES)
+                raise LineError("invalid_body", f"a message's role must be one of {roles}", "body.messages")
             if not isinstance(message.get("content"), str):
                 raise LineError("invalid_body", "message content must be a string", "body.messages")
         return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
@@ -181,7 +191,9 @@ def _generate_params(body: dict[str, Any], endpoint: str, caps: InputCaps) -> di
     if unknown:
         field_name = sorted(unknown)[0]
         raise LineError("unsupported_parameter", f"body.{field_name} is not supported", f"body.{field_name}")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens", DEFAULT_MAX_TOKENS[endpoint]))
+    # A deployment whose cap is below OpenAI's default runs an unset max_tokens at its cap instead of refusing it.
+    default = min(DEFAULT_MAX_TOKENS[endpoint], caps.max_new_tokens)
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens", default))
     stop = body.get("stop")
     params: dict[str, Any] = {
         "max_new_tokens": max_tokens,

@@ -59,6 +59,11 @@ class Settings(BaseSettings):
     max_item_chars: int = Field(200_000, ge=1)  # prompt or text characters per item (all messages together)
     max_labels: int = Field(1_000, ge=2)
     max_label_chars: int = Field(200, ge=1)
+    # A zero-shot classify template is filled with each label and tokenized per label: labels x this, per item.
+    max_template_chars: int = Field(1_000, ge=3)
+    # A JSON request body (jobs with inline inputs, batches, fine-tunes) is parsed whole into Python objects,
+    # several times its size: larger inputs go through an uploaded file (POST /v1/files, up to max_request_bytes).
+    max_json_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     # One JSONL line of an upload or batch file, read with a bounded readline: a larger line is refused
     # without ever being held whole in memory.
     max_line_bytes: int = Field(4 * 1024 * 1024, ge=1024)

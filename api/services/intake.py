@@ -52,6 +52,8 @@ def input_caps(settings: Settings) -> InputCaps:
         max_item_chars=settings.max_item_chars,
         max_labels=settings.max_labels,
         max_label_chars=settings.max_label_chars,
+        max_template_chars=settings.max_template_chars,
+        max_new_tokens=settings.max_new_tokens_cap,
     )
 
 
@@ -67,8 +69,6 @@ def validate_params(*, kind: str, params: dict[str, Any], version: ModelVersion,
     except ValidationError as error:
         raise refused_params(error) from error
     clean = parsed.model_dump()
-    if kind == "generate" and clean["max_new_tokens"] > settings.max_new_tokens_cap:
-        raise BadRequest(f"params.max_new_tokens: at most {settings.max_new_tokens_cap}", param="params.max_new_tokens")
     if kind == "classify" and version.task in ZERO_SHOT_TASKS and not clean.get("labels"):
         raise BadRequest(
             f"model {version.name}@{version.version} classifies zero-shot: give params.labels",

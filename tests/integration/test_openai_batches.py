@@ -124,6 +124,11 @@ def test_bad_lines_fail_the_batch_at_validation_with_line_numbers(openai_client:
         {**chat_line("wrong-url", "Hi"), "url": "/v1/completions"},
         {"custom_id": "no-messages", "method": "POST", "url": CHAT, "body": {"model": "smollm2-135m-instruct"}},
         chat_line("ok", "duplicate id"),
+        # A role the chat template was never meant to see (and that max_item_chars would not count)
+        {
+            **chat_line("odd-role", "Hi"),
+            "body": {"model": "smollm2-135m-instruct", "messages": [{"role": "r" * 64, "content": "Hi"}]},
+        },
     ]
     batch = openai_client.batches.create(
         input_file_id=upload(openai_client, lines), endpoint=CHAT, completion_window="24h"
@@ -133,6 +138,7 @@ def test_bad_lines_fail_the_batch_at_validation_with_line_numbers(openai_client:
     assert (2, "invalid_url") in errors
     assert (3, "invalid_body") in errors
     assert (4, "duplicate_custom_id") in errors
+    assert (5, "invalid_body") in errors
     assert all(e.message for e in batch.errors.data)
 
 

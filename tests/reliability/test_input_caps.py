@@ -47,6 +47,8 @@ CAPS: dict[str, Any] = {
     "max_item_chars": ITEM_CHARS,
     "max_labels": LABELS,
     "max_label_chars": LABEL_CHARS,
+    "max_template_chars": 64,
+    "max_new_tokens_cap": 512,
     "max_line_bytes": LINE_BYTES,
     # Over the upload chunk (1 MiB), so a line that spans two chunks is tried too.
     "max_request_bytes": 2 * 1024 * 1024,
@@ -182,6 +184,10 @@ CASES: list[Cap] = [
         body=classify(params={"labels": ["a", "b", "c", "d", "e"]})),
     Cap("a label over max_label_chars", "/v1/jobs", 400, "params.labels", "max_label_chars",
         body=classify(params={"labels": ["a", "l" * (LABEL_CHARS + 1)]})),
+    Cap("a classify template over max_template_chars", "/v1/jobs", 400, "params.template", "max_template_chars",
+        body=classify(params={"labels": ["a", "b"], "template": "t" * 64 + " {}"})),
+    Cap("max_new_tokens over max_new_tokens_cap", "/v1/jobs", 400, "params.max_new_tokens", "max_new_tokens_cap",
+        body=gen(max_new_tokens=513)),
     Cap("a prompt over max_item_chars", "/v1/jobs", 400, "inputs[0]", "max_item_chars",
         body=gen() | {"inputs": [{"prompt": LONG_TEXT}]}),
     Cap("chat messages over max_item_chars together", "/v1/jobs", 400, "inputs[0]", "max_item_chars",
@@ -215,6 +221,8 @@ CASES: list[Cap] = [
         upload=batch_file(line(stop=LONG_STOP[0])), body=CHAT_BATCH),
     Cap("batch line with a custom_id of 513", "/v1/batches", 400, "custom_id", "line 1",
         upload=batch_file(line(LONG_ID)), body=CHAT_BATCH),
+    Cap("batch line with max_tokens over max_new_tokens_cap", "/v1/batches", 400, "body.max_tokens",
+        "max_new_tokens_cap", upload=batch_file(line(max_tokens=513)), body=CHAT_BATCH),
     Cap("batch line with seed 2**63", "/v1/batches", 400, "body.seed", "64-bit",
         upload=batch_file(line(seed=2**63)), body=CHAT_BATCH),
     Cap("batch line with seed 10**400", "/v1/batches", 400, "body.seed", "line 2",
@@ -373,6 +381,25 @@ def test_values_at_each_cap_are_accepted(door: Door) -> None:
     assert after["rows"] != before["rows"] and after["queues"] != before["queues"]
 
 
+@on_postgresql
+def test_a_json_body_has_a_smaller_limit_than_an_upload(door: Door) -> None:
+    # Given an API whose JSON bodies may hold 64 KiB while uploads may hold 2 MiB
+    app = create_app(door.settings.model_copy(update={"max_json_body_bytes": 64 * 1024}))
+    inputs = [{"text": "x" * 150}] * 700  # about 110 KiB, each item within max_item_chars
+    with TestClient(app) as client:
+        before = door.state()
+        # When a job carries its inputs inline, I expect 413 naming the setting and pointing at uploads
+        inline = client.post("/v1/jobs", json=classify(inputs=inputs), headers=door.headers)
+        assert inline.status_code == 413, inline.text
+        error = inline.json()["error"]
+        assert error["param"] == "body" and "max_json_body_bytes" in error["message"]
+        assert "POST /v1/files" in error["message"] and door.state() == before
+        # and the same inputs as an uploaded file to be taken.
+        file_id = upload(client, door.headers, inputs, purpose="batch")
+        by_file = client.post("/v1/jobs", json=classify(inputs=None, input_file_id=file_id), headers=door.headers)
+        assert by_file.status_code == 202, by_file.text
+
+
 # ------------------------------------------------------------------------------------------- bounded reading
 
 
@@ -462,7 +489,14 @@ def test_params_over_the_caps_validate_without_the_door_context() -> None:
     # Given params a job could have been accepted with before the caps (6 stops, a seed past 64 bits, 100 labels)
     legacy_generate = {"stop": [f"stop-{i}" for i in range(6)], "seed": 10**30}
     legacy_classify = {"labels": [f"label-{i}" for i in range(100)]}
-    caps = InputCaps(max_stop_chars=256, max_item_chars=1000, max_labels=10, max_label_chars=200)
+    caps = InputCaps(
+        max_stop_chars=256,
+        max_item_chars=1000,
+        max_labels=10,
+        max_label_chars=200,
+        max_template_chars=1000,
+        max_new_tokens=4096,
+    )
     # I expect the worker's validation (no context) to take them, and the door's to refuse them.
     for kind, params in (("generate", legacy_generate), ("classify", legacy_classify)):
         PARAMS_BY_KIND[kind].model_validate(params)

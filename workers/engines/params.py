@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
@@ -38,6 +38,8 @@ class InputCaps:
     max_item_chars: int  # prompt or text characters of one item, all messages of a chat together
     max_labels: int
     max_label_chars: int
+    max_template_chars: int  # a classify template, filled and tokenized once per label
+    max_new_tokens: int  # the deployment's cap on max_new_tokens (a batch line's max_tokens)
 
 
 def door_caps(info: ValidationInfo) -> InputCaps | None:
@@ -118,6 +120,14 @@ class GenerateParams(_Strict):
             )
         return stop
 
+    @field_validator("max_new_tokens")
+    @classmethod
+    def _within_the_deployments_cap(cls, max_new_tokens: int, info: ValidationInfo) -> int:
+        caps = door_caps(info)
+        if caps is not None and max_new_tokens > caps.max_new_tokens:
+            raise over_limit(f"at most {caps.max_new_tokens} (max_new_tokens_cap), not {max_new_tokens}")
+        return max_new_tokens
+
     @field_validator("seed")
     @classmethod
     def _seed_in_int64(cls, seed: int | None, info: ValidationInfo) -> int | None:
@@ -139,9 +149,15 @@ class ClassifyParams(_Strict):
 
     @field_validator("template")
     @classmethod
-    def _one_placeholder(cls, template: str) -> str:
+    def _one_placeholder(cls, template: str, info: ValidationInfo) -> str:
         if template.count("{}") != 1:
             raise ValueError("template must contain '{}' exactly once (where the label goes)")
+        caps = door_caps(info)
+        # The worker fills the template once per label and tokenizes every copy: its length counts labels times.
+        if caps is not None and len(template) > caps.max_template_chars:
+            raise over_limit(
+                f"{len(template)} characters, over the limit of {caps.max_template_chars} (max_template_chars)"
+            )
         return template
 
 
@@ -161,8 +177,12 @@ class _StrictItem(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+ChatRole = Literal["system", "user", "assistant", "tool"]
+CHAT_ROLES: tuple[str, ...] = get_args(ChatRole)
+
+
 class ChatMessage(_StrictItem):
-    role: Literal["system", "user", "assistant", "tool"]
+    role: ChatRole
     content: str
 
 

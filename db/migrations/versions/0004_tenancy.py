@@ -33,9 +33,10 @@ def upgrade() -> None:
     connection = op.get_bind()
     taken: set[str] = set()
     for tenant_id, name in connection.execute(sa.text("SELECT id, name FROM tenants ORDER BY id")).all():
-        slug = _slug(name)
-        if slug in taken:
-            slug = f"{slug[:30]}-{tenant_id}"
+        slug, number = _slug(name), 1
+        while slug in taken:  # "Acme" and "acme" make one slug; a numbered one may be taken too ("acme-2")
+            number += 1
+            slug = f"{_slug(name)[:34]}-{number}"
         taken.add(slug)
         connection.execute(sa.text("UPDATE tenants SET namespace = :slug WHERE id = :id"), {"slug": slug, "id": tenant_id})
     with op.batch_alter_table('tenants', schema=None) as batch_op:

@@ -236,7 +236,7 @@ def validate_training_file(
     try:
         handle = _open(path)
     except OSError as exc:
-        raise TrainingDataError([(0, f"cannot read {path}: {exc.strerror}")]) from None
+        raise TrainingDataError([(0, f"cannot read the file {Path(path).name}: {exc.strerror}")]) from None
     with handle:
         for number, raw_line in bounded_lines(handle, max_bytes=max_line_bytes):
             digest.update(raw_line)
