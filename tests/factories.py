@@ -62,36 +62,11 @@ def empty_tables(engine: Engine, *, attempts: int = 5) -> None:
 
 
 @contextmanager
-def refusing_inserts(engine: Engine, table: str, *, message: str = "refused by a test trigger") -> Iterator[None]:
-    """Inside the block, every INSERT into ``table`` fails in the database itself (a trigger), as a full disk or a
-    broken constraint would: how a test provokes a real internal error without mocking the database."""
-    name = f"lmbatch_test_refuse_{table}"
-    if engine.dialect.name == "postgresql":
-        create = [
-            f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql"
-            f" AS $$ BEGIN RAISE EXCEPTION '{message}'; END $$",
-            f"CREATE TRIGGER {name} BEFORE INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION {name}()",
-        ]
-        drop = [f"DROP TRIGGER IF EXISTS {name} ON {table}", f"DROP FUNCTION IF EXISTS {name}()"]
-    else:
-        create = [f"CREATE TRIGGER {name} BEFORE INSERT ON {table} BEGIN SELECT RAISE(ABORT, '{message}'); END"]
-        drop = [f"DROP TRIGGER IF EXISTS {name}"]
-    with engine.begin() as connection:
-        for statement in create:
-            connection.execute(text(statement))
-    try:
-        yield
-    finally:
-        with engine.begin() as connection:
-            for statement in drop:
-                connection.execute(text(statement))
-
-
-@contextmanager
-def refusing_rows(engine: Engine, table: str, *, when: str, on: str = "INSERT") -> Iterator[None]:
+def refusing_rows(engine: Engine, table: str, *, when: str = "1 = 1", on: str = "INSERT") -> Iterator[None]:
     """Inside the block, the database itself refuses an ``on`` (INSERT or UPDATE) of a row of ``table`` for which
-    ``when`` holds (SQL over ``NEW``, e.g. ``length(NEW.custom_id) > 512``): a trigger, as a column's width or a
-    constraint would refuse it, so a test provokes a refused write without mocking the database."""
+    ``when`` holds (SQL over ``NEW``, e.g. ``length(NEW.custom_id) > 512``; by default every row): a trigger, as a
+    column's width, a constraint or a full disk would refuse it, so a test provokes a refused write (or a real
+    internal error) without mocking the database."""
     name = f"lmbatch_test_refuse_{on.lower()}_{table}"
     if engine.dialect.name == "postgresql":
         create = [

@@ -23,7 +23,7 @@ from db.models import utcnow
 from db.session import transaction
 from db.settings import Settings
 from db.tenants import issue_key
-from tests.factories import auth_headers, jsonl_bytes, refusing_inserts, snapshot, submit, upload
+from tests.factories import auth_headers, jsonl_bytes, refusing_rows, snapshot, submit, upload
 
 CLASSIFY: dict[str, Any] = {
     "kind": "classify",
@@ -155,7 +155,7 @@ def test_an_internal_error_answers_a_code_message_and_id_and_logs_no_parameter(
     marker = "parameter-marker-7f3a"
     before = snapshot(empty_db, settings.files_dir)
     caplog.set_level(logging.ERROR, logger="lmbatch.api")
-    with refusing_inserts(engine, "files"), TestClient(create_app(settings), raise_server_exceptions=False) as client:
+    with refusing_rows(engine, "files"), TestClient(create_app(settings), raise_server_exceptions=False) as client:
         # When a tenant uploads a file
         response = client.post(
             "/v1/files",
