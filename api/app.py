@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import refuse_nul_bytes
 from api.errors import error_body, install_error_handlers
+from api.rate_limit import TenantRateLimiter
 from api.routes import batches, files, fine_tuning, health, jobs, metrics, models, workers
 from db.session import make_engine, make_session_factory
 from db.settings import Settings, refuse_example_secrets
@@ -86,6 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Worker presence, queue depths and the broker's health. Short timeouts: a request must not hang on a
         # Redis that does not answer (/healthz reports it instead).
         app.state.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=3, socket_connect_timeout=2)
+        app.state.rate_limiter = TenantRateLimiter(app.state.redis)
         try:
             yield
         finally:

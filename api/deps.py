@@ -56,6 +56,10 @@ def get_principal(request: Request) -> Principal:
         principal = authenticate(session, key=key.strip())
     if principal is None:
         raise Unauthorized("invalid, revoked or expired API key", code="invalid_api_key")
+    per_second = principal.max_requests_per_second
+    if per_second is None:
+        per_second = request.app.state.settings.max_requests_per_second
+    request.app.state.rate_limiter.check(tenant_id=principal.tenant_id, per_second=per_second)
     return principal
 
 

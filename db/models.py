@@ -79,6 +79,10 @@ class Tenant(Base):
     # '-', so a ref needs no escaping beyond the one '/'. Derived from the name once and never changed, so a
     # stored ref keeps meaning the same model.
     namespace: Mapped[str] = mapped_column(String(40), unique=True)
+    # Per-tenant overrides an admin sets (`lmbatch tenants set`); None: the deployment's setting applies.
+    max_requests_per_second: Mapped[int | None] = mapped_column(Integer)
+    max_queued_items: Mapped[int | None] = mapped_column(BigInteger)
+    max_stored_bytes: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -129,6 +133,8 @@ class ModelVersion(Base):
     kinds: Mapped[list[Any]] = mapped_column(default=list)  # job kinds this version can do
     artifact_uri: Mapped[str] = mapped_column(Text)
     sha256: Mapped[str] = mapped_column(String(64))
+    # The stored files' size, counted against the owner's stored-bytes quota; None for versions made before it.
+    bytes: Mapped[int | None] = mapped_column(BigInteger)
     parent_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
     job_id: Mapped[str | None] = mapped_column(String(40))
     params: Mapped[dict[str, Any]] = mapped_column(default=dict)

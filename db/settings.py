@@ -45,7 +45,12 @@ class Settings(BaseSettings):
     # OpenAI caps a batch file at 50,000 requests; lmbatch streams the file, so it can take more.
     max_batch_lines: int = Field(1_000_000, ge=1)
     max_request_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+    # Per tenant; an admin overrides each for one tenant (`lmbatch tenants set`). Requests per second are counted
+    # in Redis, so every API process shares one count; 0 turns the limit off. Stored bytes are the tenant's live
+    # files (uploaded and produced) and its own model versions: an upload or fine-tune past them is refused (413).
     max_queued_items_per_tenant: int = Field(5_000_000, ge=1)
+    max_requests_per_second: int = Field(200, ge=0)
+    max_stored_bytes_per_tenant: int = Field(200 * 1024**3, ge=0)
     batch_size: int = Field(32, ge=1, le=4096)
     # Generation on the CPU: padded positions (rows x (prompt + new tokens)) per batch, so long prompts go in
     # smaller batches. On a GPU the budget comes from free memory instead (workers/engines/generate.py).

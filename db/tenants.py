@@ -28,6 +28,7 @@ class Principal:
     tenant_name: str
     scope: str
     namespace: str
+    max_requests_per_second: int | None = None  # the tenant's override; None: the deployment's setting
 
     @property
     def is_admin(self) -> bool:
@@ -142,7 +143,7 @@ def revoke_key(session: Session, *, key_id: int | None = None, key: str | None =
 
 def authenticate(session: Session, *, key: str) -> Principal | None:
     row = session.execute(
-        select(ApiKey.scope, Tenant.id, Tenant.name, Tenant.namespace)
+        select(ApiKey.scope, Tenant.id, Tenant.name, Tenant.namespace, Tenant.max_requests_per_second)
         .join(Tenant, Tenant.id == ApiKey.tenant_id)
         .where(
             ApiKey.key_hash == hash_key(key),
@@ -152,4 +153,10 @@ def authenticate(session: Session, *, key: str) -> Principal | None:
     ).one_or_none()
     if row is None:
         return None
-    return Principal(tenant_id=row.id, tenant_name=row.name, scope=row.scope, namespace=row.namespace)
+    return Principal(
+        tenant_id=row.id,
+        tenant_name=row.name,
+        scope=row.scope,
+        namespace=row.namespace,
+        max_requests_per_second=row.max_requests_per_second,
+    )

@@ -22,6 +22,7 @@ from sqlalchemy import Engine, func, select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
+from api.rate_limit import NAMESPACE as RATE_LIMIT_KEYS
 from db import jobs
 from db.models import Base, ItemResult, ModelVersion
 from db.names import TERMINAL_JOB_STATES
@@ -195,10 +196,15 @@ def snapshot(session_factory: sessionmaker[Session], files_dir: Path) -> dict[st
 
 
 def queue_lengths(redis_url: str) -> dict[str, int]:
-    """The length of every list in a Redis DB: Celery's queues (and their priority sub-queues), by key."""
+    """The length of every list in a Redis DB: Celery's queues (and their priority sub-queues), by key. The rate
+    limiter's windows (lists too) are left out: every request moves them, refused or not."""
     client = redis.Redis.from_url(redis_url)
     try:
-        return {key.decode(): int(client.llen(key)) for key in client.scan_iter() if client.type(key) == b"list"}
+        return {
+            key.decode(): int(client.llen(key))
+            for key in client.scan_iter()
+            if client.type(key) == b"list" and not key.decode().startswith(RATE_LIMIT_KEYS)
+        }
     finally:
         client.close()
 

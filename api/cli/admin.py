@@ -1,4 +1,5 @@
-"""``lmbatch db upgrade`` and ``lmbatch keys create | list | revoke``: what an operator does to the database directly.
+"""``lmbatch db upgrade``, ``lmbatch keys …`` and ``lmbatch tenants list | set``: what an operator does to the
+database directly.
 
 Unlike the client commands (api/cli/jobs.py, api/cli/models.py) these open the database named by the settings
 (``LMBATCH_DATABASE_URL``), so they run on a host that reaches it, and an API key is made here before any
@@ -28,6 +29,8 @@ db_app = typer.Typer(help="The SQL database: schema and built-in models.", no_ar
 keys_app = typer.Typer(help="API keys of tenants.", no_args_is_help=True)
 admin_app.add_typer(db_app, name="db")
 admin_app.add_typer(keys_app, name="keys")
+tenants_app = typer.Typer(help="Tenants and their limits.", no_args_is_help=True)
+admin_app.add_typer(tenants_app, name="tenants")
 
 
 # ---------------------------------------------------------------------------------------------------- db
@@ -192,3 +195,76 @@ def keys_revoke(
     if not revoked:
         raise CliError("no live key matches (unknown, or already revoked)")
     out.print("key revoked")
+
+
+# ------------------------------------------------------------------------------------------------- tenants
+
+_SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from `500M`, `10G`, `1T` or a plain number (binary units)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)i?B?\s*", text.upper())
+    if match is None:
+        raise CliError(f"{text!r} is not a size: give bytes, or a number with K, M, G or T (e.g. 10G)")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+
+
+@tenants_app.command("list")
+def tenants_list(ctx: typer.Context) -> None:
+    """Every tenant: its namespace, the limits it works under (an override marked *) and what it stores."""
+    from db.tenant_limits import LIMIT_NAMES, all_tenants, limits_of, stored_bytes
+
+    settings = settings_of(ctx)
+    table = Table(box=None, pad_edge=False)
+    for column in ("TENANT", "NAMESPACE", "REQUESTS/S", "QUEUED ITEMS", "STORED BYTES", "STORES"):
+        table.add_column(column, no_wrap=True)
+    with database_session(ctx) as session:
+        for tenant in all_tenants(session):
+            limits = limits_of(tenant, settings)
+            shown = [
+                f"{getattr(limits, name)}{'*' if getattr(tenant, name) is not None else ''}" for name in LIMIT_NAMES
+            ]
+            table.add_row(tenant.name, tenant.namespace, *shown, str(stored_bytes(session, tenant_id=tenant.id)))
+    show(table)
+    out.print("* set for this tenant (`lmbatch tenants set`); the others are the deployment's settings; 0: no limit")
+
+
+@tenants_app.command("set")
+def tenants_set(
+    ctx: typer.Context,
+    tenant: Annotated[str, typer.Argument(help="The tenant's name.")],
+    max_requests_per_second: Annotated[
+        int | None, typer.Option(min=0, help="API requests per second (0: no limit).")
+    ] = None,
+    max_queued_items: Annotated[int | None, typer.Option(min=1, help="Unfinished items at once.")] = None,
+    max_stored_bytes: Annotated[
+        str | None, typer.Option(help="Files and own model versions, e.g. 50G (0: no limit).")
+    ] = None,
+    reset: Annotated[
+        list[str] | None,
+        typer.Option(help="Back to the deployment's setting: max-requests-per-second, max-queued-items, …"),
+    ] = None,
+) -> None:
+    """Override limits for one tenant (the rest keep the deployment's settings)."""
+    from db.tenant_limits import set_overrides
+
+    values: dict[str, int] = {}
+    if max_requests_per_second is not None:
+        values["max_requests_per_second"] = max_requests_per_second
+    if max_queued_items is not None:
+        values["max_queued_items"] = max_queued_items
+    if max_stored_bytes is not None:
+        values["max_stored_bytes"] = parse_size(max_stored_bytes)
+    cleared = tuple(name.replace("-", "_") for name in reset or ())
+    if not values and not cleared:
+        raise CliError("nothing to set: give a limit option or --reset")
+    with database_session(ctx) as session:
+        try:
+            found = set_overrides(session, tenant_name=tenant, values=values, reset=cleared)
+        except ValueError as error:
+            raise CliError(str(error)) from error
+    if found is None:
+        raise CliError(f"no tenant {tenant!r} (`lmbatch tenants list`)")
+    changes = [f"{name}={value}" for name, value in values.items()] + [f"{name}=default" for name in cleared]
+    out.print(f"tenant {tenant!r}: {', '.join(changes)}")

@@ -41,7 +41,7 @@ app = typer.Typer(
 # In the order `lmbatch --help` lists them. A group added without a name puts its commands at the top level.
 app.add_typer(serve_app)  # up, api, worker, flower
 app.add_typer(demo_app)  # demo
-app.add_typer(admin_app)  # db …, keys …
+app.add_typer(admin_app)  # db …, keys …, tenants …
 app.add_typer(jobs_app)  # submit, status, results, cancel, jobs
 app.add_typer(models_app, name="models")  # models list | show | alias
 app.add_typer(finetune_app)  # finetune

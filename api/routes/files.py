@@ -15,6 +15,7 @@ from api.deps import CurrentPrincipal, SessionDep, SessionsDep, SettingsDep
 from api.errors import BadRequest, NotFound, PayloadTooLarge
 from api.idempotency import IdempotentPostDep, upload_fingerprint
 from api.schemas.files import FileDeleted, FileList, FilePublic, FilePurpose
+from api.services.intake import check_stored_bytes
 from db import files as file_repo
 from db.models import new_id
 from db.session import transaction
@@ -51,6 +52,7 @@ def upload_file(
 
     def register() -> FilePublic:
         with transaction(sessions) as session:
+            check_stored_bytes(session, tenant_id=principal.tenant_id, adding=size, settings=settings, param="file")
             row = file_repo.add_file(
                 session,
                 file_id=file_id,

@@ -15,7 +15,7 @@ import redis
 from pydantic import ValidationError
 
 from api.errors import BadRequest
-from api.services.intake import input_caps, line_too_long, refused_params
+from api.services.intake import check_stored_bytes, input_caps, line_too_long, refused_params
 from db.files import get_file
 from db.registry import tenant_model_name
 from workers.engines.finetune.params import FinetuneParams, TrainingDataError, planned_tokens, validate_training_file
@@ -69,6 +69,8 @@ def accept_finetune(
         "validation_file": None,
     }
     _check_token_budget(parsed, rows=run["training"]["rows"], settings=settings)
+    # The trained model is a full copy of its base: refused now if storing it would pass the tenant's quota.
+    check_stored_bytes(session, tenant_id=tenant_id, adding=_stored_size(version), settings=settings, param="model")
     if validation_file is not None:
         validation = _owned_training_file(session, tenant_id, validation_file, "validation_file")
         _check_training_file(validation, parsed, param="validation_file", settings=settings)
@@ -180,3 +182,13 @@ def _owned_training_file(session: Session, tenant_id: int, file_id: str, param: 
     if stored is None:
         raise BadRequest(f"{param}: no file {file_id!r}", param=param, code="file_not_found")
     return stored
+
+
+def _stored_size(version: ModelVersion) -> int:
+    """A version's size on disk: recorded at registration, or read from its files (built-ins, older versions)."""
+    if version.bytes is not None:
+        return version.bytes
+    directory = Path(version.artifact_uri)
+    if not directory.is_dir():
+        return 0
+    return sum(path.stat().st_size for path in directory.rglob("*") if path.is_file() and not path.is_symlink())

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from api.errors import BadRequest, NotFound, PayloadTooLarge, TooManyRequests, invalid_field
 from db.job_reads import unfinished_items
 from db.registry import InvalidModelRef, Viewer, resolve
+from db.tenant_limits import stored_bytes, tenant_limits
 from workers.engines.jsonl import LineTooLong, bounded_lines
 from workers.engines.params import LIMIT_EXCEEDED, PARAMS_BY_KIND, InputCaps, InvalidItem, parse_item
 
@@ -152,10 +153,25 @@ def check_tenant_quota(session: Session, *, tenant_id: int, adding: int, setting
     """Refuse when the tenant's unfinished items (including a job just written in this transaction) pass the
     limit; the caller's transaction then rolls the new job back."""
     queued = unfinished_items(session, tenant_id=tenant_id)
-    limit = settings.max_queued_items_per_tenant
+    limit = tenant_limits(session, tenant_id=tenant_id, settings=settings).max_queued_items
     if queued + adding > limit:
         raise TooManyRequests(
             f"this job would bring the tenant's unfinished items to {queued + adding}, over the limit of "
             f"{limit}; wait for running jobs to finish",
             code="queued_items_limit",
+        )
+
+
+def check_stored_bytes(session: Session, *, tenant_id: int, adding: int, settings: Settings, param: str) -> None:
+    """Refuse (413) what would take the tenant's stored bytes (files and own model versions) past its quota."""
+    limit = tenant_limits(session, tenant_id=tenant_id, settings=settings).max_stored_bytes
+    if limit == 0:
+        return
+    stored = stored_bytes(session, tenant_id=tenant_id)
+    if stored + adding > limit:
+        raise PayloadTooLarge(
+            f"the tenant stores {stored} bytes; {adding} more would pass its quota of {limit} bytes "
+            "(max_stored_bytes): delete files or model versions first",
+            param=param,
+            code="storage_quota_exceeded",
         )

@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING, Any
 
 from db.registry import register_version, set_alias
 from db.session import transaction
-from workers.models.store import directory_sha256, kinds_for_task, move_into_store, staged, version_dir
+from workers.models.store import (
+    directory_bytes,
+    directory_sha256,
+    kinds_for_task,
+    move_into_store,
+    staged,
+    version_dir,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
@@ -45,6 +52,7 @@ def store_version(
     fine-tune's output). The version number is allocated by the row, and the files are stored under that number."""
     with staged(directory, store=store, name=name, keep_source=keep_source) as ready:
         sha256 = directory_sha256(ready)
+        size = directory_bytes(ready)
         with transaction(sessions) as session:
             version = register_version(
                 session,
@@ -53,6 +61,7 @@ def store_version(
                 kinds=kinds_for_task(task),
                 artifact_uri=lambda number: str(version_dir(store, name, number)),
                 sha256=sha256,
+                size=size,
                 owner_tenant_id=owner_tenant_id,
                 parent_id=parent_id,
                 job_id=job_id,

@@ -71,6 +71,12 @@ def directory_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def directory_bytes(path: Path) -> int:
+    """The size of the files ``directory_sha256`` hashes: what a version costs its owner's stored-bytes quota."""
+    root = Path(path)
+    return sum((root / rel).stat().st_size for rel in _files(root))
+
+
 def _files(root: Path) -> list[str]:
     found = []
     for dirpath, _dirs, names in os.walk(root):
