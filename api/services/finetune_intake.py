@@ -21,6 +21,7 @@ from db.registry import tenant_model_name
 from workers.engines.finetune.params import FinetuneParams, TrainingDataError, planned_tokens, validate_training_file
 from workers.engines.jsonl import LineTooLong
 from workers.engines.params import LIMIT_EXCEEDED
+from workers.models.store import directory_bytes
 from workers.presence import read_workers
 
 if TYPE_CHECKING:
@@ -189,6 +190,4 @@ def _stored_size(version: ModelVersion) -> int:
     if version.bytes is not None:
         return version.bytes
     directory = Path(version.artifact_uri)
-    if not directory.is_dir():
-        return 0
-    return sum(path.stat().st_size for path in directory.rglob("*") if path.is_file() and not path.is_symlink())
+    return directory_bytes(directory) if directory.is_dir() else 0
