@@ -15,10 +15,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.deps import refuse_nul_bytes
 from api.errors import error_body, install_error_handlers
 from api.rate_limit import TenantRateLimiter
-from api.routes import batches, files, fine_tuning, health, jobs, metrics, models, workers
+from api.routes import batches, files, fine_tuning, health, jobs, metrics, models, tenant_metrics, workers
 from db.session import make_engine, make_session_factory
 from db.settings import Settings, refuse_example_secrets
-from workers.shards.enqueue import make_sender
 
 
 class BodySizeLimit:
@@ -83,16 +82,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine = make_engine(settings)
         app.state.engine = engine
         app.state.sessions = make_session_factory(engine)
-        app.state.sender = make_sender(settings)
-        # Worker presence, queue depths and the broker's health. Short timeouts: a request must not hang on a
-        # Redis that does not answer (/healthz reports it instead).
+        # Waking the dispatcher, worker presence, queue depths and the broker's health. Short timeouts: a request
+        # must not hang on a Redis that does not answer (/healthz reports it instead).
         app.state.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=3, socket_connect_timeout=2)
         app.state.rate_limiter = TenantRateLimiter(app.state.redis)
         try:
             yield
         finally:
             app.state.redis.close()
-            app.state.sender.close()
             engine.dispose()
 
     app = FastAPI(title="lmbatch", version="0.1.0", lifespan=lifespan, dependencies=[Depends(refuse_nul_bytes)])
@@ -106,6 +103,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(metrics.router)
+    app.include_router(tenant_metrics.router)  # /metrics/tenants: an admin key, not the metrics token
     for module in (files, jobs, batches, fine_tuning, models, workers):
         app.include_router(module.router, prefix="/v1")
     return app

@@ -1,4 +1,4 @@
-"""Dependencies the routes declare: the session, the caller, settings, the task sender, the Redis client.
+"""Dependencies the routes declare: the session, the caller, settings, the Redis client.
 
 Each is built once per process in the app's lifespan (api/app.py) and handed out from ``app.state``."""
 
@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from typing import Annotated
 
 import redis
-from celery import Celery
 from fastapi import Depends, Query, Request
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -37,10 +36,6 @@ def get_session(request: Request) -> Iterator[Session]:
 
 def get_session_factory(request: Request) -> sessionmaker[Session]:
     return request.app.state.sessions
-
-
-def get_sender(request: Request) -> Celery:
-    return request.app.state.sender
 
 
 def get_redis(request: Request) -> redis.Redis:
@@ -100,7 +95,6 @@ SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 SessionDep = Annotated[Session, Depends(get_session)]
 # For writes: `with transaction(sessions) as session:` keeps the write transaction short (SQLite locks it).
 SessionsDep = Annotated[sessionmaker[Session], Depends(get_session_factory)]
-SenderDep = Annotated[Celery, Depends(get_sender)]
 # The process's one Redis client (a connection pool underneath, shared by the request threads).
 RedisDep = Annotated[redis.Redis, Depends(get_redis)]
 CurrentPrincipal = Annotated[Principal, Depends(get_principal)]

@@ -6,8 +6,14 @@ happened. Two workers racing for one shard therefore cannot both win, whatever t
     job:   queued → running → succeeded | failed
            queued | running → cancelling → cancelled      (cancelled at once when nothing runs)
            queued | running → paused → queued             (fine-tunes: the run stops at a step, keeps its checkpoints)
-    shard: queued → running → succeeded | failed | cancelled
-           running (lease expired) → running (another worker)     queued | running → queued (retry)
+    shard: queued → dispatched → running → succeeded | failed | cancelled
+           queued | dispatched → cancelled (its job cancelled)     dispatched → queued (its job paused)
+           running (lease expired) → running (another worker)      running → dispatched (retry, soft shutdown)
+           running → queued (parked: its job was paused)
+
+A shard waits as `queued` until the dispatcher picks it (db/dispatch.py): the pick marks it `dispatched` in the
+same statement, and only then is its id sent to Redis. A worker claims only a dispatched shard, so a stray message
+cannot run a shard the dispatcher has not chosen.
 """
 
 from __future__ import annotations
@@ -22,19 +28,22 @@ from sqlalchemy import and_, exists, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.models import Job, Shard, new_id, utcnow
-from db.names import TERMINAL_JOB_STATES
+from db.names import TERMINAL_JOB_STATES, queue_for
 from db.session import changed
 from db.sharding import cut_shards
 
 ACTIVE_JOB_STATES = ("queued", "running", "cancelling", "paused")
-OPEN_SHARD_STATES = ("queued", "running")
+OPEN_SHARD_STATES = ("queued", "dispatched", "running")
+# Sent to a worker or running on one: what counts against a tenant's share and its running-shard limit.
+IN_FLIGHT_SHARD_STATES = ("dispatched", "running")
 
 
 class Claim(enum.StrEnum):
     CLAIMED = "claimed"
     BUSY = "busy"  # running under another worker's live lease
     FINISHED = "finished"  # succeeded, failed or cancelled already
-    PAUSED = "paused"  # its job is paused: `resume_job` enqueues it again
+    PAUSED = "paused"  # its job is paused: the dispatcher sends it again once the job resumes
+    WAITING = "waiting"  # queued, not dispatched: a stray message; the dispatcher sends it in its turn
     MISSING = "missing"
 
 
@@ -60,7 +69,7 @@ def create_job(
     metadata: dict[str, Any] | None = None,
     job_id: str | None = None,
 ) -> NewJob:
-    """Write the job and all its shards in the caller's transaction; enqueue only after commit.
+    """Write the job and all its shards (queued: the dispatcher sends them) in the caller's transaction.
 
     `items` may be a generator (an input file read line by line): shards are inserted a chunk at a time, so a
     200,000-item job never sits in memory whole. An exception from the generator rolls everything back.
@@ -71,6 +80,7 @@ def create_job(
         tenant_id=tenant_id,
         kind=kind,
         status="queued",
+        queue=queue_for(kind, params),
         model_ref=model_ref,
         model_version_id=model_version_id,
         params=params,
@@ -80,7 +90,6 @@ def create_job(
     )
     session.add(job)
     session.flush()
-    now = utcnow()
     shard_ids: list[int] = []
     total = 0
     pending: list[dict[str, Any]] = []
@@ -99,16 +108,13 @@ def create_job(
                 "end": cut.end,
                 "items": cut.items,
                 "status": "queued",
-                "enqueued_at": now,
             }
         )
         total += len(cut.items)
         if len(pending) >= SHARDS_PER_INSERT:
             flush_shards()
     if total == 0:  # a job with no items still gets its one (empty) shard, so it can finish
-        pending.append(
-            {"job_id": job.id, "index": 0, "start": 0, "end": 0, "items": [], "status": "queued", "enqueued_at": now}
-        )
+        pending.append({"job_id": job.id, "index": 0, "start": 0, "end": 0, "items": [], "status": "queued"})
     flush_shards()
     job.total = total
     job.shard_count = len(shard_ids)
@@ -122,7 +128,7 @@ SHARDS_PER_INSERT = 64
 
 
 def claim_shard(session: Session, *, shard_id: int, worker: str, lease_seconds: float) -> Claim:
-    """queued → running, or take over a running shard whose worker died (lease expired, or it was us)."""
+    """dispatched → running, or take over a running shard whose worker died (lease expired, or it was us)."""
     now = utcnow()
     paused = select(Job.id).where(Job.status == "paused")
     claimed = changed(
@@ -132,7 +138,7 @@ def claim_shard(session: Session, *, shard_id: int, worker: str, lease_seconds: 
             Shard.id == shard_id,
             Shard.job_id.not_in(paused),
             or_(
-                Shard.status == "queued",
+                Shard.status == "dispatched",
                 and_(Shard.status == "running", Shard.lease_expires_at < now),
                 # A worker node runs one task at a time: if it is starting this shard while holding its
                 # lease, the pool process that held it died, and waiting for the lease helps no one.
@@ -163,6 +169,8 @@ def claim_shard(session: Session, *, shard_id: int, worker: str, lease_seconds: 
     shard_status, job_state = row
     if job_state == "paused":
         return Claim.PAUSED
+    if shard_status == "queued":
+        return Claim.WAITING
     return Claim.BUSY if shard_status in OPEN_SHARD_STATES else Claim.FINISHED
 
 
@@ -227,7 +235,8 @@ def finish_shard(
 
 
 def requeue_shard(session: Session, *, shard_id: int, worker: str | None, max_attempts: int) -> bool:
-    """running → queued for another try, while attempts remain. The caller enqueues after commit."""
+    """running → dispatched for another try, while attempts remain: the task's own retry message brings it back,
+    and it keeps its place among the tenant's running work meanwhile."""
     conditions = [Shard.id == shard_id, Shard.status == "running", Shard.attempts < max_attempts]
     if worker is not None:
         conditions.append(Shard.lease_owner == worker)
@@ -236,13 +245,13 @@ def requeue_shard(session: Session, *, shard_id: int, worker: str | None, max_at
             session,
             update(Shard)
             .where(*conditions)
-            .values(status="queued", lease_owner=None, lease_expires_at=None, enqueued_at=utcnow(), progress=0),
+            .values(status="dispatched", lease_owner=None, lease_expires_at=None, enqueued_at=utcnow(), progress=0),
         )
     )
 
 
 def release_leases(session: Session, *, worker: str) -> int:
-    """running → queued for every shard this worker node holds, when it stops on purpose (a deploy's SIGTERM,
+    """running → dispatched for every shard this worker node holds, when it stops on purpose (a deploy's SIGTERM,
     which `lmbatch worker` makes a soft shutdown) and Celery puts the shards' messages back on the queue: the
     next worker claims them at once instead of waiting out the lease. The attempt is handed back, since the
     shard did not fail. Returns how many were released."""
@@ -251,7 +260,7 @@ def release_leases(session: Session, *, worker: str) -> int:
         update(Shard)
         .where(Shard.status == "running", Shard.lease_owner == worker)
         .values(
-            status="queued",
+            status="dispatched",
             lease_owner=None,
             lease_expires_at=None,
             enqueued_at=utcnow(),
@@ -288,7 +297,8 @@ def finish_job_if_done(session: Session, *, job_id: str) -> str | None:
 
 
 def cancel_job(session: Session, *, job_id: str) -> str | None:
-    """queued | running → cancelling; queued shards never run. Returns the job's status after the call."""
+    """queued | running → cancelling; shards not yet running never run (those already sent to Redis are refused
+    when a worker takes them). Returns the job's status after the call."""
     now = utcnow()
     session.execute(
         update(Job)
@@ -297,7 +307,7 @@ def cancel_job(session: Session, *, job_id: str) -> str | None:
     )
     session.execute(
         update(Shard)
-        .where(Shard.job_id == job_id, Shard.status == "queued")
+        .where(Shard.job_id == job_id, Shard.status.in_(("queued", "dispatched")))
         .values(status="cancelled", finished_at=now)
     )
     finish_job_if_done(session, job_id=job_id)
@@ -305,16 +315,19 @@ def cancel_job(session: Session, *, job_id: str) -> str | None:
 
 
 def pause_job(session: Session, *, job_id: str) -> bool:
-    """queued | running → paused. A running shard notices at its next step and parks itself."""
-    return bool(
-        changed(
-            session, update(Job).where(Job.id == job_id, Job.status.in_(("queued", "running"))).values(status="paused")
-        )
-    )
+    """queued | running → paused. A running shard notices at its next step and parks itself; one sent but not
+    started goes back to the dispatcher's queue, so it holds no place in the runway while the job is paused."""
+    if not changed(
+        session, update(Job).where(Job.id == job_id, Job.status.in_(("queued", "running"))).values(status="paused")
+    ):
+        return False
+    session.execute(update(Shard).where(Shard.job_id == job_id, Shard.status == "dispatched").values(status="queued"))
+    return True
 
 
 def park_shard(session: Session, *, shard_id: int, worker: str) -> bool:
-    """running → queued without counting an attempt: the job was paused, nothing went wrong."""
+    """running → queued without counting an attempt: the job was paused, nothing went wrong. The dispatcher sends
+    it again once the job is not paused."""
     return bool(
         changed(
             session,
@@ -325,13 +338,9 @@ def park_shard(session: Session, *, shard_id: int, worker: str) -> bool:
     )
 
 
-def resume_job(session: Session, *, job_id: str) -> list[int]:
-    """paused → queued (running again once a worker claims a shard). Returns the shard ids to enqueue."""
-    if not changed(session, update(Job).where(Job.id == job_id, Job.status == "paused").values(status="queued")):
-        return []
-    ids = list(session.scalars(select(Shard.id).where(Shard.job_id == job_id, Shard.status == "queued")))
-    mark_enqueued(session, shard_ids=ids)
-    return ids
+def resume_job(session: Session, *, job_id: str) -> bool:
+    """paused → queued: the dispatcher sends its queued shards again (wake it after commit)."""
+    return bool(changed(session, update(Job).where(Job.id == job_id, Job.status == "paused").values(status="queued")))
 
 
 def set_result_model(session: Session, *, job_id: str, ref: str) -> bool:
@@ -355,21 +364,21 @@ def job_status(session: Session, *, job_id: str) -> str | None:
 class DueShard:
     shard_id: int
     status: str
-    kind: str
-    params: dict[str, Any]
+    queue: str
 
 
 def due_shards(session: Session, *, requeue_after: timedelta, limit: int = 1000) -> list[DueShard]:
-    """Shards whose lease expired, or queued and not sent within `requeue_after`."""
+    """Shards whose lease expired, or dispatched and not claimed within `requeue_after` (their message may be lost).
+    Queued shards are never due: they are the dispatcher's."""
     now = utcnow()
     rows = session.execute(
-        select(Shard.id, Shard.status, Job.kind, Job.params)
+        select(Shard.id, Shard.status, Job.queue)
         .join(Job, Job.id == Shard.job_id)
         .where(
             Job.status != "paused",
             or_(
                 and_(Shard.status == "running", Shard.lease_expires_at < now),
-                Shard.status == "queued",
+                Shard.status == "dispatched",
             ),
             # Not re-sent within the last interval, so a backlog is not sent again at every sweep.
             or_(Shard.enqueued_at.is_(None), Shard.enqueued_at < now - requeue_after),
@@ -377,7 +386,7 @@ def due_shards(session: Session, *, requeue_after: timedelta, limit: int = 1000)
         .order_by(Shard.id)
         .limit(limit)
     ).all()
-    return [DueShard(shard_id, status, kind, params) for shard_id, status, kind, params in rows]
+    return [DueShard(shard_id, status, queue) for shard_id, status, queue in rows]
 
 
 def mark_enqueued(session: Session, *, shard_ids: Iterable[int]) -> None:

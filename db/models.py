@@ -83,6 +83,11 @@ class Tenant(Base):
     max_requests_per_second: Mapped[int | None] = mapped_column(Integer)
     max_queued_items: Mapped[int | None] = mapped_column(BigInteger)
     max_stored_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    # The dispatcher's overrides (workers/shards/dispatcher.py): a share of the workers relative to other tenants,
+    # shards dispatched or running at once, fine-tunes dispatched or running at once.
+    weight: Mapped[float | None] = mapped_column(Float)
+    max_running_shards: Mapped[int | None] = mapped_column(Integer)
+    max_concurrent_finetunes: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -167,7 +172,14 @@ class Job(Base):
     model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
     params: Mapped[dict[str, Any]] = mapped_column(default=dict)
     input_file_id: Mapped[str | None] = mapped_column(String(40))
+    # The Celery queue its shards travel on (db.names.queue_for), fixed at creation: the dispatcher fills each
+    # queue's runway from the jobs waiting on it.
+    queue: Mapped[str] = mapped_column(String(32))
+    # The tenant's own ordering of its jobs (0-9, higher first); it never moves a job ahead of another tenant's.
     priority: Mapped[int] = mapped_column(Integer, default=0)
+    # While the job waits: the dispatcher's estimate of the shards that start before its first one (0 once one has
+    # been dispatched; None before the dispatcher first looked).
+    shards_ahead: Mapped[int | None] = mapped_column(Integer)
     total: Mapped[int] = mapped_column(Integer, default=0)
     succeeded: Mapped[int] = mapped_column(Integer, default=0)
     failed: Mapped[int] = mapped_column(Integer, default=0)
@@ -190,6 +202,8 @@ class Shard(Base):
     __table_args__ = (
         UniqueConstraint("job_id", "index", name="uq_shards_job_index"),
         Index("ix_shards_status_lease", "status", "lease_expires_at"),
+        # The dispatcher takes a job's next queued shards in index order without reading past the finished ones.
+        Index("ix_shards_job_status_index", "job_id", "status", "index"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -201,6 +215,7 @@ class Shard(Base):
     end: Mapped[int] = mapped_column(Integer)
     # The shard's input items, each {"custom_id": …, "input": {…}, "index"?: …}: a shard reads one row, not N.
     items: Mapped[list[Any]] = mapped_column(default=list)
+    # queued (waits in the database) → dispatched (its id sent to Redis) → running → succeeded | failed | cancelled
     status: Mapped[str] = mapped_column(String(16), default="queued")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     lease_owner: Mapped[str | None] = mapped_column(String(200))
@@ -209,7 +224,7 @@ class Shard(Base):
     progress: Mapped[int] = mapped_column(Integer, default=0)  # items done in the current attempt
     succeeded: Mapped[int] = mapped_column(Integer, default=0)
     failed: Mapped[int] = mapped_column(Integer, default=0)
-    enqueued_at: Mapped[datetime | None]
+    enqueued_at: Mapped[datetime | None]  # when its id was last sent to Redis
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     duration_seconds: Mapped[float | None] = mapped_column(Float)  # of the attempt that finished it

@@ -7,7 +7,7 @@ light, can import it too.
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 # What a job does. Each kind is also the name of the queue its shards travel on.
 JobKind = Literal["generate", "classify", "embed", "finetune"]
@@ -19,6 +19,14 @@ MULTI_GPU_QUEUE = "finetune.multi"
 MAINTENANCE_QUEUE = "maintenance"
 # Every queue a worker may consume, in the order the operator sees them (`--queues`, /metrics).
 QUEUES: tuple[str, ...] = (*JOB_KINDS, MULTI_GPU_QUEUE, MAINTENANCE_QUEUE)
+
+
+def queue_for(kind: str, params: dict[str, Any] | None = None) -> str:
+    """Job kinds are queues; a fine-tune over several GPUs goes to the workers that own several."""
+    if kind == "finetune" and int((params or {}).get("num_gpus", 1)) > 1:
+        return MULTI_GPU_QUEUE
+    return kind
+
 
 # A job (and a shard) in one of these states never changes again.
 TERMINAL_JOB_STATES: tuple[str, ...] = ("succeeded", "failed", "cancelled")

@@ -51,6 +51,12 @@ class Settings(BaseSettings):
     max_queued_items_per_tenant: int = Field(5_000_000, ge=1)
     max_requests_per_second: int = Field(200, ge=0)
     max_stored_bytes_per_tenant: int = Field(200 * 1024**3, ge=0)
+    # Fair scheduling (workers/shards/dispatcher.py), per tenant with an admin's overrides. A tenant's share of the
+    # workers of a queue is its weight over the weights of the tenants waiting there. Running shards count those
+    # dispatched to Redis too; 0: no limit. Fine-tunes hold a GPU for hours: one tenant gets this many at once.
+    tenant_weight: float = Field(1.0, gt=0, le=1000)
+    max_running_shards_per_tenant: int = Field(0, ge=0)
+    max_concurrent_finetunes_per_tenant: int = Field(2, ge=0)
     batch_size: int = Field(32, ge=1, le=4096)
     # Generation on the CPU: padded positions (rows x (prompt + new tokens)) per batch, so long prompts go in
     # smaller batches. On a GPU the budget comes from free memory instead (workers/engines/generate.py).
@@ -89,6 +95,14 @@ class Settings(BaseSettings):
     max_shard_attempts: int = Field(3, ge=1)
     sweep_interval_seconds: float = Field(15.0, gt=0)
     sweeper_enabled: bool = True
+    # The dispatcher (one at a time across the workers, under a Redis lock) keeps each queue's runway in Redis at
+    # the worker processes serving it times this factor: enough that a worker finds its next shard waiting, few
+    # enough that a tenant arriving later waits behind only that many. It runs when a shard ends, when a job
+    # arrives or resumes, and at least every interval; a dispatcher that dies frees the lock after lock_seconds.
+    dispatcher_enabled: bool = True
+    dispatch_runway_factor: int = Field(2, ge=1, le=1000)
+    dispatch_interval_seconds: float = Field(1.0, gt=0, le=60)
+    dispatch_lock_seconds: float = Field(10.0, ge=1, le=600)
     # Celery's Redis visibility timeout must outlast the longest task, or a long fine-tune runs twice.
     visibility_timeout_seconds: int = Field(12 * 3600, ge=60)
     worker_max_memory_kb: int = Field(0, ge=0)  # 0: no per-child memory cap

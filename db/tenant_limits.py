@@ -7,7 +7,9 @@ setting"; `reset` puts it back to None.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -23,6 +25,9 @@ class TenantLimits:
     max_requests_per_second: int  # 0: no limit
     max_queued_items: int
     max_stored_bytes: int  # 0: no limit
+    weight: float  # its share of a queue's workers, relative to the other tenants waiting there
+    max_running_shards: int  # dispatched or running at once; 0: no limit
+    max_concurrent_finetunes: int  # 0: no limit
 
 
 # The override column of each limit, and the setting it overrides.
@@ -30,12 +35,16 @@ SETTING_OF = {
     "max_requests_per_second": "max_requests_per_second",
     "max_queued_items": "max_queued_items_per_tenant",
     "max_stored_bytes": "max_stored_bytes_per_tenant",
+    "weight": "tenant_weight",
+    "max_running_shards": "max_running_shards_per_tenant",
+    "max_concurrent_finetunes": "max_concurrent_finetunes_per_tenant",
 }
 LIMIT_NAMES = tuple(field.name for field in fields(TenantLimits))
+MAX_WEIGHT = 1000.0  # the bound of the tenant_weight setting
 
 
 def limits_of(tenant: Tenant, settings: Settings) -> TenantLimits:
-    values = {}
+    values: dict[str, Any] = {}
     for name in LIMIT_NAMES:
         override = getattr(tenant, name)
         values[name] = override if override is not None else getattr(settings, SETTING_OF[name])
@@ -50,7 +59,7 @@ def tenant_limits(session: Session, *, tenant_id: int, settings: Settings) -> Te
 
 
 def set_overrides(
-    session: Session, *, tenant_name: str, values: dict[str, int], reset: tuple[str, ...] = ()
+    session: Session, *, tenant_name: str, values: Mapping[str, float], reset: tuple[str, ...] = ()
 ) -> Tenant | None:
     """Set (`values`) or clear (`reset`) a tenant's overrides; None when no tenant has that name."""
     unknown = sorted((set(values) | set(reset)) - set(LIMIT_NAMES))
@@ -60,13 +69,17 @@ def set_overrides(
     if tenant is None:
         return None
     for name, value in values.items():
-        if value < 0:
-            raise ValueError(f"{name} must be 0 or more, not {value}")
+        if value < 0 or (name == "weight" and not 0 < value <= MAX_WEIGHT):
+            raise ValueError(f"{name} must be {_range_of(name)}, not {value}")
         setattr(tenant, name, value)
     for name in reset:
         setattr(tenant, name, None)
     session.flush()
     return tenant
+
+
+def _range_of(name: str) -> str:
+    return f"more than 0 and at most {MAX_WEIGHT:g}" if name == "weight" else "0 or more"
 
 
 def all_tenants(session: Session) -> list[Tenant]:

@@ -22,12 +22,13 @@ from api.app import create_app
 from db.migrate import upgrade
 from db.session import make_engine, make_session_factory
 from db.settings import Settings
-from tests.factories import auth_headers, builtin_model_dir, empty_tables
+from tests.factories import auth_headers, builtin_model_dir, cancel_waiting_shards, empty_tables
 from tests.servers import create_postgres_database, drop_postgres_database
 from tests.stack import (
     MODEL_CACHE,
     RedisDb,
     WorkerProcess,
+    holding_dispatcher_lock,
     make_test_settings,
     on_private_redis_db,
     redis_db_url,
@@ -144,10 +145,16 @@ def client(settings: Settings, empty_db: sessionmaker[Session]) -> Iterator[Test
 
 
 @pytest.fixture
-def unserved_settings(settings: Settings) -> Settings:
-    """The same settings on a Redis DB no test worker serves: what the API enqueues stays queued, whatever
-    the session's shared worker is doing."""
-    return on_private_redis_db(settings, RedisDb.UNSERVED)
+def unserved_settings(settings: Settings, engine: Engine) -> Iterator[Settings]:
+    """The same settings on a Redis DB no test worker serves: what the API accepts stays queued, whatever the
+    session's shared worker is doing.
+
+    The database is the queue now, and the shared worker's dispatcher reads the same database: the test holds that
+    dispatcher's lock meanwhile, so no pass sends this test's shards to the shared worker, and cancels what it left
+    waiting before it lets go."""
+    with holding_dispatcher_lock(settings.redis_url):
+        yield on_private_redis_db(settings, RedisDb.UNSERVED)
+        cancel_waiting_shards(engine)
 
 
 @pytest.fixture

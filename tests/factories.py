@@ -18,13 +18,14 @@ import httpx
 import psycopg
 import redis
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import Engine, func, select, text, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.rate_limit import NAMESPACE as RATE_LIMIT_KEYS
 from db import jobs
-from db.models import Base, ItemResult, ModelVersion
+from db.dispatch import dispatch_shards
+from db.models import Base, ItemResult, ModelVersion, Shard
 from db.names import TERMINAL_JOB_STATES
 from db.registry import register_version
 from db.session import transaction
@@ -93,6 +94,12 @@ def refusing_rows(engine: Engine, table: str, *, when: str = "1 = 1", on: str = 
                 connection.execute(text(statement))
 
 
+def cancel_waiting_shards(engine: Engine) -> None:
+    """Cancel every shard not yet running, so no dispatcher sends a finished test's leftovers to a shared worker."""
+    with engine.begin() as connection:
+        connection.execute(update(Shard).where(Shard.status.in_(("queued", "dispatched"))).values(status="cancelled"))
+
+
 def make_key(session_factory: sessionmaker[Session], tenant: str, scope: str = "tenant") -> str:
     """A new API key of ``tenant`` (created if new); ``scope="admin"`` for one that may change the registry."""
     with transaction(session_factory) as session:
@@ -104,15 +111,18 @@ def auth_headers(session_factory: sessionmaker[Session], tenant: str, scope: str
     return {"Authorization": f"Bearer {make_key(session_factory, tenant, scope)}"}
 
 
-def make_job(session_factory: sessionmaker[Session], *, items: int = 4, shard_size: int = 2) -> jobs.NewJob:
-    """A queued embed job of tenant "acme" on a model "tiny" that exists only as a row: for db and runner tests."""
+def make_job(
+    session_factory: sessionmaker[Session], *, items: int = 4, shard_size: int = 2, dispatched: bool = True
+) -> jobs.NewJob:
+    """An embed job of tenant "acme" on a model "tiny" that exists only as a row: for db and runner tests. Its
+    shards are dispatched, as the dispatcher leaves them for a worker to claim; `dispatched=False`: still queued."""
     with transaction(session_factory) as session:
         tenant = get_or_create_tenant(session, name="acme")
         version = session.scalar(select(ModelVersion).where(ModelVersion.name == "tiny")) or register_version(
             session, name="tiny", task="encoder", kinds=["embed"], artifact_uri="/nowhere", sha256="0" * 64
         )
         session.flush()
-        return jobs.create_job(
+        new = jobs.create_job(
             session,
             tenant_id=tenant.id,
             kind="embed",
@@ -122,6 +132,9 @@ def make_job(session_factory: sessionmaker[Session], *, items: int = 4, shard_si
             items=[{"custom_id": f"c{i}", "input": {"text": f"t{i}"}} for i in range(items)],
             shard_size=shard_size,
         )
+        if dispatched:
+            dispatch_shards(session, job_id=new.job.id, count=len(new.shard_ids))
+        return new
 
 
 def add_model_row(
@@ -151,17 +164,19 @@ def make_job_on(
     params: dict[str, Any] | None = None,
     shard_size: int = 64,
     tenant: str = "acme",
+    dispatched: bool = True,
 ) -> jobs.NewJob:
-    """A queued job of ``tenant`` on the latest version of the registered ``model``, written straight to the
-    database as the door once accepted it: items the door refuses today (a custom_id over 512 characters) included,
-    as a job accepted before that cap would hold them."""
+    """A job of ``tenant`` on the latest version of the registered ``model``, written straight to the database as
+    the door once accepted it: items the door refuses today (a custom_id over 512 characters) included, as a job
+    accepted before that cap would hold them. Its shards are dispatched (a worker may claim them) unless
+    `dispatched=False`."""
     with transaction(session_factory) as session:
         owner = get_or_create_tenant(session, name=tenant)
         version = session.scalars(
             select(ModelVersion).where(ModelVersion.name == model).order_by(ModelVersion.version.desc())
         ).first()
         assert version is not None, f"no model {model!r} is registered"
-        return jobs.create_job(
+        new = jobs.create_job(
             session,
             tenant_id=owner.id,
             kind=kind,
@@ -171,6 +186,9 @@ def make_job_on(
             items=items,
             shard_size=shard_size,
         )
+        if dispatched:
+            dispatch_shards(session, job_id=new.job.id, count=len(new.shard_ids))
+        return new
 
 
 def count_results(session_factory: sessionmaker[Session], job_id: str) -> int:
@@ -280,7 +298,7 @@ def wait_job(
             return None
         return job if job.get("status") in TERMINAL_JOB_STATES else None
 
-    return wait_for(finished, timeout=timeout, interval=0.3, what=f"job {job_id} to finish")  # type: ignore[no-any-return]
+    return wait_for(finished, timeout=timeout, interval=0.3, what=f"job {job_id} to finish")
 
 
 def jsonl_results(client: TestClient | httpx.Client, headers: dict[str, str], job_id: str) -> list[dict[str, Any]]:

@@ -39,6 +39,7 @@ from tests.servers import (
     postgres_available,
     redis_available,
 )
+from workers.shards.dispatcher import LOCK_KEY as DISPATCHER_LOCK_KEY
 
 REPO = Path(__file__).resolve().parents[1]
 # Built-in models are converted once per clone and shared by every test run (SmolLM2 takes ~15 s).
@@ -94,6 +95,22 @@ def on_private_redis_db(settings: Settings, database: RedisDb) -> Settings:
     url = urlunsplit(urlsplit(settings.redis_url)._replace(path=f"/{int(database)}"))
     redis.Redis.from_url(url).flushdb()
     return settings.model_copy(update={"redis_url": url})
+
+
+@contextlib.contextmanager
+def holding_dispatcher_lock(redis_url: str) -> Iterator[None]:
+    """No dispatcher on this Redis sends anything meanwhile: the test holds their lock.
+
+    Set over whoever holds it: the holder finds its lock gone at its next renewal (a pass that had already begun
+    ends first, and read the database before the test wrote anything) and waits, like any other, for the key."""
+    token = f"tests/{os.getpid()}/{time.monotonic_ns()}"
+    with redis.Redis.from_url(redis_url) as client:
+        client.set(DISPATCHER_LOCK_KEY, token, px=600_000)
+        try:
+            yield
+        finally:
+            if client.get(DISPATCHER_LOCK_KEY) == token.encode():
+                client.delete(DISPATCHER_LOCK_KEY)
 
 
 def require(ok: bool, what: str) -> None:

@@ -26,6 +26,7 @@ from db.session import make_engine, make_session_factory, transaction
 from workers.app import app, settings
 from workers.presence import PresenceThread
 from workers.runtime import Runtime, build_runtime, current_runtime, detach_runtime, open_runtime_with
+from workers.shards.dispatcher import DispatcherThread
 from workers.shards.sweeper import SweeperThread
 
 log = logging.getLogger("lmbatch.worker")
@@ -33,6 +34,7 @@ log = logging.getLogger("lmbatch.worker")
 # The Celery node name (gpu0@host), learned in the parent before the pool forks; children inherit it.
 _node_name = f"worker@{socket.gethostname()}"
 _sweeper: SweeperThread | None = None
+_dispatcher: DispatcherThread | None = None
 _presence: PresenceThread | None = None
 
 
@@ -81,24 +83,30 @@ def _close_runtime(**_: Any) -> None:
         _presence.stop()
     runtime.models.clear()
     runtime.engine.dispose()
+    runtime.broker.close()
 
 
 @worker_ready.connect
-def _start_sweeper(sender: Any = None, **_: Any) -> None:
+def _start_sweeper_and_dispatcher(sender: Any = None, **_: Any) -> None:
     # In the worker's main process, after the pool has forked. NullPool: no pooled connection lingers
     # to be inherited by a pool process that is re-forked later.
-    global _sweeper
-    if not settings.sweeper_enabled or sender is None:
+    global _sweeper, _dispatcher
+    if sender is None or not (settings.sweeper_enabled or settings.dispatcher_enabled):
         return
     sessions = make_session_factory(make_engine(settings, poolclass=NullPool))
-    _sweeper = SweeperThread(settings, sessions, sender.app, _node_name)
-    _sweeper.start()
+    if settings.dispatcher_enabled:
+        _dispatcher = DispatcherThread(settings, sessions, sender.app, _node_name)
+        _dispatcher.start()
+    if settings.sweeper_enabled:
+        _sweeper = SweeperThread(settings, sessions, sender.app, _node_name)
+        _sweeper.start()
 
 
 @worker_shutdown.connect
-def _stop_sweeper(**_: Any) -> None:
-    if _sweeper is not None:
-        _sweeper.stop()
+def _stop_sweeper_and_dispatcher(**_: Any) -> None:
+    for thread in (_dispatcher, _sweeper):
+        if thread is not None:
+            thread.stop()
 
 
 @worker_shutting_down.connect

@@ -1,4 +1,4 @@
-"""What a worker process holds: settings, a database session factory, a model cache, its device.
+"""What a worker process holds: settings, a database session factory, a Redis client, a model cache, its device.
 
 Built once per pool process after fork by the opener that the signal hooks hand in (workers/lifecycle.py), and
 reached by tasks through ``current_runtime()``; tests and benchmarks call ``build_runtime`` directly.
@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import redis
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -28,6 +29,8 @@ class Runtime:
     settings: Settings
     engine: Engine
     sessions: sessionmaker[Session]
+    # The broker, for what the worker tells the rest of lmbatch directly (waking the dispatcher); connects on use.
+    broker: redis.Redis
     worker_name: str
     device: torch.device
     models: ModelCache
@@ -47,6 +50,7 @@ def build_runtime(settings: Settings, *, worker_name: str | None = None) -> Runt
         settings=settings,
         engine=engine,
         sessions=make_session_factory(engine),
+        broker=redis.Redis.from_url(settings.redis_url, socket_timeout=5),
         worker_name=worker_name or f"local@{socket.gethostname()}",
         device=pick_device(),
         models=ModelCache(max_bytes=settings.model_cache_bytes),

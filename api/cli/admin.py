@@ -217,7 +217,8 @@ def tenants_list(ctx: typer.Context) -> None:
 
     settings = settings_of(ctx)
     table = Table(box=None, pad_edge=False)
-    for column in ("TENANT", "NAMESPACE", "REQUESTS/S", "QUEUED ITEMS", "STORED BYTES", "STORES"):
+    headings = ("REQUESTS/S", "QUEUED ITEMS", "STORED BYTES", "WEIGHT", "RUNNING SHARDS", "FINE-TUNES")
+    for column in ("TENANT", "NAMESPACE", *headings, "STORES"):
         table.add_column(column, no_wrap=True)
     with database_session(ctx) as session:
         for tenant in all_tenants(session):
@@ -241,6 +242,15 @@ def tenants_set(
     max_stored_bytes: Annotated[
         str | None, typer.Option(help="Files and own model versions, e.g. 50G (0: no limit).")
     ] = None,
+    weight: Annotated[
+        float | None, typer.Option(min=0.001, max=1000, help="Share of a queue's workers against other tenants.")
+    ] = None,
+    max_running_shards: Annotated[
+        int | None, typer.Option(min=0, help="Shards dispatched or running at once (0: no limit).")
+    ] = None,
+    max_concurrent_finetunes: Annotated[
+        int | None, typer.Option(min=0, help="Fine-tunes dispatched or running at once (0: no limit).")
+    ] = None,
     reset: Annotated[
         list[str] | None,
         typer.Option(help="Back to the deployment's setting: max-requests-per-second, max-queued-items, …"),
@@ -249,13 +259,20 @@ def tenants_set(
     """Override limits for one tenant (the rest keep the deployment's settings)."""
     from db.tenant_limits import set_overrides
 
-    values: dict[str, int] = {}
+    values: dict[str, float] = {}
     if max_requests_per_second is not None:
         values["max_requests_per_second"] = max_requests_per_second
     if max_queued_items is not None:
         values["max_queued_items"] = max_queued_items
     if max_stored_bytes is not None:
         values["max_stored_bytes"] = parse_size(max_stored_bytes)
+    for name, value in (
+        ("weight", weight),
+        ("max_running_shards", max_running_shards),
+        ("max_concurrent_finetunes", max_concurrent_finetunes),
+    ):
+        if value is not None:
+            values[name] = value
     cleared = tuple(name.replace("-", "_") for name in reset or ())
     if not values and not cleared:
         raise CliError("nothing to set: give a limit option or --reset")

@@ -134,6 +134,23 @@ def eta_text(job: dict[str, Any]) -> str:
     return duration(job["eta_seconds"]) if job["eta_seconds"] is not None else "-"
 
 
+def waiting_text(job: dict[str, Any]) -> str | None:
+    """A waiting job's place in its queue, as the dispatcher last estimated it; None when there is none to show
+    (the job is not queued, or the dispatcher has not looked at it yet, or the API predates the field)."""
+    ahead = job.get("shards_ahead")
+    if job["status"] != "queued" or ahead is None:
+        return None
+    if ahead == 0:
+        return "next in line (its first shard is on its way to a worker)"
+    return f"about {ahead} shard{'s' if ahead != 1 else ''} ahead"
+
+
+def status_text(job: dict[str, Any]) -> str:
+    """The job's status and, while it waits, its place in the queue: what the progress bar shows."""
+    waiting = waiting_text(job)
+    return f"{job['status']}, {waiting}" if waiting else str(job["status"])
+
+
 def follow_job(client: Client, job: dict[str, Any], *, console: Console) -> dict[str, Any]:
     """A live progress bar (items, items/s and ETA as the API computes them) until the job ends."""
     columns = (
@@ -149,7 +166,7 @@ def follow_job(client: Client, job: dict[str, Any], *, console: Console) -> dict
             progress.update(
                 bar,
                 completed=items_done(job),
-                description=f"{job['id']} {job['status']}",
+                description=f"{job['id']} {status_text(job)}",
                 rate=rate_text(job),
                 eta=eta_text(job),
             )
@@ -210,7 +227,7 @@ def status(
     url: UrlOpt = DEFAULT_URL,
     api_key: KeyOpt = None,
 ) -> None:
-    """A job's state, counts, speed and ETA."""
+    """A job's state, counts, speed and ETA; while it waits, about how many shards are ahead of it."""
     with connect(url, api_key) as client:
         job = client.get_job(job_id)
     if as_json:
@@ -223,6 +240,9 @@ def status(
         "status",
         f"{job['status']}  {job['progress']:.0%}  ({items_done(job)}/{counts['total']}, {counts['failed']} failed)",
     )
+    waiting = waiting_text(job)
+    if waiting is not None:
+        grid.add_row("waiting", waiting)
     grid.add_row("speed", f"{rate_text(job)}  ETA {eta_text(job)}")
     for moment in ("created", "started", "finished"):
         grid.add_row(moment, when(job[f"{moment}_at"]))

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from api.deps import (
     CurrentPrincipal,
     ListedTenant,
-    SenderDep,
+    RedisDep,
     SessionDep,
     SessionsDep,
     SettingsDep,
@@ -24,7 +24,6 @@ from api.deps import (
 )
 from api.errors import BadRequest, NotFound
 from api.idempotency import IdempotentPostDep
-from api.openai_format import ENDPOINT_KINDS
 from api.routes.files import owned_file
 from api.schemas.batches import BatchCreate, BatchList, BatchPublic
 from api.services import batches as batches_service
@@ -32,6 +31,7 @@ from db import batches as batch_repo
 from db.models import Batch
 from db.session import end_reads
 from db.tenants import Principal
+from workers.shards.wake import wake_dispatcher
 
 router = APIRouter(tags=["batches"])
 
@@ -50,11 +50,11 @@ def create_batch(
     session: SessionDep,
     sessions: SessionsDep,
     settings: SettingsDep,
-    sender: SenderDep,
+    client: RedisDep,
     once: IdempotentPostDep,
 ) -> BatchPublic | JSONResponse:
     def accept() -> BatchPublic:
-        return _accept_batch(body, principal, session, sessions, settings, sender)
+        return _accept_batch(body, principal, session, sessions, settings, client)
 
     return once.answer_once(accept, status_code=200)
 
@@ -65,7 +65,7 @@ def _accept_batch(
     session: SessionDep,
     sessions: SessionsDep,
     settings: SettingsDep,
-    sender: SenderDep,
+    client: RedisDep,
 ) -> BatchPublic:
     stored = owned_file(session, principal, body.input_file_id)
     if stored.purpose != "batch":
@@ -82,7 +82,7 @@ def _accept_batch(
         settings=settings,
     )
     if shard_ids:
-        batches_service.enqueue(sender, kind=ENDPOINT_KINDS[body.endpoint], shard_ids=shard_ids)
+        wake_dispatcher(client)
     return batches_service.batch_public(session, batch)
 
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 
 from fastapi import APIRouter, Query
 
-from api.deps import CurrentPrincipal, RedisDep, SenderDep, SessionDep, SessionsDep, SettingsDep
+from api.deps import CurrentPrincipal, RedisDep, SessionDep, SessionsDep, SettingsDep
 from api.errors import Conflict, NotFound
 from api.schemas.fine_tuning import (
     FineTuningJob,
@@ -23,12 +23,12 @@ from api.schemas.fine_tuning import (
 )
 from api.services import intake
 from api.services.finetune_intake import accept_finetune
-from api.services.submit import JobOrder, create_and_submit, submit
+from api.services.submit import JobOrder, create_and_submit
 from db import events, job_reads
 from db import jobs as job_repo
 from db.models import new_id
 from db.session import end_reads, transaction
-from workers.shards.enqueue import queue_for
+from workers.shards.wake import wake_dispatcher
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -57,7 +57,6 @@ def create_fine_tuning_job(
     session: SessionDep,
     sessions: SessionsDep,
     settings: SettingsDep,
-    sender: SenderDep,
     client: RedisDep,
 ) -> FineTuningJob:
     version = intake.resolve_model(session, ref=body.model, kind="finetune", viewer=principal)
@@ -84,7 +83,7 @@ def create_fine_tuning_job(
         metadata=body.metadata,
         job_id=new_id("ftjob"),
     )
-    job = create_and_submit(sessions, sender, order=order, settings=settings)
+    job = create_and_submit(sessions, client, order=order, settings=settings)
     with sessions() as read:
         return ftjob_public(read, owned_ftjob(read, principal, job.id))
 
@@ -129,15 +128,14 @@ def pause_fine_tuning_job(job_id: str, principal: CurrentPrincipal, sessions: Se
 
 @router.post("/fine_tuning/jobs/{job_id}/resume", response_model=FineTuningJob)
 def resume_fine_tuning_job(
-    job_id: str, principal: CurrentPrincipal, sessions: SessionsDep, sender: SenderDep
+    job_id: str, principal: CurrentPrincipal, sessions: SessionsDep, client: RedisDep
 ) -> FineTuningJob:
     with transaction(sessions) as session:
         job = owned_ftjob(session, principal, job_id)
         if job.status != "paused":
             raise Conflict(f"job {job_id} is {job.status}, not paused", code="not_paused")
-        shard_ids = job_repo.resume_job(session, job_id=job.id)
-        queue = queue_for("finetune", job.params)
-    submit(sender, queue=queue, shard_ids=shard_ids)
+        job_repo.resume_job(session, job_id=job.id)
+    wake_dispatcher(client)
     with sessions() as session:
         return ftjob_public(session, owned_ftjob(session, principal, job_id))
 

@@ -14,7 +14,6 @@ from api.deps import (
     CurrentPrincipal,
     ListedTenant,
     RedisDep,
-    SenderDep,
     SessionDep,
     SessionsDep,
     SettingsDep,
@@ -67,12 +66,11 @@ def create_job(
     session: SessionDep,
     sessions: SessionsDep,
     settings: SettingsDep,
-    sender: SenderDep,
     client: RedisDep,
     once: IdempotentPostDep,
 ) -> JobPublic | JSONResponse:
     def accept() -> JobPublic:
-        return _accept_job(body, principal, session, sessions, settings, sender, client)
+        return _accept_job(body, principal, session, sessions, settings, client)
 
     return once.answer_once(accept, status_code=202)
 
@@ -83,7 +81,6 @@ def _accept_job(
     session: SessionDep,
     sessions: SessionsDep,
     settings: SettingsDep,
-    sender: SenderDep,
     client: RedisDep,
 ) -> JobPublic:
     version = intake.resolve_model(session, ref=body.model, kind=body.kind, viewer=principal)
@@ -122,7 +119,7 @@ def _accept_job(
         priority=body.priority,
         metadata=body.metadata,
     )
-    return job_public(session, create_and_submit(sessions, sender, order=order, settings=settings))
+    return job_public(session, create_and_submit(sessions, client, order=order, settings=settings))
 
 
 @router.get("/jobs", response_model=JobList)

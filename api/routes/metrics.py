@@ -6,7 +6,8 @@ so every API replica reports the same numbers and a restart loses nothing. Flowe
 
 Only a scraper holding the metrics token reads it (`Authorization: Bearer <LMBATCH_METRICS_TOKEN>`, Prometheus's
 `authorization` scrape setting); with no token set it is closed. Every series is a total over all tenants: none
-carries a tenant's name or id, so the token shows no tenant anything about another.
+carries a tenant's name or id, so the token shows no tenant anything about another. The per-tenant series are on
+`/metrics/tenants` (api/routes/tenant_metrics.py), behind an admin API key instead.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from api.deps import RedisDep, SettingsDep
 from api.errors import Unauthorized
-from db import stats
+from db import dispatch, stats
 from db.names import QUEUES
 from workers.presence import read_workers
 from workers.restart_records import read_restart_stats
@@ -34,9 +36,11 @@ if TYPE_CHECKING:
 router = APIRouter(tags=["metrics"])
 
 SHARD_SECONDS_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+# The text format every Prometheus reads (prometheus_client's own default names a newer version).
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 
-class _Collector:
+class _Collector(Collector):
     def __init__(self, session: Session, client: redis.Redis) -> None:
         self.session = session
         self.client = client
@@ -61,8 +65,21 @@ class _Collector:
         yield jobs
         yield items
         yield tokens
+        yield self._queued_shards()
         yield self._shard_histogram()
         yield from self._redis_metrics()
+
+    def _queued_shards(self) -> GaugeMetricFamily:
+        # The backlog in the database, which the dispatcher feeds to the queues a short runway at a time (so
+        # lmbatch_queue_depth stays small however much waits): the series to watch for work piling up.
+        queued = GaugeMetricFamily(
+            "lmbatch_queued_shards",
+            "Shards waiting in the database for the dispatcher, by queue and job priority",
+            labels=["queue", "priority"],
+        )
+        for queue, priority, shards in dispatch.queued_shard_counts(self.session):
+            queued.add_metric([queue, str(priority)], shards)
+        return queued
 
     def _shard_histogram(self) -> HistogramMetricFamily:
         durations = stats.shard_durations(self.session, bounds=SHARD_SECONDS_BUCKETS)
@@ -116,8 +133,12 @@ def require_metrics_token(request: Request, settings: SettingsDep) -> None:
 
 @router.get("/metrics", include_in_schema=False, dependencies=[Depends(require_metrics_token)])
 def metrics(request: Request, client: RedisDep) -> Response:
-    registry = CollectorRegistry(auto_describe=False)
     with request.app.state.sessions() as session:
-        registry.register(_Collector(session, client))
-        body = generate_latest(registry)
-    return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+        return scraped(_Collector(session, client))
+
+
+def scraped(collector: Collector) -> Response:
+    """One scrape of ``collector``, in the Prometheus text format."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return Response(generate_latest(registry), media_type=PROMETHEUS_TEXT)

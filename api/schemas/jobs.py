@@ -72,6 +72,16 @@ class JobPublic(BaseModel):
     started_at: int | None
     finished_at: int | None
     cancelled_at: int | None
+    shards_ahead: int | None = Field(
+        description=(
+            "While the job waits (status `queued`): about how many shards start before its first one, counting "
+            "those already sent to workers on its queue, the tenant's own jobs ahead of it and the other tenants' "
+            "turns at their weights. The dispatcher stores it at each pass (each time a job arrives or a shard "
+            "ends, and every `dispatch_interval_seconds`): reading the job does not recount it. 0: its first shard "
+            "is on its way to a worker. null: nothing to show (the job is no longer queued, or the dispatcher has "
+            "not estimated it: it had not looked yet, or sent its first shard at the first look)."
+        )
+    )
     # Shown to admins only (the tenant owning the job); left out of a tenant's view, which holds only its own.
     tenant: str | None = Field(None, exclude_if=lambda value: value is None)
 
@@ -105,6 +115,8 @@ class JobPublic(BaseModel):
             started_at=epoch(job.started_at),
             finished_at=epoch(job.finished_at),
             cancelled_at=epoch(job.cancelled_at),
+            # The stored estimate (kept by the dispatcher, never counted here): stale once the job left the queue.
+            shards_ahead=job.shards_ahead if job.status == "queued" else None,
             tenant=tenant,
         )
 

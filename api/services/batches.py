@@ -12,13 +12,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from celery import Celery
-
 from api.errors import ApiError, BadRequest, PayloadTooLarge
 from api.openai_format import ENDPOINT_KINDS, ParsedFile, Refusal, parse_batch_file
 from api.schemas.batches import BatchPublic
 from api.services.intake import check_tenant_quota, input_caps
-from api.services.submit import submit
 from db import batches as batch_repo
 from db import jobs as job_repo
 from db.models import Batch, ModelVersion, StoredFile, new_id, utcnow
@@ -26,7 +23,6 @@ from db.registry import InvalidModelRef, Viewer, resolve
 from db.session import transaction
 from db.settings import Settings
 from workers.shards.batch_finalizer import finalize_batch_of_job
-from workers.shards.enqueue import queue_for
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
@@ -155,7 +151,3 @@ def cancel(sessions: sessionmaker[Session], batch: Batch, settings: Settings) ->
 
 def batch_public(session: Session, batch: Batch) -> BatchPublic:
     return BatchPublic.of(batch, batch_repo.progress(session, job_id=batch.job_id))
-
-
-def enqueue(sender: Celery, *, kind: str, shard_ids: list[int]) -> None:
-    submit(sender, queue=queue_for(kind), shard_ids=shard_ids)

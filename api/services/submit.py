@@ -1,8 +1,7 @@
-"""Writing an accepted job and sending its shards to their queue: the one place the API hands work to Celery."""
+"""Writing an accepted job and waking the dispatcher, which sends its shards to their queue in their turn."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -10,16 +9,14 @@ from typing import TYPE_CHECKING, Any
 from api.services.intake import check_tenant_quota, require_items
 from db import jobs
 from db.session import transaction
-from workers.shards.enqueue import enqueue_shards, queue_for
+from workers.shards.wake import wake_dispatcher
 
 if TYPE_CHECKING:
-    from celery import Celery
+    import redis
     from sqlalchemy.orm import Session, sessionmaker
 
     from db.models import Job
     from db.settings import Settings
-
-log = logging.getLogger("lmbatch.api")
 
 
 @dataclass(frozen=True)
@@ -39,9 +36,12 @@ class JobOrder:
     job_id: str | None = None  # None: a `job-…` id
 
 
-def create_and_submit(sessions: sessionmaker[Session], sender: Celery, *, order: JobOrder, settings: Settings) -> Job:
-    """Write the job and its shards in one transaction, then enqueue them. Any refusal while writing (a bad
-    line of an input file, an empty file, the tenant's queue limit) rolls all of it back."""
+def create_and_submit(
+    sessions: sessionmaker[Session], client: redis.Redis, *, order: JobOrder, settings: Settings
+) -> Job:
+    """Write the job and its shards in one transaction, then wake the dispatcher. Any refusal while writing (a bad
+    line of an input file, an empty file, the tenant's queue limit) rolls all of it back. If Redis is away the job
+    still stands: the dispatcher's timer sends its shards once it is back."""
     with transaction(sessions) as write:
         new = jobs.create_job(
             write,
@@ -60,13 +60,5 @@ def create_and_submit(sessions: sessionmaker[Session], sender: Celery, *, order:
         )
         require_items(new.job.total)
         check_tenant_quota(write, tenant_id=order.tenant_id, adding=0, settings=settings)
-    submit(sender, queue=queue_for(order.kind, order.params), shard_ids=new.shard_ids)
+    wake_dispatcher(client)
     return new.job
-
-
-def submit(sender: Celery, *, queue: str, shard_ids: list[int]) -> None:
-    """Enqueue after commit. If Redis is away the job still stands: the sweeper sends its shards later."""
-    try:
-        enqueue_shards(sender, queue=queue, shard_ids=shard_ids)
-    except Exception:  # kombu raises several connection error types
-        log.exception("could not enqueue %d shard(s); the sweeper will send them", len(shard_ids))

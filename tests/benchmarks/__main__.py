@@ -32,6 +32,7 @@ def _registry() -> dict[str, Callable[[], Result]]:
     # Imported here so that `--help` and a typo in an id cost no torch import.
     from tests.benchmarks.api_latency import bench_api
     from tests.benchmarks.classification import bench_cls_e2e
+    from tests.benchmarks.dispatch import bench_dispatch
     from tests.benchmarks.finetune_step import bench_ft_step
     from tests.benchmarks.generation import bench_gen_e2e, bench_gen_engine
     from tests.benchmarks.padding import bench_padding
@@ -45,12 +46,13 @@ def _registry() -> dict[str, Callable[[], Result]]:
         "padding": bench_padding,
         "api": bench_api,
         "scale": bench_scale,
+        "dispatch": bench_dispatch,
         "writes": bench_writes,
         "ft-step": bench_ft_step,
     }
 
 
-IDS = ("gen-engine", "gen-e2e", "cls-e2e", "padding", "api", "scale", "writes", "ft-step")
+IDS = ("gen-engine", "gen-e2e", "cls-e2e", "padding", "api", "scale", "dispatch", "writes", "ft-step")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,6 +44,7 @@ class Sizes:
     api_gets_per_client: int = 60
     scale_small: int = 2_000
     scale_large: int = 200_000
+    dispatch_shards: int = 5_000
     write_rows: int = 20_000
     ft_steps: int = 5
 
@@ -57,6 +58,7 @@ QUICK = Sizes(
     api_gets_per_client=8,
     scale_small=200,
     scale_large=2_000,
+    dispatch_shards=300,
     write_rows=1_000,
     ft_steps=1,
 )

@@ -25,6 +25,7 @@ from api.errors import ApiError
 from api.openai_format import parse_batch_file
 from api.services.intake import input_caps, items_from_file
 from db import jobs
+from db.dispatch import dispatch_shards
 from db.models import ItemResult, ModelVersion, StoredFile
 from db.session import transaction
 from db.settings import Settings
@@ -523,6 +524,7 @@ def test_a_job_accepted_before_the_caps_still_runs(
             items=[{"custom_id": "old", "input": {"prompt": "Say hi"}}],
             shard_size=1,
         )
+        dispatch_shards(session, job_id=new.job.id, count=1)
     # When a worker runs its shard
     runtime = build_runtime(settings, worker_name="legacy@test")
     try:

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
 from db import events
+from db.dispatch import dispatch_shards
 from db.models import Shard
 from db.session import transaction
 from tests.factories import auth_headers, chat_rows, upload
@@ -69,7 +70,9 @@ def start_ftjob(client: TestClient, tenant: dict[str, str], *, epochs: int) -> s
 
 
 def shard_of(session_factory: sessionmaker[Session], job_id: str) -> int:
-    with session_factory() as session:
+    """The fine-tune's one shard, dispatched as the dispatcher would before a worker claims it."""
+    with transaction(session_factory) as session:
+        dispatch_shards(session, job_id=job_id, count=1)
         return int(session.scalars(select(Shard.id).where(Shard.job_id == job_id)).one())
 
 

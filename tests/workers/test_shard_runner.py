@@ -1,18 +1,21 @@
-"""The shard runner in-process, on the real database: the attempts cap and what a stale delivery does."""
+"""The shard runner in-process, on the real database: the attempts cap and what a stale or early delivery does."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import events, jobs
+from db.migrate import upgrade
 from db.models import ItemResult, Job, Shard
 from db.session import transaction
 from tests.factories import make_job
+from tests.stack import RedisDb, make_test_settings, redis_db_url
 from workers.runtime import build_runtime
-from workers.shards.runner import _load_work, _park_unless_cancelled, run_shard
+from workers.shards.runner import ShardOutcome, _load_work, _park_unless_cancelled, run_shard
 
 
 def test_a_shard_that_killed_its_worker_every_time_fails_with_the_reason(
@@ -48,6 +51,29 @@ def test_a_delivery_of_a_finished_shard_does_nothing(empty_db: sessionmaker[Sess
         assert run_shard(runtime, 10**9).status == "missing"
     finally:
         runtime.engine.dispose()
+
+
+def test_a_delivery_of_a_shard_still_waiting_its_turn_runs_nothing(tmp_path: Path) -> None:
+    # A database of its own: the session's shared test worker runs a dispatcher on the shared one, which would
+    # dispatch this queued shard under the test.
+    settings = make_test_settings(f"sqlite:///{tmp_path / 'own.db'}", redis_db_url(RedisDb.UNSERVED), tmp_path)
+    upgrade(settings)
+    runtime = build_runtime(settings, worker_name="w@test")
+    try:
+        # Given a shard the dispatcher has not picked (queued), whose id reached a worker anyway (a stray message)
+        new = make_job(runtime.sessions, items=2, shard_size=2, dispatched=False)
+        # I expect the delivery dropped, not retried: the dispatcher sends the shard in its turn…
+        assert run_shard(runtime, new.shard_ids[0]) == ShardOutcome("waiting")
+        # …and nothing run, claimed or recorded.
+        with runtime.sessions() as session:
+            shard = session.get_one(Shard, new.shard_ids[0])
+            assert (shard.status, shard.attempts, shard.lease_owner, shard.started_at) == ("queued", 0, None, None)
+            assert session.get_one(Job, new.job.id).status == "queued"
+            assert session.scalars(select(ItemResult).where(ItemResult.job_id == new.job.id)).all() == []
+            assert events.events_after(session, job_id=new.job.id, limit=10) == []
+    finally:
+        runtime.engine.dispose()
+        runtime.broker.close()
 
 
 def test_a_shard_of_a_paused_job_is_parked_with_a_paused_event(empty_db: sessionmaker[Session], settings: Any) -> None:

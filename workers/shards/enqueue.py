@@ -3,22 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
 from celery import Celery
 
 import celeryconfig
-from db.names import MULTI_GPU_QUEUE
 from db.settings import Settings
 
 RUN_SHARD = "lmbatch.run_shard"
-
-
-def queue_for(kind: str, params: dict[str, Any] | None = None) -> str:
-    """Job kinds are queues; a fine-tune over several GPUs goes to the workers that own several."""
-    if kind == "finetune" and int((params or {}).get("num_gpus", 1)) > 1:
-        return MULTI_GPU_QUEUE
-    return kind
 
 
 def enqueue_shards(celery: Celery, *, queue: str, shard_ids: Iterable[int]) -> int:

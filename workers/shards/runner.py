@@ -35,6 +35,7 @@ from workers.models.versions import VersionInfo, load_version
 from workers.runtime import Runtime
 from workers.shards.batch_finalizer import finalize_batch_of_job
 from workers.shards.recording import record_results, record_shard_end, tenant_error
+from workers.shards.wake import wake_dispatcher
 from workers.shards.work import LeaseKeeper, ShardWork, StopCheck, Tally
 
 if TYPE_CHECKING:
@@ -206,7 +207,7 @@ def _load_work(session: Session, shard_id: int) -> ShardWork:
 def _park_unless_cancelled(runtime: Runtime, work: ShardWork, *, step: int) -> ShardOutcome | None:
     """The shard stopped short. Cancelled job: None (the caller finishes it as cancelled). Otherwise it was
     paused, perhaps resumed again before this worker noticed: the shard goes back to queued, keeping its
-    results and checkpoints, and runs again now unless the job is still paused (resume enqueues it then)."""
+    results and checkpoints, and the dispatcher sends it again once its job is not paused."""
     with transaction(runtime.sessions) as session:
         state = jobs.job_status(session, job_id=work.job_id)
         if state in ("cancelling", "cancelled", None):
@@ -214,7 +215,8 @@ def _park_unless_cancelled(runtime: Runtime, work: ShardWork, *, step: int) -> S
         if not jobs.park_shard(session, shard_id=work.shard_id, worker=runtime.worker_name):
             return ShardOutcome("lost")
         events.add_event(session, job_id=work.job_id, step=step or None, message="paused", metrics={"step": step})
-    return ShardOutcome("paused") if state == "paused" else ShardOutcome("requeued", retry_in=0.5)
+    wake_dispatcher(runtime.broker)
+    return ShardOutcome("paused") if state == "paused" else ShardOutcome("requeued")
 
 
 def _job_is_stopping(runtime: Runtime, job_id: str) -> bool:
@@ -234,8 +236,11 @@ def _finish(runtime: Runtime, work: ShardWork, status: str, tally: Tally, error:
     )
     if not won:
         log.warning("shard %s did not end here (taken over, or its end was refused); see above", work.shard_id)
-    else:  # this shard may have ended its job: an OpenAI batch it serves is finalized now (this never raises)
-        finalize_batch_of_job(runtime.settings, runtime.sessions, job_id=work.job_id)
+        return
+    # A place in the tenant's share and in the runway is free: the dispatcher fills it now, not at its next tick.
+    wake_dispatcher(runtime.broker)
+    # This shard may have ended its job: an OpenAI batch it serves is finalized now (this never raises).
+    finalize_batch_of_job(runtime.settings, runtime.sessions, job_id=work.job_id)
 
 
 def _fail(runtime: Runtime, work: ShardWork, detail: dict[str, str], tally: Tally) -> ShardOutcome:

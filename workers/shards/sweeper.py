@@ -1,9 +1,11 @@
 """The sweeper: re-enqueues shards that are due and not done, so nothing lives only in Redis; and moves the
 OpenAI batches no request or worker will move.
 
-Due means: running under a lease that expired (its worker died), or queued for a while with nothing
-waiting in its Redis queue (Redis restarted or was flushed). A duplicate message is harmless: the
-claim is a compare-and-set. One sweeper runs at a time across all workers, holding a Redis lock.
+Due means: running under a lease that expired (its worker died), or dispatched a while ago, unclaimed, with nothing
+waiting in its Redis queue (Redis restarted or was flushed, or the dispatcher died between its pick and its send).
+Queued shards are the dispatcher's (workers/shards/dispatcher.py): the sweeper never sends them, so it cannot jump
+the fair order. A duplicate message is harmless: the claim is a compare-and-set. One sweeper runs at a time across
+all workers, holding a Redis lock.
 
 Batches: one whose completion window has passed has its job cancelled (it then finalizes as `expired`), and one
 whose job ended but which is not final (its finalizer was killed) is finalized here.
@@ -25,7 +27,7 @@ from db.models import utcnow
 from db.session import transaction
 from db.settings import Settings
 from workers.shards.batch_finalizer import FINALIZE_STALE, finalize_batch
-from workers.shards.enqueue import enqueue_shards, queue_for
+from workers.shards.enqueue import enqueue_shards
 
 log = logging.getLogger("lmbatch.sweeper")
 
@@ -49,11 +51,11 @@ def requeue_due_shards(settings: Settings, sessions: sessionmaker[Session], cele
     by_queue: dict[str, list[int]] = {}
     waiting: dict[str, int] = {}
     for shard in due:
-        queue = queue_for(shard.kind, shard.params)
+        queue = shard.queue
         if queue not in waiting:
             waiting[queue] = int(client.llen(queue))
-        # A shard whose lease expired is due whatever its queue holds. A queued one is re-sent only when
-        # its queue is empty (Redis lost it); a long backlog is waiting, not lost.
+        # A shard whose lease expired is due whatever its queue holds. A dispatched one is re-sent only when its
+        # queue is empty (its message was lost); a runway that is still there is waiting, not lost.
         if shard.status == "running" or waiting[queue] == 0:
             by_queue.setdefault(queue, []).append(shard.shard_id)
     sent = 0

@@ -1,0 +1,185 @@
+"""The dispatcher: moves shards from `queued` rows to Redis, a short runway per queue at a time, fairly.
+
+Shards wait in the database. Each queue's runway in Redis is kept at the worker processes serving it times
+`dispatch_runway_factor`, so a worker that ends a shard finds its next one waiting, and a tenant that arrives behind a
+long backlog waits behind that many shards, not the backlog. Which shards fill a runway is workers/shards/fair_share.py.
+
+One dispatcher runs at a time: a thread in every worker's main process, of which the holder of a Redis lock
+dispatches. It runs a pass when woken (a job arrived or resumed, a shard ended: `wake_dispatcher`) and at least every
+`dispatch_interval_seconds`. A pass picks and marks shards `dispatched` in one transaction and sends their ids after
+commit: a dispatcher killed in between leaves dispatched rows without messages, which the sweeper re-sends; one
+killed mid-pick leaves nothing, since its transaction never committed. Its lock lapses after `dispatch_lock_seconds`
+and another worker's thread takes over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+import uuid
+from collections import Counter, deque
+
+import redis
+from celery import Celery
+from redis.exceptions import LockError
+from redis.lock import Lock
+from sqlalchemy.orm import Session, sessionmaker
+
+from db import dispatch
+from db.dispatch import WaitingJob
+from db.session import transaction
+from db.settings import Settings
+from db.tenant_limits import limits_of
+from workers.presence import read_workers
+from workers.shards.enqueue import enqueue_shards
+from workers.shards.fair_share import Share, estimate_shards_ahead, plan_picks
+from workers.shards.wake import WAKE_KEY
+
+log = logging.getLogger("lmbatch.dispatcher")
+
+LOCK_KEY = "lmbatch:dispatcher"
+# Worker presence is read at most this often: a pass may run many times a second.
+SLOTS_TTL_SECONDS = 2.0
+
+
+class Dispatcher:
+    """One pass at a time; holds no lock itself (DispatcherThread does)."""
+
+    def __init__(
+        self, settings: Settings, sessions: sessionmaker[Session], celery: Celery, client: redis.Redis
+    ) -> None:
+        self._settings = settings
+        self._sessions = sessions
+        self._celery = celery
+        self._client = client
+        self._slots: dict[str, int] = {}
+        self._slots_read_at = float("-inf")
+        # Which tenant was served when, across passes: ties go to the one served least recently (fair_share.py).
+        self._served_at: dict[int, int] = {}
+
+    def dispatch_once(self) -> int:
+        """Fill every runway that has room. Returns how many shards were sent."""
+        with transaction(self._sessions) as session:
+            waiting = dispatch.waiting_jobs(session)
+            if not waiting:
+                return 0
+            in_redis = {queue: int(self._client.llen(queue)) for queue in {job.queue for job in waiting}}
+            room = {queue: max(0, self._runway(queue) - depth) for queue, depth in in_redis.items()}
+            shares = self._shares(session, waiting)
+            picks = plan_picks(room, waiting, dispatch.in_flight(session), shares, self._served_at)
+            sends = {queue: _take(session, job_ids) for queue, job_ids in picks.items()}
+            self._store_estimates(session, waiting, picks, in_redis, shares)
+        sent = 0
+        for queue, shard_ids in sends.items():
+            if shard_ids:
+                # After commit: a crash here leaves them dispatched without a message, and the sweeper re-sends.
+                sent += enqueue_shards(self._celery, queue=queue, shard_ids=shard_ids)
+        return sent
+
+    def _runway(self, queue: str) -> int:
+        now = time.monotonic()
+        if now - self._slots_read_at > SLOTS_TTL_SECONDS:
+            self._slots = Counter(q for worker in read_workers(self._client) for q in worker.get("queues", []))
+            self._slots_read_at = now
+        # At least one slot: a worker that has just started may not have announced itself yet.
+        return max(1, self._slots.get(queue, 0)) * self._settings.dispatch_runway_factor
+
+    def _shares(self, session: Session, waiting: list[WaitingJob]) -> dict[int, Share]:
+        tenants = dispatch.tenants_by_id(session, tenant_ids=(job.tenant_id for job in waiting))
+        shares = {}
+        for tenant_id, tenant in tenants.items():
+            limits = limits_of(tenant, self._settings)
+            shares[tenant_id] = Share(limits.weight, limits.max_running_shards, limits.max_concurrent_finetunes)
+        return shares
+
+    def _store_estimates(
+        self,
+        session: Session,
+        waiting: list[WaitingJob],
+        picks: dict[str, list[str]],
+        in_redis: dict[str, int],
+        shares: dict[int, Share],
+    ) -> None:
+        """Each waiting job's place, as it stands after this pass; 0 for a job whose first shard was just sent."""
+        picked = Counter(job_id for job_ids in picks.values() for job_id in job_ids)
+        after = [
+            dataclasses.replace(job, queued_shards=job.queued_shards - picked[job.job_id], started=True)
+            if picked[job.job_id]
+            else job
+            for job in waiting
+        ]
+        depth = {queue: in_redis[queue] + len(picks.get(queue, ())) for queue in in_redis}
+        estimates: dict[str, int | None] = dict(estimate_shards_ahead(after, depth, shares))
+        for job in after:
+            if job.started:
+                estimates[job.job_id] = 0  # its first shard is on its way to a worker
+        dispatch.set_shards_ahead(
+            session,
+            estimates={
+                job.job_id: estimates[job.job_id]
+                for job in waiting
+                if job.job_id in estimates and estimates[job.job_id] != job.shards_ahead
+            },
+        )
+
+
+def _take(session: Session, job_ids: list[str]) -> list[int]:
+    """Mark the picked shards dispatched, one statement per job, and return their ids in the order picked."""
+    taken = {
+        job_id: deque(dispatch.dispatch_shards(session, job_id=job_id, count=count))
+        for job_id, count in Counter(job_ids).items()
+    }
+    return [taken[job_id].popleft() for job_id in job_ids if taken[job_id]]
+
+
+class DispatcherThread(threading.Thread):
+    """Runs in each worker's main process; only the holder of the Redis lock dispatches."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session], celery: Celery, node: str) -> None:
+        super().__init__(name="lmbatch-dispatcher", daemon=True)
+        self._settings = settings
+        self._sessions = sessions
+        self._celery = celery
+        # The lock's value names the node holding it (operators and the chaos tests read it), made unique per start.
+        self._token = f"{node}/{uuid.uuid4().hex}"
+        self._stopped = threading.Event()
+
+    def run(self) -> None:
+        with redis.Redis.from_url(self._settings.redis_url) as client:
+            lock = client.lock(LOCK_KEY, timeout=self._settings.dispatch_lock_seconds, thread_local=False)
+            try:
+                self._dispatch_while_running(Dispatcher(self._settings, self._sessions, self._celery, client), lock)
+            finally:
+                try:
+                    if lock.owned():
+                        lock.release()  # a warm stop hands over at once instead of after the lock's lapse
+                except redis.RedisError:
+                    pass
+
+    def _dispatch_while_running(self, dispatcher: Dispatcher, lock: Lock) -> None:
+        interval = self._settings.dispatch_interval_seconds
+        # Renew the lock well inside its lifetime, whatever the interval: a lapsed lock would drop a wake.
+        nap = min(interval, self._settings.dispatch_lock_seconds / 2)
+        held = False
+        while not self._stopped.is_set():
+            try:
+                if held:
+                    lock.reacquire()  # LockNotOwnedError when it lapsed (or Redis was flushed)
+                else:
+                    held = lock.acquire(blocking=False, token=self._token)
+                if not held:
+                    self._stopped.wait(interval)
+                    continue
+                dispatcher.dispatch_once()
+                # Sleep until woken or the interval passes: a pass on every wake, and one at least every interval.
+                lock.redis.blpop([WAKE_KEY], timeout=nap)
+            except LockError:
+                held = False
+            except Exception:  # the dispatcher must outlive a Redis or database outage
+                log.exception("dispatch failed; trying again in %.1f s", interval)
+                self._stopped.wait(interval)
+
+    def stop(self) -> None:
+        self._stopped.set()

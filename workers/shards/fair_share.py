@@ -1,0 +1,132 @@
+"""Which shards go next: fair shares between tenants, the tenant's own order within. Pure: no database, no Redis.
+
+On each queue, every free place in the runway goes to the waiting tenant whose in-flight shards there (dispatched or
+running), counting this one, divided by its weight is the smallest; ties go to the tenant served least recently.
+Over time each backlogged tenant therefore holds a share of the queue's workers proportional to its weight, and a
+tenant that has just arrived (nothing in flight) is served at the next free place, however long the others' backlog.
+Within a tenant, its highest-priority job goes first, then its oldest, so `priority` orders a tenant's own jobs and
+never moves it ahead of another tenant.
+
+Caps apply across queues: a tenant at its running-shard limit, or at its fine-tune limit on a fine-tune queue, is
+skipped until one of its shards ends.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass
+
+from db.dispatch import InFlight, WaitingJob
+from db.names import MULTI_GPU_QUEUE
+
+
+@dataclass(frozen=True)
+class Share:
+    """What the dispatcher needs of a tenant's limits."""
+
+    weight: float
+    max_running_shards: int  # 0: no limit
+    max_concurrent_finetunes: int  # 0: no limit
+
+
+FINETUNE_QUEUES = frozenset({"finetune", MULTI_GPU_QUEUE})
+
+
+def plan_picks(
+    room: Mapping[str, int],
+    waiting: Sequence[WaitingJob],
+    in_flight: Iterable[InFlight],
+    shares: Mapping[int, Share],
+    served_at: MutableMapping[int, int] | None = None,
+) -> dict[str, list[str]]:
+    """For each queue with room, the job ids to dispatch a shard of, in the order their shards should be sent.
+
+    `served_at` (tenant → the turn it was last served at) is the caller's memory of earlier passes, updated here:
+    most passes fill one place, so without it a tie would go to the same tenant pass after pass, and a tenant
+    tied at the back (more tenants waiting than places in flight) would never be served."""
+    load: dict[tuple[int, str], int] = Counter()
+    running: dict[int, int] = Counter()
+    finetunes: dict[int, int] = Counter()
+    for flight in in_flight:
+        load[flight.tenant_id, flight.queue] += flight.shards
+        running[flight.tenant_id] += flight.shards
+        if flight.queue in FINETUNE_QUEUES:
+            finetunes[flight.tenant_id] += flight.shards
+
+    def under_caps(tenant: int, queue: str) -> bool:
+        share = shares[tenant]
+        if share.max_running_shards and running[tenant] >= share.max_running_shards:
+            return False
+        return not (
+            queue in FINETUNE_QUEUES
+            and share.max_concurrent_finetunes
+            and finetunes[tenant] >= share.max_concurrent_finetunes
+        )
+
+    backlog = _backlog_by_queue(waiting)
+    picks: dict[str, list[str]] = {}
+    if served_at is None:
+        served_at = {}  # the pick number at which each tenant was last served: round robin on ties
+    turn = max(served_at.values(), default=0)
+    for queue in sorted(room):
+        tenants = backlog.get(queue, {})
+        for _ in range(room[queue]):
+            eligible = [tenant for tenant, jobs in tenants.items() if jobs and under_caps(tenant, queue)]
+            if not eligible:
+                break
+            tenant = min(
+                eligible,
+                key=lambda t: ((load[t, queue] + 1) / shares[t].weight, served_at.get(t, -1), t),
+            )
+            jobs = tenants[tenant]
+            job_id, remaining = jobs[0]
+            jobs[0] = (job_id, remaining - 1)
+            if remaining == 1:
+                jobs.pop(0)
+            picks.setdefault(queue, []).append(job_id)
+            load[tenant, queue] += 1
+            running[tenant] += 1
+            if queue in FINETUNE_QUEUES:
+                finetunes[tenant] += 1
+            turn += 1
+            served_at[tenant] = turn
+    return picks
+
+
+def estimate_shards_ahead(
+    waiting: Sequence[WaitingJob], in_redis: Mapping[str, int], shares: Mapping[int, Share]
+) -> dict[str, int]:
+    """For each job that has not started: about how many shards start before its first one.
+
+    The shards already sent to its queue, the tenant's own queued shards ahead of it (higher priority, or older),
+    and what the other waiting tenants are dispatched meanwhile at their weights (as much as they have)."""
+    started = {job.job_id for job in waiting if job.started}
+    estimates: dict[str, int] = {}
+    for queue, tenants in _backlog_by_queue(waiting).items():
+        totals = {tenant: sum(count for _, count in jobs) for tenant, jobs in tenants.items()}
+        for tenant, jobs in tenants.items():
+            own_ahead = 0
+            for job_id, remaining in jobs:
+                if job_id not in started:
+                    # While the tenant's own shards ahead of it are dispatched, each other tenant gets its weight's
+                    # worth. None ahead: its shard takes the next free place, as a newcomer's does.
+                    turns = own_ahead
+                    others = sum(
+                        min(total, math.floor(turns * shares[other].weight / shares[tenant].weight))
+                        for other, total in totals.items()
+                        if other != tenant
+                    )
+                    estimates[job_id] = in_redis.get(queue, 0) + own_ahead + others
+                own_ahead += remaining
+    return estimates
+
+
+def _backlog_by_queue(waiting: Iterable[WaitingJob]) -> dict[str, dict[int, list[tuple[str, int]]]]:
+    """queue → tenant → [(job id, queued shards)] in the tenant's order (the order `waiting` arrives in)."""
+    backlog: dict[str, dict[int, list[tuple[str, int]]]] = defaultdict(lambda: defaultdict(list))
+    for job in waiting:
+        if job.queued_shards > 0:
+            backlog[job.queue][job.tenant_id].append((job.job_id, job.queued_shards))
+    return backlog
