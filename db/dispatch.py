@@ -123,6 +123,7 @@ def dispatch_shards(session: Session, *, job_id: str, count: int) -> list[int]:
     if count < 1:
         return []
     now = utcnow()
+    dispatchable = exists().where(Job.id == job_id, Job.status.in_(DISPATCHABLE_JOB_STATES))
     picked = (
         select(Shard.id)
         .where(Shard.job_id == job_id, Shard.status == "queued")
@@ -132,7 +133,8 @@ def dispatch_shards(session: Session, *, job_id: str, count: int) -> list[int]:
     )
     ids = session.scalars(
         update(Shard)
-        .where(Shard.id.in_(picked), Shard.status == "queued")
+        # The job's state too: a pause that committed after the dispatcher read the job must win.
+        .where(Shard.id.in_(picked), Shard.status == "queued", dispatchable)
         .values(status="dispatched", enqueued_at=now)
         .returning(Shard.id)
         .execution_options(synchronize_session=False)

@@ -168,6 +168,9 @@ def claim_shard(session: Session, *, shard_id: int, worker: str, lease_seconds: 
         return Claim.MISSING
     shard_status, job_state = row
     if job_state == "paused":
+        # Sent before the pause (or handed back by a retry or a shutdown since): back to the database, so the
+        # dispatcher sends it again once the job resumes.
+        session.execute(update(Shard).where(Shard.id == shard_id, Shard.status == "dispatched").values(status="queued"))
         return Claim.PAUSED
     if shard_status == "queued":
         return Claim.WAITING
@@ -339,8 +342,12 @@ def park_shard(session: Session, *, shard_id: int, worker: str) -> bool:
 
 
 def resume_job(session: Session, *, job_id: str) -> bool:
-    """paused → queued: the dispatcher sends its queued shards again (wake it after commit)."""
-    return bool(changed(session, update(Job).where(Job.id == job_id, Job.status == "paused").values(status="queued")))
+    """paused → queued: the dispatcher sends its queued shards again (wake it after commit). A shard still marked
+    dispatched (its message was dropped while the job was paused) waits with them."""
+    if not changed(session, update(Job).where(Job.id == job_id, Job.status == "paused").values(status="queued")):
+        return False
+    session.execute(update(Shard).where(Shard.job_id == job_id, Shard.status == "dispatched").values(status="queued"))
+    return True
 
 
 def set_result_model(session: Session, *, job_id: str, ref: str) -> bool:

@@ -220,6 +220,36 @@ def test_pause_sends_dispatched_shards_back_to_queued(empty_db: sessionmaker[Ses
         assert [(job.job_id, job.queued_shards) for job in waiting_jobs(session)] == [("job", 3)]
 
 
+def test_a_shard_handed_back_as_dispatched_while_its_job_is_paused_waits_again_after_resume(
+    empty_db: sessionmaker[Session],
+) -> None:
+    # Given a paused job whose running shard is handed back as dispatched after the pause (a retry, a soft shutdown)
+    ids = add_job(empty_db, "job", shards=2, dispatched=2)
+    assert claim(empty_db, ids[0]) is jobs.Claim.CLAIMED
+    with transaction(empty_db) as session:
+        assert jobs.pause_job(session, job_id="job")
+        assert jobs.requeue_shard(session, shard_id=ids[0], worker="w", max_attempts=3)
+    assert statuses(empty_db, ids) == ["dispatched", "queued"]
+    # When its message is taken while the job is paused, I expect it to run nothing and go back to the database…
+    assert claim(empty_db, ids[0]) is jobs.Claim.PAUSED
+    assert statuses(empty_db, ids) == ["queued", "queued"]
+    # …and a shard still marked dispatched at resume (its message dropped unseen) to wait with the others.
+    with transaction(empty_db) as session:
+        session.execute(update(Shard).where(Shard.id == ids[1]).values(status="dispatched"))
+        assert jobs.resume_job(session, job_id="job")
+    assert statuses(empty_db, ids) == ["queued", "queued"]
+    with empty_db() as session:
+        assert [(job.job_id, job.queued_shards) for job in waiting_jobs(session)] == [("job", 2)]
+
+
+def test_the_pick_takes_nothing_of_a_job_paused_after_the_dispatcher_read_it(empty_db: sessionmaker[Session]) -> None:
+    ids = add_job(empty_db, "job", shards=2, dispatched=0)
+    with transaction(empty_db) as session:
+        assert jobs.pause_job(session, job_id="job")
+        assert dispatch_shards(session, job_id="job", count=2) == []
+    assert statuses(empty_db, ids) == ["queued", "queued"]
+
+
 def test_a_worker_claims_a_dispatched_shard_but_not_a_queued_one(empty_db: sessionmaker[Session]) -> None:
     ids = add_job(empty_db, "job", shards=2, dispatched=1)
     # A stray message for a shard still waiting its turn: refused, nothing changed.

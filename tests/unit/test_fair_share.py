@@ -10,7 +10,7 @@ from collections import Counter, deque
 from datetime import UTC, datetime, timedelta
 
 from db.dispatch import InFlight, WaitingJob
-from workers.shards.fair_share import Share, estimate_shards_ahead, plan_picks
+from workers.shards.fair_share import FairMemory, Share, estimate_shards_ahead, plan_picks
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 EQUAL = Share(weight=1.0, max_running_shards=0, max_concurrent_finetunes=0)
@@ -50,7 +50,7 @@ def run_queue(
     tenant_of = {job.job_id: job.tenant_id for job in jobs}
     in_flight: deque[int] = deque()
     served: Counter[int] = Counter()
-    memory: dict[int, int] = {}  # the Dispatcher's own, kept across its passes
+    memory = FairMemory()  # the Dispatcher's own, kept across its passes
 
     def one_pass(room: int) -> None:
         now_waiting = [
@@ -152,7 +152,7 @@ def test_ties_go_round_robin_within_a_pass_and_across_passes() -> None:
     shares = {1: EQUAL, 2: EQUAL, 3: EQUAL}
     assert plan_picks({"embed": 6}, jobs, [], shares) == {"embed": ["a", "b", "c", "a", "b", "c"]}
     # Passes that fill one place each (as after each shard's end): the memory of who was served last carries over.
-    memory: dict[int, int] = {}
+    memory = FairMemory()
     order = [plan_picks({"embed": 1}, jobs, [], shares, memory)["embed"][0] for _ in range(6)]
     assert order == ["a", "b", "c", "a", "b", "c"]
 
@@ -164,6 +164,14 @@ def test_a_tenant_tied_behind_others_is_served_when_each_pass_fills_one_place() 
     jobs = [waiting(f"t{tenant}", tenant, 1000) for tenant in (1, 2, 3, 4)]
     served = run_queue(jobs, {tenant: EQUAL for tenant in (1, 2, 3, 4)}, places=3, passes=200)
     assert min(served.values()) >= 45 and len(served) == 4, served
+
+
+def test_a_light_tenant_is_not_starved_by_a_weight_larger_than_the_places() -> None:
+    # Given weights 10:1 and three places in flight: by shards in flight alone the heavy tenant (at most 3, i.e. 0.3)
+    # would always be below the light one (1). I expect the light one served all along, and the heavy one more.
+    jobs = [waiting("heavy", 1, 10_000), waiting("light", 2, 10_000)]
+    served = run_queue(jobs, {1: Share(10, 0, 0), 2: EQUAL}, places=3, passes=220)
+    assert served[2] >= 15 and served[1] >= 3 * served[2], served
 
 
 def test_no_room_gives_nothing() -> None:

@@ -34,7 +34,7 @@ from db.settings import Settings
 from db.tenant_limits import limits_of
 from workers.presence import read_workers
 from workers.shards.enqueue import enqueue_shards
-from workers.shards.fair_share import Share, estimate_shards_ahead, plan_picks
+from workers.shards.fair_share import FairMemory, Share, estimate_shards_ahead, plan_picks
 from workers.shards.wake import WAKE_KEY
 
 log = logging.getLogger("lmbatch.dispatcher")
@@ -56,19 +56,23 @@ class Dispatcher:
         self._client = client
         self._slots: dict[str, int] = {}
         self._slots_read_at = float("-inf")
-        # Which tenant was served when, across passes: ties go to the one served least recently (fair_share.py).
-        self._served_at: dict[int, int] = {}
+        # Who was served when and how far each tenant's picks took it, across passes (fair_share.py).
+        self._memory = FairMemory()
 
     def dispatch_once(self) -> int:
         """Fill every runway that has room. Returns how many shards were sent."""
-        with transaction(self._sessions) as session:
+        # Read and plan first, then write: on SQLite a write transaction holds the database's one write lock, which
+        # must not wait on Redis. Planning on a read a moment old is safe: the pick re-checks each shard and job.
+        with self._sessions() as session:
             waiting = dispatch.waiting_jobs(session)
             if not waiting:
                 return 0
-            in_redis = {queue: int(self._client.llen(queue)) for queue in {job.queue for job in waiting}}
-            room = {queue: max(0, self._runway(queue) - depth) for queue, depth in in_redis.items()}
+            in_flight = dispatch.in_flight(session)
             shares = self._shares(session, waiting)
-            picks = plan_picks(room, waiting, dispatch.in_flight(session), shares, self._served_at)
+        in_redis = {queue: int(self._client.llen(queue)) for queue in {job.queue for job in waiting}}
+        room = {queue: max(0, self._runway(queue) - depth) for queue, depth in in_redis.items()}
+        picks = plan_picks(room, waiting, in_flight, shares, self._memory)
+        with transaction(self._sessions) as session:
             sends = {queue: _take(session, job_ids) for queue, job_ids in picks.items()}
             self._store_estimates(session, waiting, picks, in_redis, shares)
         sent = 0
@@ -147,7 +151,9 @@ class DispatcherThread(threading.Thread):
         self._stopped = threading.Event()
 
     def run(self) -> None:
-        with redis.Redis.from_url(self._settings.redis_url) as client:
+        # A timeout beyond the longest BLPOP: a Redis that stops answering must not hang the thread for good.
+        timeout = self._settings.dispatch_interval_seconds + 10
+        with redis.Redis.from_url(self._settings.redis_url, socket_timeout=timeout) as client:
             lock = client.lock(LOCK_KEY, timeout=self._settings.dispatch_lock_seconds, thread_local=False)
             try:
                 self._dispatch_while_running(Dispatcher(self._settings, self._sessions, self._celery, client), lock)

@@ -1,9 +1,12 @@
 """Which shards go next: fair shares between tenants, the tenant's own order within. Pure: no database, no Redis.
 
-On each queue, every free place in the runway goes to the waiting tenant whose in-flight shards there (dispatched or
-running), counting this one, divided by its weight is the smallest; ties go to the tenant served least recently.
-Over time each backlogged tenant therefore holds a share of the queue's workers proportional to its weight, and a
-tenant that has just arrived (nothing in flight) is served at the next free place, however long the others' backlog.
+On each queue, every free place in the runway goes to the waiting tenant with the smallest virtual time: its
+in-flight shards there (dispatched or running) divided by its weight, counted from the queue's clock, or, if later,
+the time its own earlier picks earned it (each pick moves a tenant on by 1/weight). Ties go to the tenant served least
+recently. Over time each backlogged tenant is therefore dispatched in proportion to its weight; a tenant that has
+just arrived (nothing in flight) is served at the next free place, however long the others' backlog; and a light
+tenant is never starved by a heavy one, however few the places (the picks' own times move on even when the heavy
+tenant's shards in flight cannot grow).
 Within a tenant, its highest-priority job goes first, then its oldest, so `priority` orders a tenant's own jobs and
 never moves it ahead of another tenant.
 
@@ -15,8 +18,8 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, MutableMapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from db.dispatch import InFlight, WaitingJob
 from db.names import MULTI_GPU_QUEUE
@@ -34,18 +37,30 @@ class Share:
 FINETUNE_QUEUES = frozenset({"finetune", MULTI_GPU_QUEUE})
 
 
+@dataclass
+class FairMemory:
+    """What the dispatcher remembers across its passes (most passes fill one place). Lost when another worker's
+    dispatcher takes over, which then starts every tenant level."""
+
+    served_at: dict[int, int] = field(default_factory=dict)  # tenant → the turn it was last served (ties)
+    # (tenant, queue) → the virtual time its picks there have reached
+    earned: dict[tuple[int, str], float] = field(default_factory=dict)
+    clock: dict[str, float] = field(default_factory=dict)  # queue → virtual time of its last pick
+
+
 def plan_picks(
     room: Mapping[str, int],
     waiting: Sequence[WaitingJob],
     in_flight: Iterable[InFlight],
     shares: Mapping[int, Share],
-    served_at: MutableMapping[int, int] | None = None,
+    memory: FairMemory | None = None,
 ) -> dict[str, list[str]]:
     """For each queue with room, the job ids to dispatch a shard of, in the order their shards should be sent.
 
-    `served_at` (tenant → the turn it was last served at) is the caller's memory of earlier passes, updated here:
-    most passes fill one place, so without it a tie would go to the same tenant pass after pass, and a tenant
-    tied at the back (more tenants waiting than places in flight) would never be served."""
+    `memory` is the caller's record of earlier passes, updated here: without it a tie would go to the same tenant pass
+    after pass, and a heavy tenant would win every place while its in-flight count is held down by the places."""
+    memory = memory if memory is not None else FairMemory()
+    served_at = memory.served_at
     load: dict[tuple[int, str], int] = Counter()
     running: dict[int, int] = Counter()
     finetunes: dict[int, int] = Counter()
@@ -65,10 +80,12 @@ def plan_picks(
             and finetunes[tenant] >= share.max_concurrent_finetunes
         )
 
+    def virtual_time(tenant: int, queue: str) -> float:
+        by_load = memory.clock.get(queue, 0.0) + load[tenant, queue] / shares[tenant].weight
+        return max(memory.earned.get((tenant, queue), by_load), by_load)
+
     backlog = _backlog_by_queue(waiting)
     picks: dict[str, list[str]] = {}
-    if served_at is None:
-        served_at = {}  # the pick number at which each tenant was last served: round robin on ties
     turn = max(served_at.values(), default=0)
     for queue in sorted(room):
         tenants = backlog.get(queue, {})
@@ -76,10 +93,16 @@ def plan_picks(
             eligible = [tenant for tenant, jobs in tenants.items() if jobs and under_caps(tenant, queue)]
             if not eligible:
                 break
-            tenant = min(
-                eligible,
-                key=lambda t: ((load[t, queue] + 1) / shares[t].weight, served_at.get(t, -1), t),
-            )
+            # Level in virtual time: the one whose share is smaller counting this pick, then the one served least
+            # recently.
+            order = {
+                t: (virtual_time(t, queue), (load[t, queue] + 1) / shares[t].weight, served_at.get(t, -1), t)
+                for t in eligible
+            }
+            tenant = min(eligible, key=order.__getitem__)
+            clock = virtual_time(tenant, queue)
+            memory.clock[queue] = clock
+            memory.earned[tenant, queue] = clock + 1 / shares[tenant].weight
             jobs = tenants[tenant]
             job_id, remaining = jobs[0]
             jobs[0] = (job_id, remaining - 1)

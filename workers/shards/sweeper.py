@@ -1,8 +1,9 @@
 """The sweeper: re-enqueues shards that are due and not done, so nothing lives only in Redis; and moves the
 OpenAI batches no request or worker will move.
 
-Due means: running under a lease that expired (its worker died), or dispatched a while ago, unclaimed, with nothing
-waiting in its Redis queue (Redis restarted or was flushed, or the dispatcher died between its pick and its send).
+Due means: running under a lease that expired (its worker died), or dispatched a while ago, unclaimed, and with no
+message of its own in its Redis queue (Redis restarted or was flushed, the dispatcher died between its pick and its
+send). The runway is short, so the sweeper reads it whole and looks for each shard's id.
 Queued shards are the dispatcher's (workers/shards/dispatcher.py): the sweeper never sends them, so it cannot jump
 the fair order. A duplicate message is harmless: the claim is a compare-and-set. One sweeper runs at a time across
 all workers, holding a Redis lock.
@@ -13,6 +14,8 @@ whose job ended but which is not final (its finalizer was killed) is finalized h
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import threading
 from datetime import timedelta
@@ -32,6 +35,8 @@ from workers.shards.enqueue import enqueue_shards
 log = logging.getLogger("lmbatch.sweeper")
 
 LOCK_KEY = "lmbatch:sweeper"
+# A runway is a few messages per worker; a queue longer than this is a backlog from before the dispatcher.
+QUEUE_READ_LIMIT = 10_000
 
 
 def sweep_once(settings: Settings, sessions: sessionmaker[Session], celery: Celery, client: redis.Redis) -> int:
@@ -49,14 +54,16 @@ def requeue_due_shards(settings: Settings, sessions: sessionmaker[Session], cele
     if not due:
         return 0
     by_queue: dict[str, list[int]] = {}
-    waiting: dict[str, int] = {}
+    waiting: dict[str, set[int] | None] = {}
     for shard in due:
         queue = shard.queue
         if queue not in waiting:
-            waiting[queue] = int(client.llen(queue))
-        # A shard whose lease expired is due whatever its queue holds. A dispatched one is re-sent only when its
-        # queue is empty (its message was lost); a runway that is still there is waiting, not lost.
-        if shard.status == "running" or waiting[queue] == 0:
+            waiting[queue] = shard_ids_in_queue(client, queue)
+        in_queue = waiting[queue]
+        # A shard whose lease expired is due whatever its queue holds. A dispatched one is re-sent when its own
+        # message is not in the queue (lost); a queue too long to read (a backlog sent before the dispatcher
+        # existed) is taken to hold it.
+        if shard.status == "running" or (in_queue is not None and shard.shard_id not in in_queue):
             by_queue.setdefault(queue, []).append(shard.shard_id)
     sent = 0
     for queue, shard_ids in by_queue.items():
@@ -65,6 +72,25 @@ def requeue_due_shards(settings: Settings, sessions: sessionmaker[Session], cele
         sent += enqueue_shards(celery, queue=queue, shard_ids=shard_ids)
         log.info("sweeper re-enqueued %d shard(s) on %s", len(shard_ids), queue)
     return sent
+
+
+def shard_ids_in_queue(client: redis.Redis, queue: str, *, limit: int = QUEUE_READ_LIMIT) -> set[int] | None:
+    """The shard ids of the messages waiting in a Celery queue; None when it holds more than `limit` messages."""
+    raw = client.lrange(queue, 0, limit)
+    if len(raw) > limit:
+        return None
+    ids: set[int] = set()
+    for message in raw:
+        try:
+            envelope = json.loads(message)
+            body = envelope["body"]
+            if envelope.get("properties", {}).get("body_encoding") == "base64":
+                body = base64.b64decode(body)
+            args = json.loads(body)[0]  # Celery's message protocol 2: [args, kwargs, embed]
+            ids.add(int(args[0]))
+        except (ValueError, KeyError, IndexError, TypeError):
+            continue  # not a shard message (another task's): no shard to find in it
+    return ids
 
 
 def sweep_batches(settings: Settings, sessions: sessionmaker[Session]) -> int:
