@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.app import create_app
 from db import batches as batch_repo
 from db import jobs as job_repo
+from db.dispatch import dispatch_shards
 from db.models import Batch, Shard, StoredFile, utcnow
 from db.results import upsert_results
 from db.session import transaction
@@ -253,6 +254,8 @@ def end_job_as_a_worker(sessions: sessionmaker[Session], batch_id: str) -> str:
         job_id = session.scalars(select(Batch.job_id).where(Batch.id == batch_id)).one()
         assert job_id is not None
         shards = list(session.scalars(select(Shard).where(Shard.job_id == job_id)))
+    with transaction(sessions) as session:  # what the dispatcher would have done first
+        dispatch_shards(session, job_id=job_id, count=len(shards))
     for shard in shards:
         with transaction(sessions) as session:
             claim = job_repo.claim_shard(session, shard_id=shard.id, worker="hand", lease_seconds=60)

@@ -16,9 +16,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
 from db.settings import Settings
-from tests.factories import auth_headers, empty_tables, snapshot, upload
+from tests.factories import auth_headers, cancel_waiting_shards, empty_tables, snapshot, upload
 from tests.reliability.bad_requests import CATEGORIES, CORPUS, LIMITS, NO_BODY, Bad
-from tests.stack import RedisDb, on_private_redis_db
+from tests.stack import RedisDb, holding_dispatcher_lock, on_private_redis_db
 from workers.models.builtins import ensure_builtin_models
 
 # The database matters here, so one backend: PostgreSQL, the stricter one (NUL bytes, integer ranges).
@@ -86,8 +86,10 @@ def door(
     )
     tenant = auth_headers(session_factory, "tenant-a")
     admin = auth_headers(session_factory, "ops", scope="admin")
-    with TestClient(create_app(small)) as client:
+    # The database is the queue: the session's shared worker must not dispatch this module's jobs meanwhile.
+    with holding_dispatcher_lock(settings.redis_url), TestClient(create_app(small)) as client:
         yield Door(client, tenant, admin, _objects(client, tenant), session_factory, small.files_dir)
+        cancel_waiting_shards(engine)
 
 
 def fill(value: Any, ids: dict[str, str]) -> Any:
