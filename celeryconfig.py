@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from kombu import Queue
 
-from db.names import MAINTENANCE_QUEUE, QUEUES
+from db.names import MAINTENANCE_QUEUE, QUEUES, WEBHOOK_QUEUE
 
 if TYPE_CHECKING:
     from db.settings import Settings
@@ -31,12 +31,14 @@ task_ignore_result = True
 result_backend = None
 
 # Job kinds are queues (db/names.py), so a worker consumes only what its hardware can do ("finetune.multi" is for
-# workers that own several GPUs). "maintenance" carries the sweeper's own task.
+# workers that own several GPUs). "maintenance" carries the sweeper's own task, "webhooks" the deliveries (served by
+# a light worker of its own, so an event never waits behind a shard or a fine-tune).
 task_queues = [Queue(name) for name in QUEUES]
 # Every shard is sent to a named queue (workers/shards/enqueue.py); this only catches a send that names none.
 task_default_queue = QUEUES[0]
 task_routes = {
     "lmbatch.sweep": {"queue": MAINTENANCE_QUEUE},
+    "lmbatch.deliver_webhook": {"queue": WEBHOOK_QUEUE},
 }
 
 # Ack after the task ends, and re-queue it when its pool process dies: a SIGKILLed or OOM-killed

@@ -15,7 +15,20 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.deps import refuse_nul_bytes
 from api.errors import error_body, install_error_handlers
 from api.rate_limit import TenantRateLimiter
-from api.routes import batches, files, fine_tuning, health, jobs, metrics, models, tenant_metrics, workers
+from api.routes import (
+    batches,
+    files,
+    fine_tuning,
+    health,
+    jobs,
+    metrics,
+    models,
+    tenant_metrics,
+    usage,
+    webhooks,
+    workers,
+)
+from api.webhook_test_slots import WebhookTestSlots
 from db.session import make_engine, make_session_factory
 from db.settings import Settings, refuse_example_secrets
 
@@ -94,6 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="lmbatch", version="0.1.0", lifespan=lifespan, dependencies=[Depends(refuse_nul_bytes)])
     app.state.settings = settings
+    app.state.webhook_test_slots = WebhookTestSlots()
     app.add_middleware(
         BodySizeLimit,
         max_bytes=settings.max_request_bytes,
@@ -104,6 +118,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(tenant_metrics.router)  # /metrics/tenants: an admin key, not the metrics token
-    for module in (files, jobs, batches, fine_tuning, models, workers):
+    for module in (files, jobs, batches, fine_tuning, models, webhooks, usage, workers):
         app.include_router(module.router, prefix="/v1")
     return app

@@ -194,5 +194,18 @@ class Client:
     def delete_model_version(self, name: str, version: int) -> dict[str, Any]:
         return self._json("DELETE", f"/v1/models/{_in_path(name)}/versions/{version}")
 
+    def usage(
+        self,
+        *,
+        start_time: int | None = None,
+        end_time: int | None = None,
+        group_by: str | None = None,
+        tenant: str | None = None,
+    ) -> dict[str, Any]:
+        """The usage report of jobs that finished in [start_time, end_time) (epoch seconds; the API's defaults:
+        the last 30 days), grouped by `model`, `kind` or `day`; `tenant` (admin keys only) for one tenant's."""
+        query = {"start_time": start_time, "end_time": end_time, "group_by": group_by, "tenant": tenant}
+        return self._json("GET", "/v1/usage", params={k: v for k, v in query.items() if v is not None})
+
     def list_workers(self) -> dict[str, Any]:
         return self._json("GET", "/v1/workers")

@@ -7,7 +7,8 @@
     ├── BadRequest           400 (param names the field at fault)
     ├── Conflict             409
     ├── PayloadTooLarge      413
-    └── TooManyRequests      429
+    ├── TooManyRequests      429
+    └── BadGateway           502 (a server lmbatch called for the caller did not answer: a webhook test)
     any other exception      500 {"error": {"code": "internal_error", "message", "id", …}}: logged here with its id
                              and traceback, while the body carries no traceback, SQL, parameter or server path
 
@@ -79,6 +80,11 @@ class PayloadTooLarge(ApiError):
 class TooManyRequests(ApiError):
     status_code = 429
     error_type = "rate_limit_error"
+
+
+class BadGateway(ApiError):
+    status_code = 502
+    error_type = "server_error"
 
 
 def invalid_field(error: ValidationError, *, prefix: str, code: str) -> BadRequest:

@@ -149,9 +149,14 @@ async def idempotent_post(
     )
 
 
-def upload_fingerprint(*, purpose: str, filename: str, content_sha256: str) -> str:
+def upload_fingerprint(
+    *, purpose: str, filename: str, content_sha256: str, expires_after_seconds: int | None = None
+) -> str:
     """What identifies an upload's request: its form fields and the bytes of its file."""
-    return hashlib.sha256(f"{purpose}\n{filename}\n{content_sha256}".encode()).hexdigest()
+    fields = f"{purpose}\n{filename}\n{content_sha256}"
+    if expires_after_seconds is not None:  # absent, the fingerprint stays what it was before expiry existed
+        fields += f"\n{expires_after_seconds}"
+    return hashlib.sha256(fields.encode()).hexdigest()
 
 
 IdempotentPostDep = Annotated[IdempotentPost, Depends(idempotent_post)]

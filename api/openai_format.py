@@ -1,8 +1,9 @@
 """OpenAI Batch API input lines → lmbatch items.
 
 Input lines are `{"custom_id", "method": "POST", "url", "body"}`; each becomes one job item, with the body's
-sampling fields as that item's params. The way back (results → output and error lines) is db/openai_lines.py,
-since the workers write those files when a batch's job ends.
+sampling fields as that item's params. A `/v1/responses` body (the Responses API's `input` and `instructions`)
+becomes the same chat item a `/v1/chat/completions` body does. The way back (results → output and error lines) is
+db/openai_lines.py, since the workers write those files when a batch's job ends.
 
 A malformed line is one of the file's errors (the batch is created, `failed`, listing them as OpenAI does); a line
 over one of the door's caps (ParsedFile.refusal) refuses the whole request instead, and nothing is written.
@@ -28,19 +29,65 @@ from workers.engines.params import (
     text_chars,
 )
 
-ENDPOINT_KINDS = {"/v1/chat/completions": "generate", "/v1/completions": "generate", "/v1/embeddings": "embed"}
+ENDPOINT_KINDS = {
+    "/v1/chat/completions": "generate",
+    "/v1/completions": "generate",
+    "/v1/responses": "generate",
+    "/v1/embeddings": "embed",
+}
 MAX_REPORTED_ERRORS = 100
 
-# OpenAI defaults where a body leaves a field out (completions: 16 tokens; both: temperature 1).
-DEFAULT_MAX_TOKENS = {"/v1/chat/completions": 256, "/v1/completions": 16}
-BODY_FIELD_OF_PARAM = {"max_new_tokens": "max_tokens"}
+# OpenAI defaults where a body leaves a field out (completions: 16 tokens; all: temperature 1). The Responses API
+# has no default cap (the model's context is), so it gets chat's.
+DEFAULT_MAX_TOKENS = {"/v1/chat/completions": 256, "/v1/completions": 16, "/v1/responses": 256}
+# The body field each endpoint names its token cap with, for reading it and for naming it in an error.
+MAX_TOKENS_FIELD = {
+    "/v1/chat/completions": "max_tokens",
+    "/v1/completions": "max_tokens",
+    "/v1/responses": "max_output_tokens",
+}
+# The fields each endpoint reads its token cap from, the first one given (not null) winning: chat's newer name
+# first. A Responses body has only its own: a chat field there is refused, never read.
+TOKEN_CAP_FIELDS = {
+    "/v1/chat/completions": ("max_completion_tokens", "max_tokens"),
+    "/v1/completions": ("max_completion_tokens", "max_tokens"),
+    "/v1/responses": ("max_output_tokens",),
+}
 # Where each endpoint's text is, for naming it when it is too long.
 INPUT_FIELD = {
     "/v1/chat/completions": "body.messages",
     "/v1/completions": "body.prompt",
     "/v1/embeddings": "body.input",
+    "/v1/responses": "body.input",
 }
 IGNORED_BODY_FIELDS = {"model", "user", "stream", "n", "logprobs", "top_logprobs", "encoding_format", "store"}
+# The body fields each generate endpoint reads; any other (tools, reasoning, a response format…) is refused by
+# name, not silently dropped: the answer would not be the one asked for.
+SAMPLING_FIELDS = {
+    "/v1/chat/completions": {"messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed"}
+    | {"frequency_penalty", "presence_penalty"},
+    "/v1/completions": {"prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed"}
+    | {"frequency_penalty", "presence_penalty"},
+    "/v1/responses": {"input", "instructions", "max_output_tokens", "temperature", "top_p"},
+}
+# Responses fields that change nothing about the answer (bookkeeping on OpenAI's side).
+IGNORED_RESPONSES_FIELDS = {"model", "user", "store", "metadata", "service_tier", "safety_identifier"}
+IGNORED_RESPONSES_FIELDS |= {"prompt_cache_key", "parallel_tool_calls"}
+# Responses fields a client (or an SDK's serializer) sends holding their default, which asks for nothing more than
+# leaving them out: accepted with these values only. Any other value (`stream: true`, a JSON-schema format) asks
+# for what a batch does not do, and is refused by name. `tool_choice` "auto"/"none" choose among no tools (tools
+# themselves are refused when given).
+RESPONSES_DEFAULTS: dict[str, tuple[Any, ...]] = {
+    "stream": (False,),
+    "background": (False,),
+    "truncation": ("disabled",),
+    "tool_choice": ("auto", "none"),
+    "top_logprobs": (0,),
+}
+# Responses input roles, as chat roles (`developer` is the Responses API's name for a system message).
+RESPONSES_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+# Text parts of a Responses message; an image, file or audio part is refused.
+TEXT_PART_TYPES = ("input_text", "output_text")
 
 
 @dataclass(frozen=True)
@@ -175,6 +222,8 @@ def _input_of(body: dict[str, Any], endpoint: str) -> dict[str, Any]:
         if not isinstance(prompt, str):
             raise LineError("invalid_body", "body.prompt must be a string", "body.prompt")
         return {"prompt": prompt}
+    if endpoint == "/v1/responses":
+        return {"messages": _responses_messages(body)}
     text = body.get("input")
     if isinstance(text, list) and len(text) == 1:
         text = text[0]
@@ -185,20 +234,76 @@ def _input_of(body: dict[str, Any], endpoint: str) -> dict[str, Any]:
     return {"text": text}
 
 
+def _responses_messages(body: dict[str, Any]) -> list[dict[str, str]]:
+    """The Responses API's `instructions` and `input` (a string, or message items whose content is a string or
+    text parts) as chat messages, the instructions first as a system message."""
+    messages: list[dict[str, str]] = []
+    instructions = body.get("instructions")
+    if instructions is not None:
+        if not isinstance(instructions, str):
+            raise LineError("invalid_body", "body.instructions must be a string", "body.instructions")
+        messages.append({"role": "system", "content": instructions})
+    given = body.get("input")
+    if isinstance(given, str):
+        return [*messages, {"role": "user", "content": given}]
+    if not isinstance(given, list) or not given:
+        message = "body.input must be a string or a non-empty list of messages"
+        raise LineError("invalid_body", message, "body.input")
+    for number, entry in enumerate(given):
+        messages.append(_responses_message(entry, f"body.input[{number}]"))
+    return messages
+
+
+def _responses_message(entry: Any, where: str) -> dict[str, str]:
+    if not isinstance(entry, dict):
+        raise LineError("invalid_body", f"{where} must be a message object", where)
+    if entry.get("type", "message") != "message":
+        # function calls and their outputs, reasoning items, item references: no tools run here
+        raise LineError("unsupported_value", f"{where}: items of type {entry.get('type')!r} are not supported", where)
+    role = entry.get("role")
+    if role not in RESPONSES_ROLES:
+        roles = ", ".join(RESPONSES_ROLES)
+        raise LineError("invalid_body", f"{where}.role must be one of {roles}", f"{where}.role")
+    content = entry.get("content")
+    if isinstance(content, str):
+        return {"role": RESPONSES_ROLES[role], "content": content}
+    if not isinstance(content, list) or not content:
+        message = f"{where}.content must be a string or a non-empty list of input_text parts"
+        raise LineError("invalid_body", message, f"{where}.content")
+    texts = []
+    for number, part in enumerate(content):
+        at = f"{where}.content[{number}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in TEXT_PART_TYPES:
+            raise LineError("unsupported_value", f"{at}: only input_text parts are supported, not {kind!r}", at)
+        if not isinstance(part.get("text"), str):
+            raise LineError("invalid_body", f"{at}.text must be a string", f"{at}.text")
+        texts.append(part["text"])
+    return {"role": RESPONSES_ROLES[role], "content": "".join(texts)}
+
+
 def _generate_params(body: dict[str, Any], endpoint: str, caps: InputCaps) -> dict[str, Any]:
-    unknown = set(body) - IGNORED_BODY_FIELDS - {"messages", "prompt", "max_tokens", "max_completion_tokens"}
-    unknown -= {"temperature", "top_p", "stop", "seed", "frequency_penalty", "presence_penalty"}
+    responses = endpoint == "/v1/responses"
+    ignored = IGNORED_RESPONSES_FIELDS if responses else IGNORED_BODY_FIELDS
+    # An empty field asks for nothing (`"tools": []`), nor does a Responses field at its default (`stream: false`):
+    # only one that asks for something is refused.
+    asked = {
+        name
+        for name, value in body.items()
+        if value not in (None, [], {}) and not (responses and _holds_default(name, value))
+    }
+    unknown = asked - ignored - SAMPLING_FIELDS[endpoint]
     if unknown:
         field_name = sorted(unknown)[0]
         raise LineError("unsupported_parameter", f"body.{field_name} is not supported", f"body.{field_name}")
     # A deployment whose cap is below OpenAI's default runs an unset max_tokens at its cap instead of refusing it.
-    default = min(DEFAULT_MAX_TOKENS[endpoint], caps.max_new_tokens)
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens", default))
+    cap_field = next((name for name in TOKEN_CAP_FIELDS[endpoint] if body.get(name) is not None), None)
+    max_tokens = body[cap_field] if cap_field else min(DEFAULT_MAX_TOKENS[endpoint], caps.max_new_tokens)
     stop = body.get("stop")
     params: dict[str, Any] = {
         "max_new_tokens": max_tokens,
-        "temperature": body.get("temperature", 1.0),
-        "top_p": body.get("top_p", 1.0),
+        "temperature": _given(body, "temperature", 1.0),
+        "top_p": _given(body, "top_p", 1.0),
         "stop": [stop] if isinstance(stop, str) else (stop or []),
     }
     if body.get("seed") is not None:
@@ -208,7 +313,23 @@ def _generate_params(body: dict[str, Any], endpoint: str, caps: InputCaps) -> di
     except ValidationError as error:
         problem = error.errors()[0]
         ours = str(problem["loc"][0]) if problem["loc"] else "body"
-        theirs = BODY_FIELD_OF_PARAM.get(ours, ours)
+        theirs = (cap_field or MAX_TOKENS_FIELD[endpoint]) if ours == "max_new_tokens" else ours
         code = LIMIT_EXCEEDED if problem["type"] == LIMIT_EXCEEDED else "invalid_value"
         raise LineError(code, f"body.{theirs}: {problem['msg']}", f"body.{theirs}") from error
     return params
+
+
+def _holds_default(name: str, value: Any) -> bool:
+    """Whether a Responses field holds the value that asks for nothing (RESPONSES_DEFAULTS; `text` whose format
+    is plain text). Types are compared too: `stream: 0` is not `stream: false`."""
+    if name == "text":
+        if not isinstance(value, dict) or not set(value) <= {"format", "verbosity"}:
+            return False
+        return value.get("format") in (None, {"type": "text"}) and value.get("verbosity") in (None, "medium")
+    return any(type(value) is type(default) and value == default for default in RESPONSES_DEFAULTS.get(name, ()))
+
+
+def _given(body: dict[str, Any], name: str, default: float) -> Any:
+    """A sampling field's value; an explicit null (the Responses API sends them) means the default."""
+    value = body.get(name)
+    return default if value is None else value

@@ -23,6 +23,7 @@ from db.models import Batch, Job, utcnow
 from db.names import TERMINAL_JOB_STATES
 from db.pagination import listed_after
 from db.session import changed
+from db.webhook_outbox import record_batch_end
 
 STATUS_TIMESTAMP = {
     "in_progress": "in_progress_at",
@@ -49,6 +50,7 @@ class Progress:
     failed: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
+    compute_seconds: float = 0.0  # device-seconds of the job's ended shard attempts (db/jobs.py)
 
 
 def add_batch(
@@ -61,6 +63,7 @@ def add_batch(
     completion_window: str,
     metadata: dict[str, str] | None,
     expires_at: datetime,
+    output_expires_after_seconds: int | None = None,
 ) -> Batch:
     """A new batch, `validating` until its input file has been read (in the same transaction)."""
     row = Batch(
@@ -72,6 +75,7 @@ def add_batch(
         metadata_=metadata,
         status="validating",
         expires_at=expires_at,
+        output_expires_after_seconds=output_expires_after_seconds,
     )
     session.add(row)
     session.flush()
@@ -81,7 +85,7 @@ def add_batch(
 def move(session: Session, *, batch_id: str, from_states: tuple[str, ...], to: str, **values: Any) -> bool:
     """One transition; False when the batch was not in any of `from_states`."""
     stamp = {STATUS_TIMESTAMP[to]: utcnow()} if to in STATUS_TIMESTAMP else {}
-    return bool(
+    moved = bool(
         changed(
             session,
             update(Batch)
@@ -89,6 +93,9 @@ def move(session: Session, *, batch_id: str, from_states: tuple[str, ...], to: s
             .values(status=to, **stamp, **values),
         )
     )
+    if moved and to in FINAL_STATES:
+        record_batch_end(session, batch_id=batch_id, status=to)
+    return moved
 
 
 def get_batch(session: Session, *, tenant_id: int | None, batch_id: str) -> Batch | None:
@@ -129,11 +136,26 @@ def progress(session: Session, *, job_id: str | None) -> Progress:
         failed=job.failed,
         input_tokens=job.prompt_tokens,
         output_tokens=job.completion_tokens,
+        compute_seconds=job.compute_seconds or 0.0,
     )
 
 
 def expired(batch: Batch, now: datetime | None = None) -> bool:
     return batch.expires_at is not None and (now or utcnow()) > batch.expires_at
+
+
+def final_status(session: Session, *, batch: Batch) -> str:
+    """What a batch whose job has ended becomes: `completed`, unless its job was cancelled. Then `cancelled` when
+    the tenant cancelled the batch (it went through `cancelling`), or its job was cancelled (through the jobs API)
+    before the completion window closed; `expired` when the sweeper cancelled its job because the window had
+    closed. Decided by when the cancel was asked, never by the time the finalizer runs: a cancel at 23:59 whose
+    running shards stop after the 24 h mark is still a cancel."""
+    job = session.execute(select(Job.status, Job.cancelled_at).where(Job.id == batch.job_id)).first()
+    if job is None or job.status != "cancelled":
+        return "completed"
+    if batch.cancelling_at is not None:
+        return "cancelled"
+    return "expired" if expired(batch, now=job.cancelled_at) else "cancelled"
 
 
 def overdue_jobs(session: Session, *, limit: int = 100) -> list[str]:
@@ -205,7 +227,7 @@ def finish_finalizing(
     """finalizing → completed | cancelled | expired, naming the result files; False when another finalizer took
     the batch over since `token` was stamped (this one was slow, not dead): its files must then not be kept."""
     assert to in ("completed", "cancelled", "expired"), to
-    return bool(
+    finished = bool(
         changed(
             session,
             update(Batch)
@@ -218,3 +240,7 @@ def finish_finalizing(
             ),
         )
     )
+    if finished:
+        # In the transaction that made the batch final (and registered its files): the event is owed exactly then.
+        record_batch_end(session, batch_id=batch_id, status=to)
+    return finished

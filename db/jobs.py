@@ -11,6 +11,13 @@ happened. Two workers racing for one shard therefore cannot both win, whatever t
            running (lease expired) → running (another worker)      running → dispatched (retry, soft shutdown)
            running → queued (parked: its job was paused)
 
+Compute accounting: a shard's current attempt holds `devices` (a GPU each; a CPU worker process counts as one) and
+its run time so far is `attempt_seconds` (each heartbeat writes it). Whatever ends an attempt (a finish, a retry, a
+release, a park, or a claim that takes over a dead worker's shard) banks `seconds * devices` into the shard's and
+the job's `compute_seconds`, so retries and killed attempts are paid for too. The statement that ends the attempt
+returns the attempt's columns (it does not change them, so RETURNING shows them as they were) and holds the row
+lock while the bank is added: two enders cannot both bank one attempt, and concurrent banks into a job add up.
+
 A shard waits as `queued` until the dispatcher picks it (db/dispatch.py): the pick marks it `dispatched` in the
 same statement, and only then is its id sent to Redis. A worker claims only a dispatched shard, so a stray message
 cannot run a shard the dispatcher has not chosen.
@@ -31,6 +38,7 @@ from db.models import Job, Shard, new_id, utcnow
 from db.names import TERMINAL_JOB_STATES, queue_for
 from db.session import changed
 from db.sharding import cut_shards
+from db.webhook_outbox import record_job_end
 
 ACTIVE_JOB_STATES = ("queued", "running", "cancelling", "paused")
 OPEN_SHARD_STATES = ("queued", "dispatched", "running")
@@ -127,12 +135,16 @@ def create_job(
 SHARDS_PER_INSERT = 64
 
 
-def claim_shard(session: Session, *, shard_id: int, worker: str, lease_seconds: float) -> Claim:
-    """dispatched → running, or take over a running shard whose worker died (lease expired, or it was us)."""
+def claim_shard(
+    session: Session, *, shard_id: int, worker: str, lease_seconds: float, devices: int | None = None
+) -> Claim:
+    """dispatched → running, or take over a running shard whose worker died (lease expired, or it was us).
+
+    The new attempt holds `devices` (None: what its job asks for, see `devices_for`); an attempt taken over is
+    banked first, up to its last heartbeat."""
     now = utcnow()
     paused = select(Job.id).where(Job.status == "paused")
-    claimed = changed(
-        session,
+    taken = session.execute(
         update(Shard)
         .where(
             Shard.id == shard_id,
@@ -153,10 +165,16 @@ def claim_shard(session: Session, *, shard_id: int, worker: str, lease_seconds: 
             attempts=Shard.attempts + 1,
             started_at=now,
             progress=0,
-        ),
-    )
-    if claimed:
-        job_id = session.scalar(select(Shard.job_id).where(Shard.id == shard_id))
+        )
+        .returning(Shard.job_id, Shard.attempt_seconds, Shard.devices)
+    ).one_or_none()
+    if taken is not None:
+        job_id, prior_seconds, prior_devices = taken
+        if devices is None:
+            kind, params = session.execute(select(Job.kind, Job.params).where(Job.id == job_id)).one()
+            devices = devices_for(kind, params)
+        banked = prior_seconds * prior_devices  # the attempt taken over (nothing when the shard was dispatched)
+        _bank_attempt(session, shard_id=shard_id, job_id=job_id, device_seconds=banked, devices=devices)
         session.execute(
             update(Job).where(Job.id == job_id, Job.status == "queued").values(status="running", started_at=now)
         )
@@ -177,15 +195,31 @@ def claim_shard(session: Session, *, shard_id: int, worker: str, lease_seconds: 
     return Claim.BUSY if shard_status in OPEN_SHARD_STATES else Claim.FINISHED
 
 
-def renew_lease(session: Session, *, shard_id: int, worker: str, lease_seconds: float, progress: int) -> bool:
-    """Heartbeat: extend the lease while this worker still owns the shard. False: it was taken away."""
+def renew_lease(
+    session: Session,
+    *,
+    shard_id: int,
+    worker: str,
+    lease_seconds: float,
+    progress: int,
+    attempt_seconds: float | None = None,
+) -> bool:
+    """Heartbeat: extend the lease while this worker still owns the shard. False: it was taken away.
+    `attempt_seconds` (the attempt's run time so far) is what gets billed if this worker dies before it ends."""
     now = utcnow()
+    values: dict[str, Any] = {
+        "lease_expires_at": now + timedelta(seconds=lease_seconds),
+        "heartbeat_at": now,
+        "progress": progress,
+    }
+    if attempt_seconds is not None:
+        values["attempt_seconds"] = attempt_seconds
     return bool(
         changed(
             session,
             update(Shard)
             .where(Shard.id == shard_id, Shard.status == "running", Shard.lease_owner == worker)
-            .values(lease_expires_at=now + timedelta(seconds=lease_seconds), heartbeat_at=now, progress=progress),
+            .values(**values),
         )
     )
 
@@ -203,10 +237,10 @@ def finish_shard(
     duration_seconds: float | None = None,
     error: dict[str, Any] | None = None,
 ) -> bool:
-    """running → succeeded | failed | cancelled, adding the shard's counts to its job exactly once."""
+    """running → succeeded | failed | cancelled, adding the shard's counts to its job exactly once.
+    `duration_seconds` is the ending attempt's run time (billed; None: up to its last heartbeat)."""
     assert status in TERMINAL_JOB_STATES, status
-    won = changed(
-        session,
+    ended = session.execute(
         update(Shard)
         .where(Shard.id == shard_id, Shard.status == "running", Shard.lease_owner == worker)
         .values(
@@ -217,11 +251,12 @@ def finish_shard(
             progress=succeeded + failed,
             duration_seconds=duration_seconds,
             error=error,
-        ),
-    )
-    if not won:
+        )
+        .returning(Shard.job_id, Shard.attempt_seconds, Shard.devices)
+    ).one_or_none()
+    if ended is None:
         return False
-    job_id = session.scalars(select(Shard.job_id).where(Shard.id == shard_id)).one()
+    job_id = _bank_ended(session, shard_id=shard_id, ended=ended, seconds=duration_seconds)
     values: dict[str, Any] = {
         "succeeded": Job.succeeded + succeeded,
         "failed": Job.failed + failed,
@@ -237,29 +272,33 @@ def finish_shard(
     return True
 
 
-def requeue_shard(session: Session, *, shard_id: int, worker: str | None, max_attempts: int) -> bool:
+def requeue_shard(
+    session: Session, *, shard_id: int, worker: str | None, max_attempts: int, seconds: float | None = None
+) -> bool:
     """running → dispatched for another try, while attempts remain: the task's own retry message brings it back,
-    and it keeps its place among the tenant's running work meanwhile."""
+    and it keeps its place among the tenant's running work meanwhile. The failed attempt's `seconds` are billed
+    (None: up to its last heartbeat)."""
     conditions = [Shard.id == shard_id, Shard.status == "running", Shard.attempts < max_attempts]
     if worker is not None:
         conditions.append(Shard.lease_owner == worker)
-    return bool(
-        changed(
-            session,
-            update(Shard)
-            .where(*conditions)
-            .values(status="dispatched", lease_owner=None, lease_expires_at=None, enqueued_at=utcnow(), progress=0),
-        )
-    )
+    ended = session.execute(
+        update(Shard)
+        .where(*conditions)
+        .values(status="dispatched", lease_owner=None, lease_expires_at=None, enqueued_at=utcnow(), progress=0)
+        .returning(Shard.job_id, Shard.attempt_seconds, Shard.devices)
+    ).one_or_none()
+    if ended is None:
+        return False
+    _bank_ended(session, shard_id=shard_id, ended=ended, seconds=seconds)
+    return True
 
 
 def release_leases(session: Session, *, worker: str) -> int:
     """running → dispatched for every shard this worker node holds, when it stops on purpose (a deploy's SIGTERM,
     which `lmbatch worker` makes a soft shutdown) and Celery puts the shards' messages back on the queue: the
     next worker claims them at once instead of waiting out the lease. The attempt is handed back, since the
-    shard did not fail. Returns how many were released."""
-    return changed(
-        session,
+    shard did not fail (its run time up to the last heartbeat is still billed). Returns how many were released."""
+    released = session.execute(
         update(Shard)
         .where(Shard.status == "running", Shard.lease_owner == worker)
         .values(
@@ -269,8 +308,12 @@ def release_leases(session: Session, *, worker: str) -> int:
             enqueued_at=utcnow(),
             progress=0,
             attempts=Shard.attempts - 1,
-        ),
-    )
+        )
+        .returning(Shard.id, Shard.job_id, Shard.attempt_seconds, Shard.devices)
+    ).all()
+    for shard_id, *ended in released:
+        _bank_ended(session, shard_id=shard_id, ended=tuple(ended), seconds=None)
+    return len(released)
 
 
 def finish_job_if_done(session: Session, *, job_id: str) -> str | None:
@@ -296,7 +339,11 @@ def finish_job_if_done(session: Session, *, job_id: str) -> str | None:
         .values(status=final, finished_at=utcnow())
         .execution_options(synchronize_session=False),
     )
-    return final if done else None
+    if not done:
+        return None
+    # In the transaction that ended the job: the event is owed exactly when the end is committed.
+    record_job_end(session, job_id=job_id, status=final)
+    return final
 
 
 def cancel_job(session: Session, *, job_id: str) -> str | None:
@@ -328,17 +375,54 @@ def pause_job(session: Session, *, job_id: str) -> bool:
     return True
 
 
-def park_shard(session: Session, *, shard_id: int, worker: str) -> bool:
+def park_shard(session: Session, *, shard_id: int, worker: str, seconds: float | None = None) -> bool:
     """running → queued without counting an attempt: the job was paused, nothing went wrong. The dispatcher sends
-    it again once the job is not paused."""
-    return bool(
-        changed(
-            session,
-            update(Shard)
-            .where(Shard.id == shard_id, Shard.status == "running", Shard.lease_owner == worker)
-            .values(status="queued", lease_owner=None, lease_expires_at=None, attempts=Shard.attempts - 1, progress=0),
+    it again once the job is not paused. The attempt's `seconds` are billed all the same (None: to its last
+    heartbeat)."""
+    ended = session.execute(
+        update(Shard)
+        .where(Shard.id == shard_id, Shard.status == "running", Shard.lease_owner == worker)
+        .values(status="queued", lease_owner=None, lease_expires_at=None, attempts=Shard.attempts - 1, progress=0)
+        .returning(Shard.job_id, Shard.attempt_seconds, Shard.devices)
+    ).one_or_none()
+    if ended is None:
+        return False
+    _bank_ended(session, shard_id=shard_id, ended=ended, seconds=seconds)
+    return True
+
+
+def devices_for(kind: str, params: dict[str, Any] | None) -> int:
+    """The devices one attempt of a job's shard holds: a fine-tune its `num_gpus`; anything else one (a GPU, or a
+    CPU worker process, which counts as one device)."""
+    if kind == "finetune":
+        return max(1, int((params or {}).get("num_gpus", 1)))
+    return 1
+
+
+def _bank_ended(session: Session, *, shard_id: int, ended: Any, seconds: float | None) -> str:
+    """Bank the attempt a compare-and-set just ended; `ended` is what it returned: (job_id, attempt_seconds,
+    devices). `seconds` is the run time the worker measured (None: up to the last heartbeat). Returns the job id."""
+    job_id, heartbeat_seconds, devices = ended
+    run = heartbeat_seconds if seconds is None else max(seconds, 0.0)
+    _bank_attempt(session, shard_id=shard_id, job_id=job_id, device_seconds=run * devices)
+    return str(job_id)
+
+
+def _bank_attempt(
+    session: Session, *, shard_id: int, job_id: str, device_seconds: float, devices: int | None = None
+) -> None:
+    """Add an ended attempt to its shard's and its job's compute_seconds, and start the shard's attempt clock over
+    (holding `devices` from now on, when given). Called while the statement that ended the attempt holds the
+    shard's row, so nothing else banks it again."""
+    values: dict[str, Any] = {"compute_seconds": Shard.compute_seconds + device_seconds, "attempt_seconds": 0.0}
+    if devices is not None:
+        values["devices"] = devices
+    session.execute(update(Shard).where(Shard.id == shard_id).values(**values))
+    if device_seconds > 0:
+        # Arithmetic in SQL: two shards of one job ending at once both add (the job's row lock orders them).
+        session.execute(
+            update(Job).where(Job.id == job_id).values(compute_seconds=Job.compute_seconds + device_seconds)
         )
-    )
 
 
 def resume_job(session: Session, *, job_id: str) -> bool:

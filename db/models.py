@@ -119,6 +119,9 @@ class StoredFile(Base):
     storage_path: Mapped[str] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16), default="processed")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # OpenAI's `expires_after` (uploads) and a batch's `output_expires_after` (its result files): past it the
+    # sweeper deletes the bytes and the file reads as gone. None: kept until deleted.
+    expires_at: Mapped[datetime | None] = mapped_column(index=True)
     deleted_at: Mapped[datetime | None]
 
 
@@ -162,7 +165,11 @@ class ModelAlias(Base):
 
 class Job(Base):
     __tablename__ = "jobs"
-    __table_args__ = (Index("ix_jobs_tenant_created", "tenant_id", "created_at"),)
+    __table_args__ = (
+        Index("ix_jobs_tenant_created", "tenant_id", "created_at"),
+        # Usage reports count a job on the day it finished (GET /v1/usage).
+        Index("ix_jobs_tenant_finished", "tenant_id", "finished_at"),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
@@ -185,6 +192,9 @@ class Job(Base):
     failed: Mapped[int] = mapped_column(Integer, default=0)
     prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Device-seconds spent on the job: every ended attempt of every shard (retries and killed attempts count), its
+    # run time times the devices it held (a GPU each; a CPU worker process counts as one).
+    compute_seconds: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     shard_count: Mapped[int] = mapped_column(Integer, default=0)
     shards_done: Mapped[int] = mapped_column(Integer, default=0)
     # Set when a fine-tune registers its output, e.g. "name@2".
@@ -228,6 +238,12 @@ class Shard(Base):
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     duration_seconds: Mapped[float | None] = mapped_column(Float)  # of the attempt that finished it
+    # The current attempt: the devices it holds and its run time so far (each heartbeat writes it), so an attempt
+    # whose worker was killed is still counted when the next claim takes the shard over.
+    devices: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    attempt_seconds: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    # Device-seconds of its ended attempts (added to its job's compute_seconds as each ends).
+    compute_seconds: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
 
 
@@ -275,6 +291,8 @@ class Batch(Base):
     output_file_id: Mapped[str | None] = mapped_column(String(40))
     error_file_id: Mapped[str | None] = mapped_column(String(40))
     model: Mapped[str | None] = mapped_column(String(200))
+    # OpenAI's `output_expires_after.seconds`: the output and error files expire this long after they are written.
+    output_expires_after_seconds: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[datetime | None]
     in_progress_at: Mapped[datetime | None]
@@ -301,3 +319,82 @@ class IdempotentRequest(Base):
     status_code: Mapped[int | None] = mapped_column(Integer)
     response: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class WebhookEndpoint(Base):
+    """Where a tenant wants its events POSTed (OpenAI's `/v1/webhook_endpoints`)."""
+
+    __tablename__ = "webhook_endpoints"
+    __table_args__ = (Index("ix_webhook_endpoints_tenant_created", "tenant_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(200))
+    url: Mapped[str] = mapped_column(Text)
+    event_types: Mapped[list[Any]] = mapped_column(default=list)
+    # The Standard Webhooks signing secret (`whsec_…`). Kept as given, not hashed: every delivery is signed with it.
+    # Shown once (create, rotate); afterwards only `signing_secret_hint`.
+    signing_secret: Mapped[str] = mapped_column(String(100))
+    signing_secret_hint: Mapped[str] = mapped_column(String(40))
+    # enabled | disabled (by lmbatch, after failing for a day: `disabled_reason` says so).
+    status: Mapped[str] = mapped_column(String(16), default="enabled")
+    disabled_reason: Mapped[str | None] = mapped_column(Text)
+    # The first failed attempt since the last success: a day of failures disables the endpoint.
+    failing_since: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WebhookEvent(Base):
+    """The outbox: one row per event, written in the transaction of the state change that caused it."""
+
+    __tablename__ = "webhook_events"
+    __table_args__ = (Index("ix_webhook_events_tenant_created", "tenant_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # evt_…, also the deliveries' webhook-id
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    type: Mapped[str] = mapped_column(String(64))
+    # The envelope as delivered ({"id", "object": "event", "created_at", "type", "data"}), byte-stable per event.
+    payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WebhookDelivery(Base):
+    """One event owed to one endpoint, until it is delivered or given up on."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        UniqueConstraint("event_id", "endpoint_id", name="uq_webhook_deliveries_event_endpoint"),
+        Index("ix_webhook_deliveries_status_next", "status", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    event_id: Mapped[str] = mapped_column(ForeignKey("webhook_events.id", ondelete="CASCADE"))
+    endpoint_id: Mapped[str] = mapped_column(ForeignKey("webhook_endpoints.id", ondelete="CASCADE"), index=True)
+    # pending (owed; due at next_attempt_at) → delivered | failed (given up: the endpoint was disabled)
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # When a delivery task was last sent for it; the scheduler sends again only once this is old (a lost message).
+    sent_at: Mapped[datetime | None]
+    # Tasks sent for it since its last recorded attempt. Each one left unanswered doubles the wait before the next,
+    # so a queue that no worker drains does not gain a message per delivery every lease.
+    sends: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    delivered_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WebhookAttempt(Base):
+    """One POST of a delivery, as the endpoint answered it (listed per endpoint)."""
+
+    __tablename__ = "webhook_attempts"
+    __table_args__ = (Index("ix_webhook_attempts_endpoint_id", "endpoint_id", "id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    delivery_id: Mapped[int] = mapped_column(ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), index=True)
+    endpoint_id: Mapped[str] = mapped_column(ForeignKey("webhook_endpoints.id", ondelete="CASCADE"))
+    event_id: Mapped[str] = mapped_column(String(40))
+    attempted_at: Mapped[datetime] = mapped_column(default=utcnow)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    latency_ms: Mapped[float | None] = mapped_column(Float)
+    error: Mapped[str | None] = mapped_column(Text)  # what went wrong, for the tenant: no traceback

@@ -17,8 +17,10 @@ JOB_KINDS: tuple[JobKind, ...] = get_args(JobKind)
 MULTI_GPU_QUEUE = "finetune.multi"
 # The sweeper's own task.
 MAINTENANCE_QUEUE = "maintenance"
+# Webhook deliveries: light, I/O-bound tasks with workers of their own, never behind a shard or a fine-tune.
+WEBHOOK_QUEUE = "webhooks"
 # Every queue a worker may consume, in the order the operator sees them (`--queues`, /metrics).
-QUEUES: tuple[str, ...] = (*JOB_KINDS, MULTI_GPU_QUEUE, MAINTENANCE_QUEUE)
+QUEUES: tuple[str, ...] = (*JOB_KINDS, MULTI_GPU_QUEUE, MAINTENANCE_QUEUE, WEBHOOK_QUEUE)
 
 
 def queue_for(kind: str, params: dict[str, Any] | None = None) -> str:

@@ -13,7 +13,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from db.models import ItemResult, utcnow
+from db.models import ItemResult, Shard, utcnow
+from db.sharding import item_index
 
 RESULT_COLUMNS = ("custom_id", "output", "error", "prompt_tokens", "completion_tokens")
 # The custom_id column's width: PostgreSQL refuses a longer value (SQLite stores it), so a writer that must not
@@ -107,6 +108,34 @@ def iter_results(session: Session, *, job_id: str, chunk: int = 1000) -> Iterato
             return
         yield from page
         next_index = page[-1].index + 1
+
+
+def iter_unanswered(session: Session, *, job_id: str, shards_per_page: int = 8) -> Iterator[tuple[int, str | None]]:
+    """(index, custom_id) of the job's items without a result row: those that never ran because the job was
+    cancelled (or its batch expired) first. Read a few shards at a time, so a large job is never held whole."""
+    after = -1
+    while True:
+        page = session.execute(
+            select(Shard.index, Shard.start, Shard.end, Shard.items)
+            .where(Shard.job_id == job_id, Shard.index > after)
+            .order_by(Shard.index)
+            .limit(shards_per_page)
+        ).all()
+        if not page:
+            return
+        for _, start, end, items in page:
+            answered = set(
+                session.scalars(
+                    select(ItemResult.index).where(
+                        ItemResult.job_id == job_id, ItemResult.index >= start, ItemResult.index < end
+                    )
+                )
+            )
+            for offset, item in enumerate(items):
+                index = item_index(item, shard_start=start, offset=offset)
+                if index not in answered:
+                    yield index, item.get("custom_id")
+        after = page[-1][0]
 
 
 def count_results(session: Session, *, job_id: str) -> int:

@@ -108,6 +108,30 @@ class Settings(BaseSettings):
     worker_max_memory_kb: int = Field(0, ge=0)  # 0: no per-child memory cap
     torch_threads: int = Field(0, ge=0)  # 0: torch's default (all cores the process may use)
 
+    # Webhooks (workers/webhooks/). A delivery is a POST with this timeout, retried with exponential backoff from
+    # retry_base (doubling, at most retry_max apart, with jitter) for at least retry_window; an endpoint failing
+    # every attempt for disable_after is disabled. Endpoint URLs must be https on a public address unless
+    # allow_private (tests, private networks), which also allows http and loopback, private and link-local hosts.
+    webhook_allow_private: bool = False
+    webhook_timeout_seconds: float = Field(10.0, gt=0, le=60)
+    webhook_retry_base_seconds: float = Field(30.0, gt=0)
+    webhook_retry_max_seconds: float = Field(3600.0, gt=0)
+    webhook_retry_window_seconds: float = Field(24 * 3600.0, gt=0)
+    webhook_disable_after_seconds: float = Field(24 * 3600.0, gt=0)
+    max_webhook_endpoints_per_tenant: int = Field(20, ge=0)
+    # Fairness: a delivery is sent only while its endpoint has no other attempt in flight and its tenant fewer than
+    # this many, so one tenant's endpoints at a blackhole hold at most this many of the worker_threads delivery
+    # threads (each for up to webhook_timeout_seconds), never all of them, and everyone else's events keep flowing.
+    webhook_max_in_flight_per_tenant: int = Field(2, ge=1)
+    # Threads of the webhook worker (`lmbatch up`'s webhooks@host, `lmbatch worker --queues webhooks`): deliveries
+    # wait on the network, so a thread each is cheap.
+    webhook_worker_threads: int = Field(8, ge=1, le=512)
+    # Events stay listable (GET /v1/webhook_events) this long, then are pruned with their deliveries.
+    webhook_event_retention_days: int = Field(30, ge=1)
+    # A batch's completion window, in seconds, overriding the `24h` it names: tests shorten it to see a batch expire.
+    # 0: the window the batch names. (Not None: settings travel to worker processes as environment variables.)
+    batch_completion_window_seconds: int = Field(0, ge=0)
+
     # Monitoring.
     flower_user: str = "admin"
     flower_password: str = ""  # empty: `lmbatch up` generates one and prints it

@@ -27,6 +27,14 @@ class JobTotals:
 
 
 @dataclass(frozen=True)
+class ModelUsage:
+    model: str  # the model as jobs named it (`name`, `name@version`, `name:alias`)
+    prompt_tokens: int
+    completion_tokens: int
+    compute_seconds: float
+
+
+@dataclass(frozen=True)
 class ShardDurations:
     count: int
     total_seconds: float
@@ -48,6 +56,23 @@ def job_totals(session: Session) -> list[JobTotals]:
     return [
         JobTotals(kind, status, int(count), int(succeeded), int(failed), int(completion))
         for kind, status, count, succeeded, failed, completion in rows
+    ]
+
+
+def model_usage(session: Session) -> list[ModelUsage]:
+    """Tokens and compute of finished jobs, per model they named: one GROUP BY over the jobs table."""
+    rows = session.execute(
+        select(
+            Job.model_ref,
+            func.coalesce(func.sum(Job.prompt_tokens), 0),
+            func.coalesce(func.sum(Job.completion_tokens), 0),
+            func.coalesce(func.sum(Job.compute_seconds), 0.0),
+        )
+        .where(Job.finished_at.is_not(None))
+        .group_by(Job.model_ref)
+    ).all()
+    return [
+        ModelUsage(model, int(prompt), int(completion), float(seconds)) for model, prompt, completion, seconds in rows
     ]
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from db.files import live as live_file
 from db.models import ModelVersion, StoredFile, Tenant
 from db.settings import Settings
 
@@ -89,9 +90,7 @@ def all_tenants(session: Session) -> list[Tenant]:
 def stored_bytes(session: Session, *, tenant_id: int) -> int:
     """What the tenant stores now: its live files (uploaded and produced) and its own live model versions."""
     files = session.scalar(
-        select(func.coalesce(func.sum(StoredFile.bytes), 0)).where(
-            StoredFile.tenant_id == tenant_id, StoredFile.deleted_at.is_(None)
-        )
+        select(func.coalesce(func.sum(StoredFile.bytes), 0)).where(StoredFile.tenant_id == tenant_id, live_file())
     )
     models = session.scalar(
         select(func.coalesce(func.sum(ModelVersion.bytes), 0)).where(

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.rate_limit import NAMESPACE as RATE_LIMIT_KEYS
 from db import jobs
 from db.dispatch import dispatch_shards
-from db.models import Base, ItemResult, ModelVersion, Shard
+from db.models import Base, ItemResult, ModelVersion, Shard, WebhookEndpoint
 from db.names import TERMINAL_JOB_STATES
 from db.registry import register_version
 from db.session import transaction
@@ -305,3 +305,22 @@ def jsonl_results(client: TestClient | httpx.Client, headers: dict[str, str], jo
     response = client.get(f"/v1/jobs/{job_id}/results.jsonl", headers=headers)
     assert response.status_code == 200
     return [json.loads(line) for line in response.text.splitlines()]
+
+
+def add_webhook_endpoint(
+    session_factory: sessionmaker[Session], tenant: str, endpoint_id: str, types: list[str], *, status: str = "enabled"
+) -> None:
+    """A tenant's webhook endpoint as a row only (no address check): for db tests of the outbox and deliveries."""
+    with transaction(session_factory) as session:
+        session.add(
+            WebhookEndpoint(
+                id=endpoint_id,
+                tenant_id=get_or_create_tenant(session, name=tenant).id,
+                name=endpoint_id,
+                url="https://example.com/hook",
+                event_types=types,
+                signing_secret="whsec_c2VjcmV0",
+                signing_secret_hint="whsec_…cmV0",
+                status=status,
+            )
+        )

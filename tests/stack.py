@@ -29,7 +29,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.cli.stack.ports import free_port
-from db.names import JOB_KINDS, MAINTENANCE_QUEUE
+from db.names import JOB_KINDS, MAINTENANCE_QUEUE, WEBHOOK_QUEUE
 from db.settings import Settings
 from tests.servers import (
     PrivatePostgres,
@@ -44,8 +44,8 @@ from workers.shards.dispatcher import LOCK_KEY as DISPATCHER_LOCK_KEY
 REPO = Path(__file__).resolve().parents[1]
 # Built-in models are converted once per clone and shared by every test run (SmolLM2 takes ~15 s).
 MODEL_CACHE = REPO / "var" / "test-cache" / "models"
-# A test worker owns one GPU at most, so it takes every queue but the multi-GPU one.
-ALL_QUEUES = ",".join((*JOB_KINDS, MAINTENANCE_QUEUE))
+# A test worker owns one GPU at most, so it takes every queue but the multi-GPU one (webhooks too: it delivers).
+ALL_QUEUES = ",".join((*JOB_KINDS, MAINTENANCE_QUEUE, WEBHOOK_QUEUE))
 IN_CI = os.environ.get("CI") == "true"
 TEST_REDIS_URL = os.environ.get("LMBATCH_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
 
@@ -144,6 +144,12 @@ def make_test_settings(database_url: str, redis_url: str, var_dir: Path, **overr
         "batch_size": 16,
         "torch_threads": 2,
         "flower_password": "test-password",
+        # Receivers are local HTTP servers; retries a fraction of a second apart, and a hung receiver holds the
+        # shared worker for one second only.
+        "webhook_allow_private": True,
+        "webhook_timeout_seconds": 1.0,
+        "webhook_retry_base_seconds": 0.3,
+        "webhook_retry_max_seconds": 2.0,
     }
     values.update(overrides)
     return Settings(**values)
@@ -153,6 +159,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
     """The environment that makes a child process build the same Settings."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("LMBATCH_")}
     for name, value in settings.model_dump().items():
+        if value is None:  # unset: the child's default is None too ("None" would not parse as a number)
+            continue
         rendered = json.dumps([str(v) for v in value]) if isinstance(value, list) else str(value)
         env[f"LMBATCH_{name.upper()}"] = rendered
     env["HF_HUB_OFFLINE"] = "1"

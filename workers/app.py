@@ -19,6 +19,9 @@ refuse_example_secrets(settings)
 
 # Celery imports these when a worker starts, before it sends any worker signal: the hooks first, so that they are
 # connected in time; nothing here imports them, so neither imports this module back in a cycle.
-app = Celery("lmbatch", include=["workers.lifecycle", "workers.tasks.shards", "workers.tasks.maintenance"])
+app = Celery(
+    "lmbatch",
+    include=["workers.lifecycle", "workers.tasks.shards", "workers.tasks.maintenance", "workers.tasks.webhooks"],
+)
 app.config_from_object(celeryconfig)
 app.conf.update(celeryconfig.from_settings(settings))

@@ -22,12 +22,14 @@ from celery.signals import (
 from sqlalchemy.pool import NullPool
 
 from db.jobs import release_leases
+from db.names import WEBHOOK_QUEUE
 from db.session import make_engine, make_session_factory, transaction
 from workers.app import app, settings
 from workers.presence import PresenceThread
 from workers.runtime import Runtime, build_runtime, current_runtime, detach_runtime, open_runtime_with
 from workers.shards.dispatcher import DispatcherThread
 from workers.shards.sweeper import SweeperThread
+from workers.webhooks.scheduler import WebhookScheduler
 
 log = logging.getLogger("lmbatch.worker")
 
@@ -95,9 +97,14 @@ def _start_sweeper_and_dispatcher(sender: Any = None, **_: Any) -> None:
         return
     sessions = make_session_factory(make_engine(settings, poolclass=NullPool))
     if settings.dispatcher_enabled:
-        _dispatcher = DispatcherThread(settings, sessions, sender.app, _node_name)
+        # The leader schedules webhook deliveries too: one process in the cluster, on the dispatcher's beat.
+        scheduler = WebhookScheduler(settings, sessions, sender.app)
+        _dispatcher = DispatcherThread(settings, sessions, sender.app, _node_name, extra_passes=[scheduler])
         _dispatcher.start()
-    if settings.sweeper_enabled:
+    # The sweeper finalizes batches and deletes expired files under files_dir: a worker that only delivers webhooks
+    # has no such volume in the deploy files, so it never sweeps.
+    queues = set(sender.app.amqp.queues.consume_from or sender.app.amqp.queues)
+    if settings.sweeper_enabled and queues != {WEBHOOK_QUEUE}:
         _sweeper = SweeperThread(settings, sessions, sender.app, _node_name)
         _sweeper.start()
 

@@ -17,8 +17,12 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from db.names import JOB_KINDS, MAINTENANCE_QUEUE, MULTI_GPU_QUEUE, QUEUES
+from db.names import JOB_KINDS, MAINTENANCE_QUEUE, MULTI_GPU_QUEUE, QUEUES, WEBHOOK_QUEUE
 from db.settings import Settings
+
+# Webhook deliveries wait on the network, not on a device: one light process of threads serves them, so a slow
+# receiver holds a thread, never a GPU worker, and an event never waits behind a shard or a fine-tune.
+WEBHOOK_NODE = "webhooks@%h"
 
 
 class WorkerPlanError(ValueError):
@@ -124,6 +128,30 @@ def celery_worker_argv(node: str, queues: Sequence[str], *, loglevel: str = "INF
     ]  # fmt: skip
 
 
+def webhook_worker_argv(node: str, *, threads: int, loglevel: str = "INFO") -> list[str]:
+    return [
+        sys.executable, "-m", "celery", "-A", "workers.app", "worker",
+        # Threads: each delivery is a POST that waits on a receiver (up to webhook_timeout_seconds); no model, no CUDA.
+        "-P", "threads", "-c", str(threads),
+        "-n", node,
+        "-Q", WEBHOOK_QUEUE,
+        "-E",
+        "--loglevel", loglevel,
+    ]  # fmt: skip
+
+
+def plan_webhook_worker(
+    settings: Settings, *, base_env: Mapping[str, str] | None = None, loglevel: str = "INFO"
+) -> WorkerPlan:
+    """The host's webhook delivery worker (`lmbatch up` starts one; `lmbatch worker --queues webhooks` is one), with
+    `webhook_worker_threads` threads."""
+    env = dict(base_env if base_env is not None else {})
+    env["CUDA_VISIBLE_DEVICES"] = ""  # it never computes: no GPU to see
+    env["REMAP_SIGTERM"] = "SIGQUIT"
+    argv = webhook_worker_argv(WEBHOOK_NODE, threads=settings.webhook_worker_threads, loglevel=loglevel)
+    return WorkerPlan(node=WEBHOOK_NODE, gpus=(), queues=(WEBHOOK_QUEUE,), argv=argv, env=env)
+
+
 def plan_workers(
     settings: Settings,
     *,
@@ -140,8 +168,10 @@ def plan_workers(
     ``cpu_workers=0`` plans no worker on a host without GPUs (an API-only host)."""
     if cpu_workers < 0:
         raise WorkerPlanError("--workers must not be negative")
-    groups = group_gpus(parse_gpus(gpus, discover), gpus_per_worker)
     chosen = parse_queues(queues) if queues is not None else None
+    if chosen == (WEBHOOK_QUEUE,):
+        return [plan_webhook_worker(settings, base_env=base_env, loglevel=loglevel)]
+    groups = group_gpus(parse_gpus(gpus, discover), gpus_per_worker)
     if groups:
         owners: list[tuple[str, tuple[int, ...]]] = [("gpu" + "-".join(map(str, group)), group) for group in groups]
     else:

@@ -123,6 +123,13 @@ def items_done(job: dict[str, Any]) -> int:
     return max(counts["succeeded"] + counts["failed"], round(job["progress"] * counts["total"]))
 
 
+def usage_text(usage: dict[str, Any]) -> str:
+    return (
+        f"{usage['prompt_tokens']:,} prompt + {usage['completion_tokens']:,} completion tokens, "
+        f"{usage['compute_seconds']:,.1f} device-seconds"
+    )
+
+
 def rate_text(job: dict[str, Any]) -> str:
     rate = job["throughput"]["items_per_second"]
     return f"{rate:,.1f} items/s" if rate else "- items/s"
@@ -244,6 +251,8 @@ def status(
     if waiting is not None:
         grid.add_row("waiting", waiting)
     grid.add_row("speed", f"{rate_text(job)}  ETA {eta_text(job)}")
+    if "usage" in job:  # an API from before usage accounting has none
+        grid.add_row("usage", usage_text(job["usage"]))
     for moment in ("created", "started", "finished"):
         grid.add_row(moment, when(job[f"{moment}_at"]))
     if job.get("error"):

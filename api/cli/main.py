@@ -8,6 +8,7 @@ Each command group is a Typer app in its own module, added below with one ``app.
     api/cli/jobs.py          submit, status, results,    the API's client side, over HTTP
                              cancel, jobs
     api/cli/models.py        models …, finetune          the model registry, over HTTP
+    api/cli/usage.py         usage                       the usage report, over HTTP
 
 What they share is api/cli/common.py; no group imports another. Commands stay thin: process management is
 api/cli/stack/ and workers/plan.py, data is db/. Nothing heavy is imported at module level (torch never,
@@ -30,6 +31,7 @@ from api.cli.demo.command import demo_app
 from api.cli.jobs import jobs_app
 from api.cli.models import finetune_app, models_app
 from api.cli.serve import serve_app
+from api.cli.usage import usage_app
 
 app = typer.Typer(
     name="lmbatch",
@@ -43,6 +45,7 @@ app.add_typer(serve_app)  # up, api, worker, flower
 app.add_typer(demo_app)  # demo
 app.add_typer(admin_app)  # db …, keys …, tenants …
 app.add_typer(jobs_app)  # submit, status, results, cancel, jobs
+app.add_typer(usage_app)  # usage
 app.add_typer(models_app, name="models")  # models list | show | alias
 app.add_typer(finetune_app)  # finetune
 

@@ -24,9 +24,10 @@ from api.deps import (
 )
 from api.errors import BadRequest, NotFound
 from api.idempotency import IdempotentPostDep
-from api.routes.files import owned_file
+from api.routes.files import input_file
 from api.schemas.batches import BatchCreate, BatchList, BatchPublic
 from api.services import batches as batches_service
+from api.services.intake import file_expired
 from db import batches as batch_repo
 from db.models import Batch
 from db.session import end_reads
@@ -67,20 +68,25 @@ def _accept_batch(
     settings: SettingsDep,
     client: RedisDep,
 ) -> BatchPublic:
-    stored = owned_file(session, principal, body.input_file_id)
+    stored = input_file(session, principal, body.input_file_id, param="input_file_id")
     if stored.purpose != "batch":
         raise BadRequest("the input file's purpose must be 'batch'", param="input_file_id", code="invalid_purpose")
     end_reads(session)
-    batch, shard_ids = batches_service.create_batch(
-        sessions,
-        tenant_id=principal.tenant_id,
-        viewer=principal,
-        stored=stored,
-        endpoint=body.endpoint,
-        completion_window=body.completion_window,
-        metadata=body.metadata,
-        settings=settings,
-    )
+    try:
+        batch, shard_ids = batches_service.create_batch(
+            sessions,
+            tenant_id=principal.tenant_id,
+            viewer=principal,
+            stored=stored,
+            endpoint=body.endpoint,
+            completion_window=body.completion_window,
+            metadata=body.metadata,
+            settings=settings,
+            output_expires_after_seconds=body.output_expires_after.seconds if body.output_expires_after else None,
+        )
+    except FileNotFoundError:
+        # The input file is read here, after input_file's check: the sweeper may have deleted its bytes since.
+        raise file_expired(stored.id, param="input_file_id") from None
     if shard_ids:
         wake_dispatcher(client)
     return batches_service.batch_public(session, batch)

@@ -1,10 +1,16 @@
-"""/v1/files: uploaded JSONL inputs (and produced outputs), one tenant's at a time."""
+"""/v1/files: uploaded JSONL inputs (and produced outputs), one tenant's at a time.
+
+An upload may carry OpenAI's `expires_after` (multipart fields `expires_after[anchor]` and
+`expires_after[seconds]`, as the SDK sends them); once expired, the file reads as gone, and a job or batch naming
+it is refused with `file_expired` rather than `file_not_found`.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import tempfile
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -14,10 +20,11 @@ from fastapi.responses import FileResponse, JSONResponse
 from api.deps import CurrentPrincipal, SessionDep, SessionsDep, SettingsDep
 from api.errors import BadRequest, NotFound, PayloadTooLarge
 from api.idempotency import IdempotentPostDep, upload_fingerprint
+from api.schemas.common import MAX_EXPIRY_SECONDS, MIN_EXPIRY_SECONDS
 from api.schemas.files import FileDeleted, FileList, FilePublic, FilePurpose
-from api.services.intake import check_stored_bytes
+from api.services.intake import check_stored_bytes, file_expired
 from db import files as file_repo
-from db.models import new_id
+from db.models import new_id, utcnow
 from db.session import transaction
 
 if TYPE_CHECKING:
@@ -36,7 +43,12 @@ def upload_file(
     sessions: SessionsDep,
     settings: SettingsDep,
     once: IdempotentPostDep,
+    expiry_anchor: Annotated[str | None, Form(alias="expires_after[anchor]")] = None,
+    expiry_seconds: Annotated[
+        int | None, Form(alias="expires_after[seconds]", ge=MIN_EXPIRY_SECONDS, le=MAX_EXPIRY_SECONDS)
+    ] = None,
 ) -> FilePublic | JSONResponse:
+    lifetime = _lifetime(expiry_anchor, expiry_seconds)
     filename = (file.filename or "upload.jsonl")[:255]
     if "\x00" in filename:  # PostgreSQL text cannot hold it; refused before a byte is stored
         raise BadRequest("the file name holds a NUL character", param="file", code="invalid_filename")
@@ -63,11 +75,14 @@ def upload_file(
                 sha256=digest,
                 line_count=lines,
                 storage_path=str(target.resolve()),
+                expires_at=utcnow() + lifetime if lifetime is not None else None,
             )
         return FilePublic.of(row)
 
     # A retry is known by its form fields and its file's bytes, hashed while they were stored.
-    fingerprint = upload_fingerprint(purpose=purpose, filename=filename, content_sha256=digest)
+    fingerprint = upload_fingerprint(
+        purpose=purpose, filename=filename, content_sha256=digest, expires_after_seconds=expiry_seconds
+    )
     try:
         answer = once.answer_once(register, status_code=200, fingerprint=fingerprint)
     except BaseException:
@@ -76,6 +91,19 @@ def upload_file(
     if isinstance(answer, JSONResponse):
         target.unlink(missing_ok=True)  # a retry: the first upload's copy is the file
     return answer
+
+
+def _lifetime(anchor: str | None, seconds: int | None) -> timedelta | None:
+    """OpenAI's `expires_after`: both fields or neither, anchored at the file's creation."""
+    if anchor is None and seconds is None:
+        return None
+    if anchor != "created_at":
+        message = "expires_after[anchor] must be 'created_at' (the one anchor there is)"
+        raise BadRequest(message, param="expires_after[anchor]", code="invalid_expires_after")
+    if seconds is None:
+        message = f"expires_after[seconds] is required: {MIN_EXPIRY_SECONDS} to {MAX_EXPIRY_SECONDS}"
+        raise BadRequest(message, param="expires_after[seconds]", code="invalid_expires_after")
+    return timedelta(seconds=seconds)
 
 
 def _store(upload: UploadFile, target: Path, *, max_bytes: int, max_line_bytes: int) -> tuple[int, int, str]:
@@ -145,8 +173,22 @@ def list_files(
 def owned_file(session: SessionDep, principal: CurrentPrincipal, file_id: str) -> StoredFile:
     row = file_repo.get_file(session, tenant_id=principal.tenant_id, file_id=file_id)
     if row is None:
+        if file_repo.expired_file(session, tenant_id=principal.tenant_id, file_id=file_id) is not None:
+            raise NotFound(f"file {file_id!r} has expired; its content is gone", param="file_id", code="file_expired")
         raise NotFound(f"no file {file_id!r}", param="file_id", code="file_not_found")
     return row
+
+
+def input_file(session: SessionDep, principal: CurrentPrincipal, file_id: str, *, param: str) -> StoredFile:
+    """The file a job or batch names as its input: a missing one is a 404 as on the files routes, while one that
+    expired is a 400 naming ``param``: the request, not the address, is at fault."""
+    tenant_id = principal.tenant_id
+    if (
+        file_repo.get_file(session, tenant_id=tenant_id, file_id=file_id) is None
+        and file_repo.expired_file(session, tenant_id=tenant_id, file_id=file_id) is not None
+    ):
+        raise file_expired(file_id, param=param)
+    return owned_file(session, principal, file_id)
 
 
 @router.get("/files/{file_id}", response_model=FilePublic)

@@ -22,7 +22,7 @@ from api.deps import (
 )
 from api.errors import Conflict, NotFound
 from api.idempotency import IdempotentPostDep
-from api.routes.files import owned_file
+from api.routes.files import input_file
 from api.schemas.common import MAX_INT32
 from api.schemas.jobs import JobCreate, JobEventList, JobEventPublic, JobList, JobPublic, ResultPage, ResultPublic
 from api.services import intake
@@ -105,7 +105,7 @@ def _accept_job(
             items = intake.items_from_request(body.kind, body.inputs, settings)
         else:
             assert body.input_file_id is not None
-            stored = owned_file(session, principal, body.input_file_id)
+            stored = input_file(session, principal, body.input_file_id, param="input_file_id")
             items = intake.items_from_file(body.kind, stored, settings)
     end_reads(session)
     order = JobOrder(
@@ -119,7 +119,14 @@ def _accept_job(
         priority=body.priority,
         metadata=body.metadata,
     )
-    return job_public(session, create_and_submit(sessions, client, order=order, settings=settings))
+    try:
+        job = create_and_submit(sessions, client, order=order, settings=settings)
+    except FileNotFoundError:
+        if body.input_file_id is None:
+            raise
+        # The input file is read here, after input_file's check: the sweeper may have deleted its bytes since.
+        raise intake.file_expired(body.input_file_id, param="input_file_id") from None
+    return job_public(session, job)
 
 
 @router.get("/jobs", response_model=JobList)

@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 router = APIRouter(tags=["metrics"])
 
 SHARD_SECONDS_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+# The label of every tenant-owned model on /metrics (see metric_model).
+TENANT_MODEL = "tenant-model"
 # The text format every Prometheus reads (prometheus_client's own default names a newer version).
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -65,9 +67,35 @@ class _Collector(Collector):
         yield jobs
         yield items
         yield tokens
+        yield from self._model_usage()
         yield self._queued_shards()
         yield self._shard_histogram()
         yield from self._redis_metrics()
+
+    def _model_usage(self) -> Iterator[Metric]:
+        # Finished jobs only (their totals no longer change), so each series only grows: a true counter.
+        tokens = CounterMetricFamily(
+            "lmbatch_tokens",
+            "Tokens of finished jobs, by model and type (prompt or completion)",
+            labels=["model", "type"],
+        )
+        compute = CounterMetricFamily(
+            "lmbatch_compute_seconds",
+            "Device-seconds of finished jobs (every shard attempt's run time times the GPUs it held), by model",
+            labels=["model"],
+        )
+        per_model: dict[str, list[float]] = {}
+        for row in stats.model_usage(self.session):
+            totals = per_model.setdefault(metric_model(row.model), [0, 0, 0.0])
+            totals[0] += row.prompt_tokens
+            totals[1] += row.completion_tokens
+            totals[2] += row.compute_seconds
+        for model, (prompt, completion, seconds) in sorted(per_model.items()):
+            tokens.add_metric([model, "prompt"], prompt)
+            tokens.add_metric([model, "completion"], completion)
+            compute.add_metric([model], seconds)
+        yield tokens
+        yield compute
 
     def _queued_shards(self) -> GaugeMetricFamily:
         # The backlog in the database, which the dispatcher feeds to the queues a short runway at a time (so
@@ -120,6 +148,14 @@ class _Collector(Collector):
             given_up.add_metric([], len(recorded.given_up))
         yield restarts
         yield given_up
+
+
+def metric_model(ref: str) -> str:
+    """A job's model as a label: its name without `@version` or `:alias` (one series per model, not per version).
+    A tenant's own model (`namespace/name`) is labelled TENANT_MODEL: its name says whose it is, and this endpoint
+    names no tenant."""
+    name = ref.split("@", 1)[0].split(":", 1)[0]
+    return TENANT_MODEL if "/" in name else name
 
 
 def require_metrics_token(request: Request, settings: SettingsDep) -> None:

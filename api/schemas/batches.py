@@ -3,15 +3,15 @@ fields, names and order follow OpenAI's Batch object."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from api.schemas.common import Metadata, ObjectId, Strict, epoch
+from api.schemas.common import ExpiresAfter, Metadata, ObjectId, Strict, epoch
 from db.batches import Progress
 from db.models import Batch
 
-Endpoint = Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
+Endpoint = Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"]
 
 
 class BatchCreate(Strict):
@@ -19,7 +19,7 @@ class BatchCreate(Strict):
     endpoint: Endpoint
     completion_window: Literal["24h"] = "24h"
     metadata: Metadata | None = None
-    output_expires_after: dict[str, Any] | None = None
+    output_expires_after: ExpiresAfter | None = None
 
 
 class BatchError(BaseModel):
@@ -56,6 +56,8 @@ class BatchUsage(BaseModel):
     total_tokens: int
     input_tokens_details: InputTokensDetails = Field(default_factory=InputTokensDetails)
     output_tokens_details: OutputTokensDetails = Field(default_factory=OutputTokensDetails)
+    # lmbatch's own (the SDK keeps unknown fields): device-seconds of its job, see api/schemas/usage.py.
+    compute_seconds: float = 0.0
 
 
 class BatchPublic(BaseModel):
@@ -103,6 +105,7 @@ class BatchPublic(BaseModel):
                 input_tokens=progress.input_tokens,
                 output_tokens=progress.output_tokens,
                 total_tokens=progress.input_tokens + progress.output_tokens,
+                compute_seconds=round(progress.compute_seconds, 3),
             ),
             expires_at=epoch(row.expires_at),
             in_progress_at=epoch(row.in_progress_at),

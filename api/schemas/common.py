@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -25,9 +25,20 @@ Metadata = Annotated[
 ]
 
 
+# OpenAI's bounds on a file's `expires_after.seconds` (an hour to 30 days), for uploads and batch outputs alike.
+MIN_EXPIRY_SECONDS, MAX_EXPIRY_SECONDS = 3600, 30 * 24 * 3600
+
+
 def epoch(moment: datetime | None) -> int | None:
     return int(moment.timestamp()) if moment else None
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class ExpiresAfter(Strict):
+    """OpenAI's expiration policy: the file goes this many seconds after its anchor (its own creation)."""
+
+    anchor: Literal["created_at"]
+    seconds: int = Field(ge=MIN_EXPIRY_SECONDS, le=MAX_EXPIRY_SECONDS)

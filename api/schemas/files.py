@@ -32,6 +32,7 @@ class FilePublic(BaseModel):
             filename=row.filename,
             purpose=row.purpose,
             status=row.status,
+            expires_at=epoch(row.expires_at),
         )
 
 

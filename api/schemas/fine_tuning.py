@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field
 
 from api.schemas.common import Metadata, ObjectId, Strict, epoch
+from api.schemas.usage import JobUsage
 from db import registry
 from db.models import Job, JobEvent
 from db.names import TERMINAL_JOB_STATES
@@ -110,6 +111,8 @@ class FineTuningJob(BaseModel):
     estimated_finish: int | None = None
     integrations: list[dict[str, Any]] = Field(default_factory=list)
     metadata: dict[str, Any] | None
+    # lmbatch's own (the SDK keeps unknown fields): compute_seconds is the GPU-seconds the run held.
+    usage: JobUsage
 
     @classmethod
     def of(cls, job: Job, *, run: dict[str, Any]) -> FineTuningJob:
@@ -135,6 +138,7 @@ class FineTuningJob(BaseModel):
             validation_file=run.get("validation_file"),
             seed=hyper.get("seed", 42),
             metadata=job.metadata_ or None,
+            usage=JobUsage.of(job),
         )
 
 

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, model_validator
 
 from api.schemas.common import Metadata, ObjectId, Strict, epoch
+from api.schemas.usage import JobUsage
 from db.models import Job, JobEvent
 from db.names import JobKind
 
@@ -64,6 +65,7 @@ class JobPublic(BaseModel):
     progress: float
     throughput: Throughput
     eta_seconds: float | None
+    usage: JobUsage
     params: dict[str, Any]
     input_file_id: str | None
     metadata: dict[str, Any]
@@ -107,6 +109,7 @@ class JobPublic(BaseModel):
             progress=round(min(done / total, 1.0), 4),
             throughput=Throughput(items_per_second=items_rate, tokens_per_second=tokens_rate),
             eta_seconds=round(eta, 1) if eta is not None else None,
+            usage=JobUsage.of(job),
             params=job.params,
             input_file_id=job.input_file_id,
             metadata=job.metadata_,

@@ -40,6 +40,7 @@ def create_batch(
     completion_window: str,
     metadata: dict[str, str] | None,
     settings: Settings,
+    output_expires_after_seconds: int | None = None,
 ) -> tuple[Batch, list[int]]:
     """Validate the input file; a bad one makes a `failed` batch with every error and its line number, and a line
     over one of the door's caps refuses the request (nothing written). Returns the batch and the shard ids to
@@ -67,7 +68,8 @@ def create_batch(
             input_file_id=stored.id,
             completion_window=completion_window,
             metadata=metadata,
-            expires_at=utcnow() + WINDOWS[completion_window],
+            expires_at=utcnow() + window(completion_window, settings),
+            output_expires_after_seconds=output_expires_after_seconds,
         )
         if parsed.errors or version is None:
             batch_repo.move(
@@ -102,6 +104,13 @@ def create_batch(
             model=parsed.model,
         )
         return _reloaded(session, batch_id), new.shard_ids
+
+
+def window(completion_window: str, settings: Settings) -> timedelta:
+    """How long a batch may run: what its completion_window names, unless the deployment overrides it."""
+    if settings.batch_completion_window_seconds:
+        return timedelta(seconds=settings.batch_completion_window_seconds)
+    return WINDOWS[completion_window]
 
 
 def _refused(refusal: Refusal) -> ApiError:

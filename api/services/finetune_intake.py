@@ -15,8 +15,8 @@ import redis
 from pydantic import ValidationError
 
 from api.errors import BadRequest
-from api.services.intake import check_stored_bytes, input_caps, line_too_long, refused_params
-from db.files import get_file
+from api.services.intake import check_stored_bytes, file_expired, input_caps, line_too_long, refused_params
+from db.files import expired_file, get_file
 from db.registry import tenant_model_name
 from workers.engines.finetune.params import FinetuneParams, TrainingDataError, planned_tokens, validate_training_file
 from workers.engines.jsonl import LineTooLong
@@ -154,6 +154,8 @@ def _check_training_file(
     except LineTooLong as error:
         raise line_too_long(error, param=param) from error
     except TrainingDataError as error:
+        if not Path(stored.storage_path).exists():  # the sweeper deleted it since the check: it expired meanwhile
+            raise file_expired(stored.id, param=param) from None
         raise BadRequest(f"{param}: {error}", param=param, code="invalid_training_file") from error
     return {"rows": summary.rows, "labels": summary.labels, "sha256": summary.sha256 or stored.sha256}
 
@@ -180,6 +182,8 @@ def _check_gpus_offered(params: FinetuneParams, client: redis.Redis) -> None:
 
 def _owned_training_file(session: Session, tenant_id: int, file_id: str, param: str) -> StoredFile:
     stored = get_file(session, tenant_id=tenant_id, file_id=file_id)
+    if stored is None and expired_file(session, tenant_id=tenant_id, file_id=file_id) is not None:
+        raise file_expired(file_id, param=param)
     if stored is None:
         raise BadRequest(f"{param}: no file {file_id!r}", param=param, code="file_not_found")
     return stored

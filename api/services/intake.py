@@ -135,6 +135,14 @@ def _lines(path: Path, *, max_line_bytes: int) -> Iterator[tuple[int, str]]:
             raise line_too_long(error, param="input_file_id") from error
 
 
+def file_expired(file_id: str, *, param: str) -> BadRequest:
+    """The 400 for a request naming a file whose content is gone because it expired. Also the answer when the
+    sweeper deletes the bytes between the request's check of the file and its read of them: the same refusal,
+    never a 500."""
+    message = f"{param}: file {file_id!r} has expired and its content is gone; upload it again"
+    return BadRequest(message, param=param, code="file_expired")
+
+
 def line_too_long(error: LineTooLong, *, param: str) -> PayloadTooLarge:
     """A 413 for a JSONL line over max_line_bytes, naming the field that holds the file and the line."""
     return PayloadTooLarge(f"{param}: {error}", param=param, code="line_too_long")

@@ -213,7 +213,11 @@ def test_k8s_api_and_workers_wait_for_the_migration_job() -> None:
     job = manifest("Job", "lmbatch-migrate")
     (migrate,) = containers(job)
     assert migrate["args"] == ["db", "upgrade"]
-    for kind, name in (("Deployment", "lmbatch-api"), ("StatefulSet", "lmbatch-worker")):
+    for kind, name in (
+        ("Deployment", "lmbatch-api"),
+        ("StatefulSet", "lmbatch-worker"),
+        ("Deployment", "lmbatch-webhooks"),
+    ):
         waits = [" ".join(c["command"]) for c in containers(manifest(kind, name), init=True)]
         assert any("--for=condition=complete job/lmbatch-migrate" in command for command in waits), name
         assert manifest(kind, name)["spec"]["template"]["spec"]["serviceAccountName"] == "lmbatch"
@@ -246,6 +250,26 @@ def test_systemd_worker_template_pins_one_gpu_per_instance_and_stops_softly() ->
     assert exec_start.endswith("lmbatch worker --gpus %i")
     # SIGTERM to the launcher only: it makes it a soft shutdown; control-group would kill the pool process at once.
     assert worker["KillMode"] == ["mixed"] and int(worker["TimeoutStopSec"][0]) > 30
+
+
+def test_every_deployment_runs_a_webhook_worker_of_its_own() -> None:
+    # Deliveries are served by a light worker that holds no GPU and mounts nothing, never by a GPU worker's queue
+    webhooks = compose()["services"]["webhooks"]
+    assert webhooks["command"] == ["worker", "--queues", "webhooks"]
+    assert "deploy" not in webhooks and "volumes" not in webhooks
+    assert webhooks["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert int(webhooks["stop_grace_period"].rstrip("s")) > 30
+    deployment = manifest("Deployment", "lmbatch-webhooks")
+    (container,) = containers(deployment)
+    assert container["args"] == ["worker", "--queues", "webhooks"]
+    assert "nvidia.com/gpu" not in container["resources"].get("limits", {})
+    assert [c["name"] for c in containers(deployment, init=True)] == ["wait-for-migration"]
+    assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > 30
+    keys = unit(SYSTEMD / "lmbatch-webhooks.service")
+    (exec_start,) = keys["ExecStart"]
+    assert exec_start.endswith("lmbatch worker --queues webhooks")
+    assert keys["KillMode"] == ["mixed"] and int(keys["TimeoutStopSec"][0]) > 30
+    assert keys["ProtectSystem"] == ["strict"] and keys["PrivateDevices"] == ["true"] and "ReadWritePaths" not in keys
 
 
 def test_systemd_api_starts_after_the_migration_unit() -> None:
@@ -460,8 +484,8 @@ def test_only_lmbatch_pods_that_need_them_reach_redis_and_postgres() -> None:
     policies = [doc for doc in manifests() if doc["kind"] == "NetworkPolicy"]
     pods = {doc["metadata"]["name"]: pod_labels(doc) for doc in workloads()}
     expected = {
-        "lmbatch-redis": ({"lmbatch-api", "lmbatch-worker", "lmbatch-flower"}, 6379),
-        "lmbatch-postgres": ({"lmbatch-migrate", "lmbatch-api", "lmbatch-worker"}, 5432),
+        "lmbatch-redis": ({"lmbatch-api", "lmbatch-worker", "lmbatch-webhooks", "lmbatch-flower"}, 6379),
+        "lmbatch-postgres": ({"lmbatch-migrate", "lmbatch-api", "lmbatch-worker", "lmbatch-webhooks"}, 5432),
     }
     for server, (clients, port) in expected.items():
         (policy,) = [p for p in policies if selects(p["spec"]["podSelector"], pods[server])]

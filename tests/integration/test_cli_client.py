@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -186,11 +187,19 @@ def test_status_jobs_and_results_show_the_finished_job(waited: tuple[Any, Path],
     listed = run_cli(work, "jobs", "--status", "succeeded", url=api_url, key=api_key)
     results = run_cli(work, "results", job_id, url=api_url, key=api_key)
     models = run_cli(work, "models", "list", url=api_url, key=api_key)
+    since = (datetime.now(UTC) - timedelta(days=1)).strftime("%Y-%m-%d")
+    usage = run_cli(work, "usage", "--group-by", "kind", "--since", since, url=api_url, key=api_key)
     # Expect its state and counts, the full id in the table (never cut short in a pipe), and the same results
     assert status.returncode == 0 and "succeeded" in status.stdout and f"{JOB_ITEMS}/{JOB_ITEMS}" in status.stdout
     assert listed.returncode == 0 and job_id in listed.stdout
     assert results.returncode == 0 and results.stdout == (work / "out.jsonl").read_text()
     assert models.returncode == 0 and "all-minilm-l6-v2" in models.stdout and "smollm2-135m-instruct" in models.stdout
+    # and what it used: on the job, and as a row of the usage table (kind, jobs, items, then tokens)
+    assert "device-seconds" in status.stdout and "prompt" in status.stdout, status.stdout
+    assert usage.returncode == 0, usage.stderr
+    assert [line.split()[:3] for line in usage.stdout.splitlines() if line.startswith("classify")] == [
+        ["classify", "1", f"{JOB_ITEMS}"]
+    ], usage.stdout
 
 
 @pytest.mark.slow

@@ -197,6 +197,8 @@ def test_up_serves_api_and_flower_with_their_credentials(two_workers: LmbatchUp)
     assert httpx.get(stack.api + "/healthz", timeout=5).status_code == 200
     assert stack.flower in stack.text() and FLOWER_PASSWORD in stack.text()
     assert f"{stack.api}/metrics" in stack.text() and METRICS_TOKEN in stack.text()
+    # and the webhook delivery worker in the banner's list of workers
+    assert "webhooks@" in stack.text() and "(webhooks)" in stack.text()
     # and Flower listing both CPU workers to the operator (it needs a few seconds to hear from them) ...
     auth = ("admin", FLOWER_PASSWORD)
 
@@ -287,7 +289,7 @@ def test_sigterm_stops_every_process_of_the_stack(two_workers: LmbatchUp) -> Non
     # test above ran)
     def workers_with_pools() -> bool:
         children = child_pids(stack.process.pid)
-        return {"api", "flower", "cpu0", "cpu1"} <= set(children) and all(
+        return {"api", "flower", "cpu0", "cpu1", "webhooks"} <= set(children) and all(
             descendants(children[label]) for label in ("cpu0", "cpu1")
         )
 

@@ -175,6 +175,10 @@ def test_cancelling_a_running_batch_keeps_partial_output(openai_client: OpenAI) 
     outputs = read_lines(openai_client, done.output_file_id)
     assert 0 < len(outputs) < len(lines)
     assert done.cancelled_at is not None
+    # Every other request is in the error file, those that never ran as cancelled (OpenAI's code): each line once.
+    errors = read_lines(openai_client, done.error_file_id)
+    assert sorted(line["custom_id"] for line in outputs + errors) == sorted(line["custom_id"] for line in lines)
+    assert {line["error"]["code"] for line in errors} == {"batch_cancelled"}
 
 
 def test_sdk_pagination_sees_every_batch_once(openai_client: OpenAI) -> None:
@@ -381,9 +385,14 @@ def test_the_sweeper_expires_a_batch_past_its_completion_window(
     with transaction(db_with_builtins) as session:
         session.execute(update(Batch).where(Batch.id == batch["id"]).values(expires_at=utcnow() - timedelta(seconds=1)))
     assert client.get(f"/v1/batches/{batch['id']}", headers=headers).json()["status"] == "in_progress"
-    # When a sweep runs, I expect its job cancelled and the batch expired, with no result files.
+    # When a sweep runs, I expect its job cancelled and the batch expired, with no output file
     sweep_batches(unserved_settings, db_with_builtins)
     done = client.get(f"/v1/batches/{batch['id']}", headers=headers).json()
     assert done["status"] == "expired" and done["expired_at"] and done["cancelled_at"] is None
-    assert done["output_file_id"] is None and done["error_file_id"] is None
+    assert done["output_file_id"] is None
     assert done["request_counts"] == {"total": 2, "completed": 0, "failed": 0}
+    # and every request in the error file, as one that never ran before the window closed (OpenAI's code).
+    content = client.get(f"/v1/files/{done['error_file_id']}/content", headers=headers).text
+    errors = [json.loads(line) for line in content.splitlines()]
+    assert sorted(line["custom_id"] for line in errors) == ["late-1", "late-2"]
+    assert {line["error"]["code"] for line in errors} == {"batch_expired"}

@@ -103,12 +103,27 @@ def mid_job(stack: Stack, job_id: str) -> None:
     )
 
 
+def heartbeated_shard(stack: Stack, job_id: str) -> tuple[int, float] | None:
+    """(id, run seconds billed so far) of a running shard of the job whose attempt has heartbeated."""
+    with stack.session_factory() as session:
+        row = session.execute(
+            select(Shard.id, Shard.attempt_seconds).where(
+                Shard.job_id == job_id, Shard.status == "running", Shard.attempt_seconds > 0
+            )
+        ).first()
+    return (row[0], row[1]) if row is not None else None
+
+
 def test_sigkill_of_the_pool_process_mid_shard_reruns_it(stack: Stack) -> None:
     worker = stack.start_worker("victim", queues=QUEUES)
     with TestClient(create_app(stack.settings)) as client:
         job = client.post("/v1/jobs", json=classify_body(), headers=stack.headers).json()
         mid_job(stack, job["id"])
-        # When the process running the shard is SIGKILLed (an OOM kill, say)…
+        # Once the running attempt has heartbeated (so it has run time to bill)…
+        killed, billed = wait_for(
+            lambda: heartbeated_shard(stack, job["id"]), timeout=30, interval=0.02, what="a heartbeat"
+        )
+        # …when the process running the shard is SIGKILLed (an OOM kill, say)…
         for pid in worker.pool_pids():
             os.kill(pid, signal.SIGKILL)
         done = wait_job(client, stack.headers, job["id"], timeout=JOB_TIMEOUT)
@@ -117,6 +132,12 @@ def test_sigkill_of_the_pool_process_mid_shard_reruns_it(stack: Stack) -> None:
     assert_each_item_once(stack, job["id"])
     with stack.session_factory() as session:
         assert max(session.scalars(select(Shard.attempts).where(Shard.job_id == job["id"]))) == 2
+        shard = session.get(Shard, killed)
+        assert shard is not None and shard.attempts == 2 and shard.duration_seconds is not None
+        # Both attempts are billed: the killed one up to its last heartbeat, the finishing one its whole run.
+        assert shard.compute_seconds >= shard.duration_seconds + billed - 1e-6, (shard.compute_seconds, billed)
+        shards_total = session.scalar(select(func.sum(Shard.compute_seconds)).where(Shard.job_id == job["id"]))
+    assert done["usage"]["compute_seconds"] == pytest.approx(shards_total, abs=1e-3)
 
 
 def test_sigkill_of_the_whole_worker_hands_its_shard_to_another(stack: Stack) -> None:

@@ -338,3 +338,26 @@ def test_a_wake_starts_a_pass_long_before_the_interval(bench: Bench) -> None:
         assert bench.client.llen(WAKE_KEY) == 0  # the wake was taken
     finally:
         stop(thread, client=bench.client)
+
+
+def test_an_extra_pass_runs_after_each_pass_and_its_failure_does_not_stop_dispatching(bench: Bench) -> None:
+    # Given a dispatcher whose extra passes (the webhook scheduler's hook) are one that always fails and one that counts
+    settings = bench.settings.model_copy(update={"dispatch_interval_seconds": 0.1})
+    calls: list[float] = []
+
+    def broken() -> None:
+        raise RuntimeError("webhook scheduler down")
+
+    def counting() -> None:
+        calls.append(time.monotonic())
+
+    thread = DispatcherThread(settings, bench.sessions, bench.sender, "only", extra_passes=[broken, counting])
+    thread.start()
+    try:
+        # I expect the counting pass to run pass after pass, and shards still dispatched
+        wait_for(lambda: len(calls) >= 3, timeout=10, interval=0.02, what="extra passes")
+        job = bench.job("acme", 4)
+        wake_dispatcher(bench.client)
+        wait_for(lambda: bench.counts(job).get("dispatched") == 2, timeout=10, interval=0.02, what="a pass")
+    finally:
+        stop(thread, client=bench.client)

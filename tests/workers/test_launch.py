@@ -109,3 +109,18 @@ def test_gpu_discovery_and_the_cli_do_not_import_torch() -> None:
     # Expect a list of indices, and torch (hence CUDA) never loaded into the parent that forks the workers
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().startswith("[")
+
+
+def test_the_webhook_worker_is_a_thread_pool_that_sees_no_gpu() -> None:
+    # Given --queues webhooks (what the deploy files' webhook service runs), on a host with GPUs
+    plans = plan_workers(settings(), queues="webhooks", base_env={"PATH": "/bin"}, discover=no_discovery)
+    # Expect one light worker: threads, several deliveries at once, the GPUs hidden, no GPU discovery at all
+    assert [(p.node, p.queues, p.gpus) for p in plans] == [("webhooks@%h", ("webhooks",), ())]
+    (plan,) = plans
+    assert (flag(plan, "-P"), flag(plan, "-c"), flag(plan, "-Q")) == ("threads", "8", "webhooks")
+    assert plan.env == {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "", "REMAP_SIGTERM": "SIGQUIT"}
+    # and the GPU and CPU workers never take deliveries: they would wait behind a shard
+    assert all("webhooks" not in p.queues for p in plan_workers(settings(), gpus="0,1", discover=no_discovery))
+    # Its thread count is a setting.
+    (wider,) = plan_workers(settings(webhook_worker_threads=32), queues="webhooks", discover=no_discovery)
+    assert flag(wider, "-c") == "32"

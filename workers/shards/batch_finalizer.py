@@ -7,6 +7,10 @@ killed in between). Two finalizers cannot both write: `start_finalizing` is a co
 the files are registered in the same transaction as the final move, only by the finalizer still holding the
 batch. One that died half-way is taken over once it has been silent for FINALIZE_STALE; should it have been slow
 rather than dead, its final move fails and its files are deleted, so a batch never has two output files.
+
+Every input line ends in exactly one of the two files, as OpenAI's do: a request that never ran because the batch
+expired or was cancelled first is an error line (`batch_expired`, `batch_cancelled`). A batch created with
+`output_expires_after` has both files expire that long after they are written.
 """
 
 from __future__ import annotations
@@ -26,16 +30,28 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db import batches as batch_repo
 from db import files as file_repo
-from db.jobs import job_status
 from db.models import Batch, new_id, utcnow
 from db.openai_lines import error_line, output_line
-from db.results import iter_results
+from db.results import iter_results, iter_unanswered
 from db.session import transaction
 from db.settings import Settings
 
 log = logging.getLogger("lmbatch.batches")
 
 FINALIZE_STALE = timedelta(minutes=5)
+# The error a request that never ran gets, by how its batch ended (OpenAI's codes for expired and cancelled).
+NOT_RUN = {
+    "expired": {
+        "code": "batch_expired",
+        "message": "This request could not be executed before the completion window expired.",
+    },
+    "cancelled": {
+        "code": "batch_cancelled",
+        "message": "This request was not executed because the batch was cancelled.",
+    },
+    # A job that ended on its own answers every item; should one lack its result, it still gets a line.
+    "completed": {"code": "request_not_run", "message": "This request did not run and has no result."},
+}
 
 
 @dataclass
@@ -48,6 +64,10 @@ class _ResultFile:
     @property
     def path(self) -> Path:
         return Path(self.handle.name)
+
+    def write(self, line: dict[str, object]) -> None:
+        self.handle.write(json.dumps(line, ensure_ascii=False) + "\n")
+        self.lines += 1
 
 
 def finalize_batch_of_job(settings: Settings, sessions: sessionmaker[Session], *, job_id: str) -> str | None:
@@ -75,17 +95,15 @@ def finalize_batch(settings: Settings, sessions: sessionmaker[Session], *, batch
     with transaction(sessions) as session:
         token = batch_repo.start_finalizing(session, batch_id=batch_id, stale_before=stale_before)
         batch = batch_repo.batch_by_id(session, batch_id=batch_id) if token else None
-        ended_as = job_status(session, job_id=batch.job_id) if batch and batch.job_id else None
+        final = batch_repo.final_status(session, batch=batch) if batch is not None else "completed"
     if token is None or batch is None:
         return None
-    final = "completed"
-    if ended_as == "cancelled":
-        # The sweeper cancels the job of a batch whose completion window passed: that batch expired.
-        final = "expired" if batch_repo.expired(batch) else "cancelled"
     settings.files_dir.mkdir(parents=True, exist_ok=True)
     with _result_files(settings.files_dir) as (outputs, errors):
-        _write_results(sessions, batch, outputs=outputs, errors=errors)
+        _write_results(sessions, batch, outputs=outputs, errors=errors, not_run=NOT_RUN[final])
         placed: list[Path] = []
+        lifetime = batch.output_expires_after_seconds
+        expires_at = utcnow() + timedelta(seconds=lifetime) if lifetime else None
         try:
             with transaction(sessions) as session:
                 ids = {
@@ -119,6 +137,7 @@ def finalize_batch(settings: Settings, sessions: sessionmaker[Session], *, batch
                         sha256="",
                         line_count=file.lines,
                         storage_path=str(target.resolve()),
+                        expires_at=expires_at,
                     )
         except BaseException:
             for target in placed:
@@ -128,17 +147,30 @@ def finalize_batch(settings: Settings, sessions: sessionmaker[Session], *, batch
     return final
 
 
-def _write_results(sessions: sessionmaker[Session], batch: Batch, *, outputs: _ResultFile, errors: _ResultFile) -> None:
-    """Stream the job's results (never all in memory) into output lines and error lines."""
+def _write_results(
+    sessions: sessionmaker[Session],
+    batch: Batch,
+    *,
+    outputs: _ResultFile,
+    errors: _ResultFile,
+    not_run: dict[str, str],
+) -> None:
+    """Stream the job's results (never all in memory) into output lines and error lines, then an error line
+    (``not_run``) for each request that has no result."""
+    job_id = batch.job_id or ""
     with sessions() as session:
-        for row in iter_results(session, job_id=batch.job_id or ""):
+        written = 0
+        for row in iter_results(session, job_id=job_id):
+            written += 1
             if row.error is None and row.output is not None:
                 line = output_line(batch.endpoint, model=batch.model or "", custom_id=row.custom_id, output=row.output)
-                outputs.handle.write(json.dumps(line, ensure_ascii=False) + "\n")
-                outputs.lines += 1
+                outputs.write(line)
             else:
-                errors.handle.write(json.dumps(error_line(custom_id=row.custom_id, error=row.error or {})) + "\n")
-                errors.lines += 1
+                errors.write(error_line(custom_id=row.custom_id, error=row.error or {}))
+        # Read only when some result is missing: a batch whose job ran to its end costs nothing more here.
+        if written < batch_repo.progress(session, job_id=job_id).total:
+            for _, custom_id in iter_unanswered(session, job_id=job_id):
+                errors.write(error_line(custom_id=custom_id, error=not_run))
     for file in (outputs, errors):
         file.handle.close()
 

@@ -10,6 +10,9 @@ dispatches. It runs a pass when woken (a job arrived or resumed, a shard ended: 
 commit: a dispatcher killed in between leaves dispatched rows without messages, which the sweeper re-sends; one
 killed mid-pick leaves nothing, since its transaction never committed. Its lock lapses after `dispatch_lock_seconds`
 and another worker's thread takes over.
+
+The leader also runs `extra_passes` after each pass (the webhook delivery scheduler): work that needs one process in
+the cluster on a short beat, each guarded so that its failure never stops dispatching.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
+from collections.abc import Callable, Sequence
 
 import redis
 from celery import Celery
@@ -141,11 +145,20 @@ def _take(session: Session, job_ids: list[str]) -> list[int]:
 class DispatcherThread(threading.Thread):
     """Runs in each worker's main process; only the holder of the Redis lock dispatches."""
 
-    def __init__(self, settings: Settings, sessions: sessionmaker[Session], celery: Celery, node: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: sessionmaker[Session],
+        celery: Celery,
+        node: str,
+        *,
+        extra_passes: Sequence[Callable[[], object]] = (),
+    ) -> None:
         super().__init__(name="lmbatch-dispatcher", daemon=True)
         self._settings = settings
         self._sessions = sessions
         self._celery = celery
+        self._extra_passes = tuple(extra_passes)
         # The lock's value names the node holding it (operators and the chaos tests read it), made unique per start.
         self._token = f"{node}/{uuid.uuid4().hex}"
         self._stopped = threading.Event()
@@ -179,6 +192,7 @@ class DispatcherThread(threading.Thread):
                     self._stopped.wait(interval)
                     continue
                 dispatcher.dispatch_once()
+                self._run_extra_passes()
                 # Sleep until woken or the interval passes: a pass on every wake, and one at least every interval.
                 lock.redis.blpop([WAKE_KEY], timeout=nap)
             except LockError:
@@ -186,6 +200,14 @@ class DispatcherThread(threading.Thread):
             except Exception:  # the dispatcher must outlive a Redis or database outage
                 log.exception("dispatch failed; trying again in %.1f s", interval)
                 self._stopped.wait(interval)
+
+    def _run_extra_passes(self) -> None:
+        for extra_pass in self._extra_passes:
+            try:
+                extra_pass()
+            except Exception:  # one failing pass (a webhook outage, say) must not stop the dispatching
+                name = getattr(extra_pass, "__name__", type(extra_pass).__name__)
+                log.exception("%s failed; trying again after the next dispatch pass", name)
 
     def stop(self) -> None:
         self._stopped.set()

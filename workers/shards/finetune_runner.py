@@ -20,7 +20,7 @@ from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 from db import events, jobs
-from db.files import get_file
+from db.files import kept_file
 from db.models import ModelVersion
 from db.registry import namespace_of, namespace_of_tenant, tenant_model_name, version_made_by
 from db.results import upsert_results
@@ -160,7 +160,9 @@ def _time_limit_reached(clock: RunClock, *, steps: int | None) -> TimeLimitReach
 
 def _file_path(runtime: Runtime, work: ShardWork, file_id: str) -> Path:
     with runtime.sessions() as session:
-        stored = get_file(session, tenant_id=work.tenant_id, file_id=file_id)
+        # By id, expired or not: the job was accepted while the file was live, and the sweeper keeps its bytes
+        # until the job ends (db.files.files_still_read).
+        stored = kept_file(session, tenant_id=work.tenant_id, file_id=file_id)
     if stored is None or not Path(stored.storage_path).is_file():
         raise PermanentJobError(f"training file {file_id} is gone (deleted after the job was accepted?)")
     return Path(stored.storage_path)

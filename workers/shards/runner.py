@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -71,7 +70,7 @@ def run_shard(runtime: Runtime, shard_id: int, *, on_progress: ProgressCallback 
         reason = f"gave up after {_attempts(work.attempts - 1)} (the worker died or failed each time)"
         return _fail(runtime, work, {"code": "worker_lost", "message": reason}, Tally())
 
-    keeper = LeaseKeeper(runtime, shard_id)
+    keeper = LeaseKeeper(runtime, shard_id, started=work.started)
     keeper.start()
     tally = Tally()
     should_stop = StopCheck(
@@ -212,7 +211,7 @@ def _park_unless_cancelled(runtime: Runtime, work: ShardWork, *, step: int) -> S
         state = jobs.job_status(session, job_id=work.job_id)
         if state in ("cancelling", "cancelled", None):
             return None
-        if not jobs.park_shard(session, shard_id=work.shard_id, worker=runtime.worker_name):
+        if not jobs.park_shard(session, shard_id=work.shard_id, worker=runtime.worker_name, seconds=work.elapsed()):
             return ShardOutcome("lost")
         events.add_event(session, job_id=work.job_id, step=step or None, message="paused", metrics={"step": step})
     wake_dispatcher(runtime.broker)
@@ -231,7 +230,7 @@ def _finish(runtime: Runtime, work: ShardWork, status: str, tally: Tally, error:
         worker=runtime.worker_name,
         status=status,
         tally=tally,
-        duration_seconds=time.monotonic() - work.started,
+        duration_seconds=work.elapsed(),
         error=error,
     )
     if not won:
@@ -266,6 +265,7 @@ def _retry(runtime: Runtime, work: ShardWork, error: Exception, tally: Tally) ->
                 shard_id=work.shard_id,
                 worker=runtime.worker_name,
                 max_attempts=runtime.settings.max_shard_attempts,
+                seconds=work.elapsed(),
             )
     except OperationalError:
         # The database itself is away: the lease will lapse and the shard comes back either way.

@@ -10,6 +10,8 @@ all workers, holding a Redis lock.
 
 Batches: one whose completion window has passed has its job cancelled (it then finalizes as `expired`), and one
 whose job ended but which is not final (its finalizer was killed) is finalized here.
+
+Files: one past its `expires_at` has its bytes deleted and its row marked deleted (it already read as gone).
 """
 
 from __future__ import annotations
@@ -18,13 +20,15 @@ import base64
 import json
 import logging
 import threading
-from datetime import timedelta
+from datetime import datetime, timedelta
+from pathlib import Path
 
 import redis
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import batches as batch_repo
+from db import files as file_repo
 from db import jobs
 from db.models import utcnow
 from db.session import transaction
@@ -44,6 +48,7 @@ def sweep_once(settings: Settings, sessions: sessionmaker[Session], celery: Cele
     ``client`` is the caller's Redis connection (one per sweeper, not one per sweep)."""
     sent = requeue_due_shards(settings, sessions, celery, client)
     sweep_batches(settings, sessions)
+    sweep_expired_files(sessions)
     return sent
 
 
@@ -116,6 +121,29 @@ def sweep_batches(settings: Settings, sessions: sessionmaker[Session]) -> int:
     if finalized:
         log.info("sweeper finalized %d batch(es) whose job had ended", finalized)
     return finalized
+
+
+def sweep_expired_files(sessions: sessionmaker[Session], *, now: datetime | None = None) -> int:
+    """Delete the bytes of files past their expiry, then mark their rows. Returns how many were marked.
+
+    Bytes first: a sweep killed in between leaves a row the next sweep marks (the file already reads as gone),
+    never bytes no row will delete."""
+    marked = 0
+    while True:
+        with sessions() as session:
+            due = [(row.id, row.storage_path) for row in file_repo.expired_files(session, now=now)]
+        if not due:
+            break
+        for _, storage_path in due:
+            Path(storage_path).unlink(missing_ok=True)
+        with transaction(sessions) as session:
+            round_marked = file_repo.mark_expired(session, file_ids=[file_id for file_id, _ in due])
+        marked += round_marked
+        if not round_marked:  # another sweeper marked them meanwhile: the next sweep looks again
+            break
+    if marked:
+        log.info("sweeper deleted %d expired file(s)", marked)
+    return marked
 
 
 class SweeperThread(threading.Thread):

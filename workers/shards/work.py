@@ -32,7 +32,11 @@ class ShardWork:
     items: list[EngineItem]
     version: VersionInfo
     overrides: dict[int, dict[str, Any]] = field(default_factory=dict)  # item index → its own params
-    started: float = field(default_factory=time.monotonic)
+    started: float = field(default_factory=time.monotonic)  # when this attempt began (time.monotonic())
+
+    def elapsed(self) -> float:
+        """This attempt's run time so far: what its end bills, times the devices it holds (db/jobs.py)."""
+        return time.monotonic() - self.started
 
 
 @dataclass
@@ -61,12 +65,16 @@ class Tally:
 
 
 class LeaseKeeper(threading.Thread):
-    """Renews the shard's lease every heartbeat; notices when another worker has taken the shard."""
+    """Renews the shard's lease every heartbeat; notices when another worker has taken the shard.
 
-    def __init__(self, runtime: Runtime, shard_id: int) -> None:
+    Each renewal also writes the attempt's run time since `started` (a `time.monotonic()` reading), so an attempt
+    whose worker is killed is still billed up to its last heartbeat."""
+
+    def __init__(self, runtime: Runtime, shard_id: int, *, started: float | None = None) -> None:
         super().__init__(name=f"lease-{shard_id}", daemon=True)
         self._runtime = runtime
         self._shard_id = shard_id
+        self._attempt_started = time.monotonic() if started is None else started
         self._stopped = threading.Event()
         self.lost = False
         self.progress = 0
@@ -82,6 +90,7 @@ class LeaseKeeper(threading.Thread):
                         worker=self._runtime.worker_name,
                         lease_seconds=settings.lease_seconds,
                         progress=self.progress,
+                        attempt_seconds=time.monotonic() - self._attempt_started,
                     )
             except OperationalError:
                 log.warning("shard %s: could not renew its lease (database unreachable)", self._shard_id)

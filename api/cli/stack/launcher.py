@@ -37,8 +37,9 @@ from api.cli.stack.embedded_redis import embedded_redis, redis_answers
 from api.cli.stack.ports import port_is_free
 from api.cli.stack.restarts import RestartPolicy, Restarts
 from api.cli.stack.supervisor import ChildSpec, StopSignals, Supervisor
+from db.names import WEBHOOK_QUEUE
 from db.settings import ExampleSecretError, Settings, refuse_example_secrets
-from workers.plan import WorkerPlan, plan_workers
+from workers.plan import WorkerPlan, plan_webhook_worker, plan_workers
 from workers.restart_records import RestartRecords
 
 # Flower writes its state file this often (ms): a crash loses at most a minute of task history; a clean
@@ -275,6 +276,8 @@ def run_stack(settings: Settings, options: StackOptions, console: Console) -> No
         settings, gpus=options.gpus, gpus_per_worker=options.gpus_per_worker, queues=options.queues,
         cpu_workers=options.workers,
     )  # fmt: skip
+    if plans and not any(WEBHOOK_QUEUE in plan.queues for plan in plans):
+        plans.append(plan_webhook_worker(settings))  # deliveries get a light worker of their own
     settings.ensure_dirs()
     supervisor = Supervisor(log_dir=settings.var_dir / "logs", sink=console_sink(console))
     restarts = _restarts(supervisor, settings, console)

@@ -1,0 +1,1 @@
+"""Webhooks: checking where an endpoint points, signing, sending, and scheduling deliveries from the outbox."""
