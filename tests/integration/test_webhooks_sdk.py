@@ -43,7 +43,9 @@ def test_a_completed_batch_is_delivered_once_verified_and_a_rotated_secret_repla
         event = client.webhooks.unwrap(delivered.body, delivered.headers, secret=created.signing_secret)
         assert (event.type, event.data.id) == ("batch.completed", batch.id)
         assert delivered.headers["webhook-id"] == event.id
-        assert client.batches.retrieve(batch.id).status == "completed"
+        finished = client.batches.retrieve(batch.id)
+        assert finished.status == "completed" and finished.request_counts is not None
+        assert finished.request_counts.completed == 1 and finished.output_file_id is not None, finished
         # ... exactly once: its delivery is settled as delivered at the first attempt, so nothing follows
         deliveries = wait_for(
             lambda: [e for e in client.get("/webhook_events", cast_to=object)["data"]  # type: ignore[index]

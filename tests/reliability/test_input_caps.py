@@ -30,8 +30,16 @@ from db.models import ItemResult, ModelVersion, StoredFile
 from db.session import transaction
 from db.settings import Settings
 from db.tenants import get_or_create_tenant
-from tests.factories import auth_headers, empty_tables, jsonl_bytes, queue_lengths, snapshot, upload
-from tests.stack import RedisDb, on_private_redis_db
+from tests.factories import (
+    auth_headers,
+    cancel_waiting_shards,
+    empty_tables,
+    jsonl_bytes,
+    queue_lengths,
+    snapshot,
+    upload,
+)
+from tests.stack import RedisDb, holding_dispatcher_lock, on_private_redis_db
 from workers.engines.finetune.params import Hyperparameters, planned_tokens, validate_training_file
 from workers.engines.jsonl import LineTooLong, bounded_lines
 from workers.engines.params import PARAMS_BY_KIND, InputCaps
@@ -285,13 +293,16 @@ def door(
     # The bad-input door's Redis DB: no worker serves it, so nothing a case enqueued could leave it unseen.
     small = on_private_redis_db(settings, RedisDb.BAD_INPUT).model_copy(update=CAPS)
     tenant = auth_headers(session_factory, "tenant-a")
-    with TestClient(create_app(small)) as client:
+    # The database is the queue: the session's shared worker must not dispatch (and run, and end) the jobs these
+    # cases accept while a later case compares the state before and after a refusal.
+    with holding_dispatcher_lock(settings.redis_url), TestClient(create_app(small)) as client:
         ids = {
             "chat_file": upload(client, tenant, [ROW] * 4, purpose="fine-tune"),
             "labels_file": upload(client, tenant, labelled("a", "b", "a", "b")[1], purpose="fine-tune"),
             "batch_file": upload(client, tenant, [embedding_line("a")], purpose="batch"),
         }
         yield Door(client, tenant, ids, session_factory, small)
+        cancel_waiting_shards(engine)
 
 
 def fill(value: Any, ids: dict[str, str]) -> Any:
