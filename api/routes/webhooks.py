@@ -11,7 +11,7 @@ with its `tenant`, and creates endpoints for its own tenant.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 
@@ -87,6 +87,11 @@ def _tenant(session: Session, principal: Principal, endpoint: WebhookEndpoint) -
     return owner_shown(session, principal, tenant_id=endpoint.tenant_id)
 
 
+def cursor_fields(ids: list[Any], *, has_more: bool) -> dict[str, Any]:
+    """OpenAI's cursor fields of a listed page: its first and last ids, and whether more follow."""
+    return {"first_id": ids[0] if ids else None, "last_id": ids[-1] if ids else None, "has_more": has_more}
+
+
 @router.post("/webhook_endpoints", response_model=WebhookEndpointWithSecret)
 def create_endpoint(
     body: WebhookEndpointCreate, principal: CurrentPrincipal, sessions: SessionsDep, settings: SettingsDep
@@ -125,9 +130,7 @@ def list_endpoints(
     data = [WebhookEndpointPublic.of(row, tenant=_tenant(session, principal, row)) for row in rows[:limit]]
     return WebhookEndpointList(
         data=data,
-        first_id=data[0].id if data else None,
-        last_id=data[-1].id if data else None,
-        has_more=len(rows) > limit,
+        **cursor_fields([item.id for item in data], has_more=len(rows) > limit),
     )
 
 
@@ -267,9 +270,7 @@ def list_attempts(
     data = [WebhookAttemptPublic.of(row, event_type=types.get(row.event_id), attempt=numbers[row.id]) for row in page]
     return WebhookAttemptList(
         data=data,
-        first_id=data[0].id if data else None,
-        last_id=data[-1].id if data else None,
-        has_more=len(rows) > limit,
+        **cursor_fields([item.id for item in data], has_more=len(rows) > limit),
     )
 
 
@@ -296,7 +297,5 @@ def list_events(
     data = [WebhookEventPublic.of(row, deliveries.get(row.id, [])) for row in rows[:limit]]
     return WebhookEventList(
         data=data,
-        first_id=data[0].id if data else None,
-        last_id=data[-1].id if data else None,
-        has_more=len(rows) > limit,
+        **cursor_fields([item.id for item in data], has_more=len(rows) > limit),
     )
