@@ -188,6 +188,10 @@ class Client:
         """A model by name (`acme/support-bot`) with its versions, or one version by ref (`acme/support-bot@2`)."""
         return self._json("GET", f"/v1/models/{_in_path(name)}")
 
+    def quantize_model(self, ref: str, body: dict[str, Any]) -> dict[str, Any]:
+        """``POST /v1/models/{ref}/quantize``: the job that makes the int8 version."""
+        return self._json("POST", f"/v1/models/{_in_path(ref)}/quantize", json=body)
+
     def set_alias(self, name: str, alias: str, version: int) -> dict[str, Any]:
         return self._json("PUT", f"/v1/models/{_in_path(name)}/aliases/{_in_path(alias)}", json={"version": version})
 

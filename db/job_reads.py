@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, bindparam, case, func, select
 from sqlalchemy.orm import Session
 
 from db.jobs import ACTIVE_JOB_STATES
-from db.models import Job, ModelVersion, Shard
+from db.models import Job, ModelVersion, Shard, Tenant
 from db.pagination import listed_after
 
 
@@ -26,6 +26,75 @@ def get_job(session: Session, *, tenant_id: int | None, job_id: str, kind: str |
     return session.scalar(query)
 
 
+@dataclass(frozen=True)
+class JobView:
+    """A job with everything its public form shows, read in one statement: the model version it runs
+    (`name@version`; None once the row is gone), the items its running shards have done so far, and the name of
+    the tenant owning it."""
+
+    job: Job
+    version_ref: str | None
+    running_done: int
+    tenant: str
+
+
+def _viewed(query: Select[Job]) -> Select[Job, str, int, int, str]:
+    # The running shards' progress is summed only for a running job (CASE evaluates its subquery lazily): a poll of
+    # a queued or finished job costs one index lookup per joined row and nothing more.
+    running = (
+        select(func.coalesce(func.sum(Shard.progress), 0))
+        .where(Shard.job_id == Job.id, Shard.status == "running")
+        .scalar_subquery()
+    )
+    return (
+        query.add_columns(
+            ModelVersion.name, ModelVersion.version, case((Job.status == "running", running), else_=0), Tenant.name
+        )
+        .outerjoin(ModelVersion, ModelVersion.id == Job.model_version_id)
+        .join(Tenant, Tenant.id == Job.tenant_id)
+    )
+
+
+def _view(row: Any) -> JobView:
+    job, name, version, running, tenant = row
+    return JobView(
+        job=job,
+        version_ref=f"{name}@{version}" if name is not None else None,
+        running_done=int(running or 0),
+        tenant=tenant,
+    )
+
+
+# A poll's statements, built once (building one costs more CPU than PostgreSQL takes to answer it): a tenant's
+# job, and any tenant's (an admin's view).
+_TENANTS_JOB = _viewed(select(Job).where(Job.id == bindparam("job_id"), Job.tenant_id == bindparam("tenant_id")))
+_ANY_JOB = _viewed(select(Job).where(Job.id == bindparam("job_id")))
+
+
+def job_view(session: Session, *, tenant_id: int | None, job_id: str) -> JobView | None:
+    """What a poll of one job shows, in one statement; None for a missing job and for another tenant's (the same
+    answer). `tenant_id` None: whoever's it is (an admin's view)."""
+    if tenant_id is None:
+        row = session.execute(_ANY_JOB, {"job_id": job_id}).one_or_none()
+    else:
+        row = session.execute(_TENANTS_JOB, {"job_id": job_id, "tenant_id": tenant_id}).one_or_none()
+    return _view(row) if row is not None else None
+
+
+def list_job_views(
+    session: Session,
+    *,
+    tenant_id: int | None,
+    limit: int,
+    status: str | None = None,
+    kind: str | None = None,
+    after: Job | None = None,
+) -> list[JobView]:
+    """list_jobs with what each job's public form shows, in one statement."""
+    query = _listed(tenant_id=tenant_id, status=status, kind=kind, after=after).limit(limit)
+    return [_view(row) for row in session.execute(_viewed(query))]
+
+
 def list_jobs(
     session: Session,
     *,
@@ -37,6 +106,10 @@ def list_jobs(
 ) -> list[Job]:
     """A tenant's jobs (every tenant's when `tenant_id` is None: an admin's view) newest first, those listed after
     `after` (the last one a client saw) when given."""
+    return list(session.scalars(_listed(tenant_id=tenant_id, status=status, kind=kind, after=after).limit(limit)))
+
+
+def _listed(*, tenant_id: int | None, status: str | None, kind: str | None, after: Job | None) -> Select[Job]:
     query = select(Job)
     if tenant_id is not None:
         query = query.where(Job.tenant_id == tenant_id)
@@ -46,7 +119,7 @@ def list_jobs(
         query = query.where(Job.kind == kind)
     if after is not None:
         query = query.where(listed_after(Job, after))
-    return list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)))
+    return query.order_by(Job.created_at.desc(), Job.id.desc())
 
 
 def version_ref(session: Session, *, model_version_id: int) -> str | None:
@@ -61,15 +134,16 @@ def first_item_input(session: Session, *, job_id: str) -> dict[str, Any]:
     return dict(items[0].get("input", {}))
 
 
+# Built once: every job submitted runs it (see _TENANTS_JOB).
+_UNFINISHED_ITEMS = select(func.coalesce(func.sum(Job.total - Job.succeeded - Job.failed), 0)).where(
+    Job.tenant_id == bindparam("tenant_id"), Job.status.in_(ACTIVE_JOB_STATES)
+)
+
+
 def unfinished_items(session: Session, *, tenant_id: int) -> int:
     """Items of the tenant's active jobs not yet done, a job written in the caller's transaction included:
     what the per-tenant queue limit counts."""
-    queued = session.scalar(
-        select(func.coalesce(func.sum(Job.total - Job.succeeded - Job.failed), 0)).where(
-            Job.tenant_id == tenant_id, Job.status.in_(ACTIVE_JOB_STATES)
-        )
-    )
-    return int(queued or 0)
+    return int(session.scalar(_UNFINISHED_ITEMS, {"tenant_id": tenant_id}) or 0)
 
 
 def lease_expires_at(session: Session, *, shard_id: int) -> datetime | None:

@@ -37,7 +37,8 @@ from sqlalchemy.orm import Session
 from db.models import Job, Shard, new_id, utcnow
 from db.names import TERMINAL_JOB_STATES, queue_for
 from db.session import changed
-from db.sharding import cut_shards
+from db.shard_costs import shard_limits
+from db.sharding import ShardSizing, cut_shards
 from db.webhook_outbox import record_job_end
 
 ACTIVE_JOB_STATES = ("queued", "running", "cancelling", "paused")
@@ -70,7 +71,7 @@ def create_job(
     model_version_id: int,
     params: dict[str, Any],
     items: Iterable[dict[str, Any]],
-    shard_size: int,
+    shard_size: int | ShardSizing,
     sort_window: int = 1,
     input_file_id: str | None = None,
     priority: int = 0,
@@ -81,7 +82,8 @@ def create_job(
 
     `items` may be a generator (an input file read line by line): shards are inserted a chunk at a time, so a
     200,000-item job never sits in memory whole. An exception from the generator rolls everything back.
-    `sort_window` > 1 groups items of similar length into the same shards (db/sharding.py).
+    `sort_window` > 1 groups items of similar length into the same shards (db/sharding.py). `shard_size` is a fixed
+    number of items, or the rules that size shards from the model's measured cost (what the API passes).
     """
     job = Job(
         id=job_id or new_id("job"),
@@ -107,7 +109,8 @@ def create_job(
             shard_ids.extend(session.scalars(insert(Shard).returning(Shard.id), pending))
             pending.clear()
 
-    for cut in cut_shards(items, shard_size=shard_size, sort_window=sort_window):
+    size, max_chars = shard_limits(session, shard_size, kind=kind, model_version_id=model_version_id)
+    for cut in cut_shards(items, shard_size=size, sort_window=sort_window, max_chars=max_chars):
         pending.append(
             {
                 "job_id": job.id,
@@ -119,7 +122,7 @@ def create_job(
             }
         )
         total += len(cut.items)
-        if len(pending) >= SHARDS_PER_INSERT:
+        if len(pending) >= min(SHARDS_PER_INSERT, max(1, ITEMS_PER_INSERT // size)):
             flush_shards()
     if total == 0:  # a job with no items still gets its one (empty) shard, so it can finish
         pending.append({"job_id": job.id, "index": 0, "start": 0, "end": 0, "items": [], "status": "queued"})
@@ -131,8 +134,9 @@ def create_job(
 
 
 # Shards per INSERT statement while streaming a job in: large enough to amortise round trips, small enough that
-# a chunk of large items stays a few MB.
+# a chunk of large items stays a few MB (fewer shards when they are large).
 SHARDS_PER_INSERT = 64
+ITEMS_PER_INSERT = 4096
 
 
 def claim_shard(

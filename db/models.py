@@ -260,6 +260,20 @@ class ItemResult(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class ShardCost(Base):
+    """What an item of a model version costs a worker of one device type, smoothed over the shards it ran: how the
+    next job's shards are sized (db/sharding.py, db/shard_costs.py)."""
+
+    __tablename__ = "shard_costs"
+
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id", ondelete="CASCADE"), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    device: Mapped[str] = mapped_column(String(16), primary_key=True)  # torch's device type: cpu, cuda, mps
+    seconds_per_item: Mapped[float] = mapped_column(Float)
+    measured_items: Mapped[int] = mapped_column(BigInteger, default=0)  # over all its samples
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class JobEvent(Base):
     __tablename__ = "job_events"
     __table_args__ = (Index("ix_job_events_job_id_id", "job_id", "id"),)

@@ -9,9 +9,15 @@ from __future__ import annotations
 
 from typing import Any, Literal, get_args
 
-# What a job does. Each kind is also the name of the queue its shards travel on.
-JobKind = Literal["generate", "classify", "embed", "finetune"]
+# What a job does. Each kind is also the name of the queue its shards travel on. A quantize job makes an int8
+# version of a model (POST /v1/models/{ref}/quantize, not POST /v1/jobs): one CPU-bound item of a minute or two, on
+# a queue of its own so that it never waits behind an hours-long fine-tune, and not counted as one.
+JobKind = Literal["generate", "classify", "embed", "finetune", "quantize"]
 JOB_KINDS: tuple[JobKind, ...] = get_args(JobKind)
+# The kinds POST /v1/jobs takes.
+SubmittedKind = Literal["generate", "classify", "embed", "finetune"]
+# Kinds whose job ends by registering a model version (the job's `result_model`).
+MODEL_MAKING_KINDS: tuple[JobKind, ...] = ("finetune", "quantize")
 
 # A fine-tune over several GPUs goes here, consumed only by workers that own several GPUs.
 MULTI_GPU_QUEUE = "finetune.multi"

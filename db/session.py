@@ -78,6 +78,30 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
         yield session
 
 
+@contextmanager
+def writing(session: Session) -> Iterator[Session]:
+    """Go on from the session's reads to one unit of work that writes: committed when the block ends, rolled back
+    on any exception.
+
+    PostgreSQL: in the same transaction, on the connection the reads already hold, so a request that reads and
+    then writes checks one connection out, once (a second would cost its pool ping, a BEGIN and a COMMIT, and
+    holding both at once starves the pool: see end_reads). SQLite: the reads end first, and the write begins
+    with the write lock (BEGIN IMMEDIATE), which a transaction that has read cannot take safely later.
+    """
+    if session.get_bind().dialect.name == "sqlite":
+        end_reads(session)
+        with session.begin():
+            begin_write(session)
+            yield session
+        return
+    try:
+        yield session
+    except BaseException:
+        session.rollback()
+        raise
+    session.commit()
+
+
 def begin_write(session: Session) -> None:
     """Mark the session's transaction as a writer (SQLite: BEGIN IMMEDIATE; elsewhere nothing)."""
     session.connection(execution_options={WRITE_OPTION: True})

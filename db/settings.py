@@ -17,6 +17,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from db.names import JOB_KINDS
+from db.sharding import ShardSizing
 
 
 class Settings(BaseSettings):
@@ -36,8 +37,14 @@ class Settings(BaseSettings):
     # Directories from which `POST /v1/models` may import a model; nothing outside them or the store loads.
     model_import_roots: list[Path] = Field(default_factory=list)
 
-    # Jobs.
+    # Jobs. Shards hold `shard_target_seconds` of work by their model's measured seconds per item (db/sharding.py):
+    # what a shard costs besides its items (a claim, its transactions, a task and a dispatcher round trip: 40-190 ms
+    # measured through the stack here) is 5-25% of a 64-item MiniLM shard (~0.75 s of work), under 4% of 5 s. Between
+    # a forward batch and shard_max_items; generation shards only shrink below shard_size (a slow model). shard_size
+    # is the size before a model's first measurement, and always with a target of 0.
     shard_size: int = Field(64, ge=1, le=100_000)
+    shard_target_seconds: float = Field(5.0, ge=0, le=3600)
+    shard_max_items: int = Field(4096, ge=1, le=100_000)
     # Shards' worth of items sorted by length before they are cut into shards, so each shard's batches pad
     # little (db/sharding.py); 1 keeps arrival order. The window is held in memory while a job is created.
     shard_sort_window: int = Field(8, ge=1, le=1_000)
@@ -165,6 +172,17 @@ class Settings(BaseSettings):
         if unknown:
             raise ValueError(f"unknown job kinds {unknown}; known: {list(JOB_KINDS)}")
         return kinds
+
+    @property
+    def shard_sizing(self) -> ShardSizing:
+        """The rules a new job's shards are cut by (db.jobs.create_job)."""
+        return ShardSizing(
+            default=self.shard_size,
+            target_seconds=self.shard_target_seconds,
+            max_items=self.shard_max_items,
+            batch_size=self.batch_size,
+            max_item_chars=self.max_item_chars,
+        )
 
     @property
     def is_sqlite(self) -> bool:

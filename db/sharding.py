@@ -1,7 +1,12 @@
-"""Cutting a job's items into shards, with items of similar length kept together.
+"""Cutting a job's items into shards: how many items each holds, and which items go together.
 
-A worker length-buckets the items of one shard, but it can only sort what it sees: 64 items of arrival
-order still mix short and long texts, and each forward batch pads to its longest (measured: 25% of
+How many. A shard has fixed costs (a claim, its transactions, a Celery round trip), so a shard of 64 items that take
+10 ms each spends a good part of its time on them, while 64 generations take seconds. With `shard_target_seconds`
+set, a job's shards hold that much work by its model's measured seconds per item (db/shard_costs.py, recorded by the
+workers after each shard), within bounds (``ShardSizing``); a model and kind that never ran gets `shard_size`.
+
+Which together. A worker length-buckets the items of one shard, but it can only sort what it sees: 64 items of
+arrival order still mix short and long texts, and each forward batch pads to its longest (measured: 25% of
 computed positions were padding on the cls-e2e reviews). So the items of a window of several shards are
 sorted by a length hint first and then cut: each shard holds items of similar length (7% padding).
 
@@ -16,6 +21,42 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+# Kinds whose items cost about the same from one job to the next (a forward pass over a text), so one job's
+# measurement sizes the next job's shards in both directions. A generation item's cost depends on its own
+# max_new_tokens and where it stops: an estimate may shrink generation shards (a slow model), never grow them past
+# shard_size, so a shard stays short enough to re-run after a lost worker and to leave room to other tenants.
+GROWING_KINDS = ("classify", "embed")
+
+
+@dataclass(frozen=True)
+class ShardSizing:
+    """The rules for a job's shard size, from the settings (``Settings.shard_sizing``).
+
+    ``default`` (`shard_size`) is the size without an estimate, and with ``target_seconds`` 0. With an estimate, the
+    size is ``target_seconds / seconds_per_item``, at least a forward batch (``batch_size``, or ``default`` if that
+    is smaller: a shard smaller than a batch wastes the batching that made the estimate, and would measure each
+    item dearer, shrinking the next shards further) and at most ``max_items`` (``default`` for generation).
+    """
+
+    default: int
+    target_seconds: float
+    max_items: int
+    batch_size: int
+    max_item_chars: int
+
+    def size_for(self, kind: str, seconds_per_item: float | None) -> int:
+        if self.target_seconds <= 0 or seconds_per_item is None or seconds_per_item <= 0:
+            return self.default
+        floor = min(self.default, self.batch_size)
+        ceiling = max(self.max_items, self.default) if kind in GROWING_KINDS else self.default
+        return max(floor, min(ceiling, int(self.target_seconds / seconds_per_item)))
+
+    @property
+    def max_chars(self) -> int:
+        """Characters of text per shard: no more than `shard_size` items at the per-item cap, so a large shard of
+        long texts is cut short instead of becoming a row (and a window in memory) larger than ever before."""
+        return self.default * self.max_item_chars
+
 
 @dataclass(frozen=True)
 class ShardCut:
@@ -24,22 +65,28 @@ class ShardCut:
     end: int  # one past the highest
 
 
-def cut_shards(items: Iterable[dict[str, Any]], *, shard_size: int, sort_window: int) -> Iterator[ShardCut]:
-    """Shards of at most ``shard_size`` items; ``sort_window`` shards' worth sorted by length at a time.
+def cut_shards(
+    items: Iterable[dict[str, Any]], *, shard_size: int, sort_window: int, max_chars: int | None = None
+) -> Iterator[ShardCut]:
+    """Shards of at most ``shard_size`` items and ``max_chars`` characters of text (each shard holds at least one
+    item, however long); ``sort_window`` shards' worth sorted by length at a time.
 
     ``sort_window`` 1 keeps arrival order (and stores no per-item index).
     """
     if shard_size < 1 or sort_window < 1:
         raise ValueError("shard_size and sort_window must be at least 1")
+    window_chars = None if max_chars is None else max_chars * sort_window
     first = 0
-    for window in _chunks(items, shard_size * sort_window):
+    for window in _chunks(items, shard_size * sort_window, window_chars):
         if sort_window == 1:
             yield ShardCut(window, first, first + len(window))
         else:
             indexed = [{**item, "index": first + offset} for offset, item in enumerate(window)]
             indexed.sort(key=length_hint)  # stable: equal lengths keep arrival order
-            for start in range(0, len(indexed), shard_size):
-                part = indexed[start : start + shard_size]
+            # As many shards as the window needs, of equal size: a job's last window (a partial one) gets no
+            # remainder shard of a few items, dearer each and idle workers' only work.
+            per_shard = -(-len(window) // -(-len(window) // shard_size))
+            for part in _chunks(indexed, per_shard, max_chars):
                 indexes = [item["index"] for item in part]
                 yield ShardCut(part, min(indexes), max(indexes) + 1)
         first += len(window)
@@ -66,12 +113,21 @@ def _text_length(value: Any) -> int:
     return 0
 
 
-def _chunks(items: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+def _chunks(items: Iterable[dict[str, Any]], size: int, max_chars: int | None) -> Iterator[list[dict[str, Any]]]:
+    """Runs of at most ``size`` items and ``max_chars`` characters, read lazily: a run full by count is handed on
+    before the next item is read."""
     chunk: list[dict[str, Any]] = []
+    chars = 0
     for item in items:
+        if max_chars is not None:
+            length = length_hint(item)
+            if chunk and chars + length > max_chars:
+                yield chunk
+                chunk, chars = [], 0
+            chars += length
         chunk.append(item)
         if len(chunk) == size:
             yield chunk
-            chunk = []
+            chunk, chars = [], 0
     if chunk:
         yield chunk

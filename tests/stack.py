@@ -141,6 +141,8 @@ def make_test_settings(database_url: str, redis_url: str, var_dir: Path, **overr
         "heartbeat_seconds": 1.0,
         "sweep_interval_seconds": 2.0,
         "shard_size": 16,
+        # Fixed shards of shard_size: tests count and cut shards (tests/db/test_shard_sizing.py turns sizing on).
+        "shard_target_seconds": 0,
         "batch_size": 16,
         "torch_threads": 2,
         "flower_password": "test-password",

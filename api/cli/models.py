@@ -1,10 +1,10 @@
-"""``lmbatch models list | show | alias | delete`` and ``lmbatch finetune``: the model registry and how new
-versions are made, over HTTP (api/client.py).
+"""``lmbatch models list | show | alias | delete | quantize`` and ``lmbatch finetune``: the model registry and how
+new versions are made, over HTTP (api/client.py).
 
 Listing and fine-tuning need any tenant's key: a tenant sees the shared catalogue and its own models
 (``namespace/name``). A tenant moves aliases of, and deletes versions of, its own models; the shared catalogue's
-need an admin key (``lmbatch keys create --admin``). A fine-tune is a job like any other (``lmbatch status`` and
-``cancel`` work on it); it lives here because what it leaves behind is a model version.
+need an admin key (``lmbatch keys create --admin``). A fine-tune or a quantization is a job like any other
+(``lmbatch status`` and ``cancel`` work on it); they live here because what they leave behind is a model version.
 """
 
 from __future__ import annotations
@@ -108,6 +108,53 @@ def models_delete(
     with connect(url, api_key) as client:
         client.delete_model_version(name, version)
     out.print(f"deleted {name}@{version}")
+
+
+@models_app.command("quantize", cls=OneLineUsage)
+def models_quantize(
+    ref: Annotated[str, typer.Argument(help="The model to quantize: name, name@VERSION or name:ALIAS.")],
+    int8: Annotated[
+        bool, typer.Option("--int8", help="Dynamic int8 linear layers (the only method; runs on CPU workers only).")
+    ] = False,
+    name: Annotated[
+        str | None,
+        typer.Option("--name", help="Register it as NAME in your namespace (default: namespace/<model's name>-int8)."),
+    ] = None,
+    all_layers: Annotated[
+        bool,
+        typer.Option("--all-layers", help="Quantize layers with activation outliers too (faster, less accurate)."),
+    ] = False,
+    check_prompts: Annotated[
+        int | None, typer.Option(min=1, max=64, help="Prompts of the greedy-agreement check (default 64).")
+    ] = None,
+    check_sentences: Annotated[
+        int | None, typer.Option(min=2, max=200, help="Labelled sentences of the accuracy check (default 200).")
+    ] = None,
+    wait: Annotated[bool, typer.Option("--wait", "-w", help="Follow the job until the version is registered.")] = False,
+    url: UrlOpt = DEFAULT_URL,
+    api_key: KeyOpt = None,
+) -> None:
+    """Make an int8 version of a model on a worker; it is registered only if its quality check passes."""
+    if not int8:
+        raise CliError("choose the method: --int8 (dynamic int8 linear layers)")
+    body: dict[str, Any] = {"method": "int8"}
+    if name:
+        body["output_name"] = name
+    if all_layers:
+        body["outlier_ratio"] = None
+    check = {k: v for k, v in {"prompts": check_prompts, "sentences": check_sentences}.items() if v is not None}
+    if check:
+        body["check"] = check
+    with connect(url, api_key) as client:
+        job = client.quantize_model(ref, body)
+        out.print(job["id"])
+        if not wait:
+            return
+        job = follow_finetune(client, job, console=err)
+    if job["status"] != "succeeded":
+        raise CliError(f"job {job['id']} {job['status']}{job_error(job)}")
+    err.print(f"job {job['id']} succeeded: the int8 version is {job['model_version']}")
+    out.print(job["model_version"] or "-")  # the last line on stdout, for scripts: `… | tail -n 1`
 
 
 # ---------------------------------------------------------------------------------------------- finetune

@@ -71,19 +71,40 @@ def api(
     ctx: typer.Context,
     host: Annotated[str | None, typer.Option(help="Default: LMBATCH_API_HOST.")] = None,
     port: Annotated[int | None, typer.Option(help="Default: LMBATCH_API_PORT.")] = None,
+    processes: Annotated[
+        int,
+        typer.Option(
+            "--processes",
+            min=1,
+            max=64,
+            help="API processes on the one port (uvicorn workers): one per core the API may use. Each has its own "
+            "database pool (LMBATCH_DATABASE_POOL_SIZE + LMBATCH_DATABASE_MAX_OVERFLOW connections).",
+        ),
+    ] = 1,
 ) -> None:
     """Serve the HTTP API (uvicorn) in the foreground."""
+    import os
+
     import uvicorn
 
     from api.app import create_app
+    from api.cli.stack.launcher import settings_env
     from db.settings import ExampleSecretError
 
     settings = settings_of(ctx)
     try:
-        app = create_app(settings)
+        app = create_app(settings)  # refuses example secrets here, once, before any process starts
     except ExampleSecretError as error:
         raise CliError(str(error)) from None
-    uvicorn.run(app, host=host or settings.api_host, port=port or settings.api_port)
+    host, port = host or settings.api_host, port or settings.api_port
+    if processes == 1:
+        uvicorn.run(app, host=host, port=port)
+        return
+    # uvicorn starts each process afresh (spawn), and each builds its app from `api.app:create_app`, which reads its
+    # settings from LMBATCH_* variables: these make them this invocation's (options, environment and .env alike).
+    # Rate limits, idempotency keys and sessions live in Redis and the database, so the processes share them.
+    os.environ.update(settings_env(settings))
+    uvicorn.run("api.app:create_app", factory=True, workers=processes, host=host, port=port)
 
 
 @serve_app.command()

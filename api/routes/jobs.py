@@ -52,6 +52,12 @@ def owned_job(session: Session, principal: Principal, job_id: str) -> Job:
     return job
 
 
+def viewed_job(view: job_reads.JobView, viewer: Principal) -> JobPublic:
+    """A job's public form from what db.job_reads read with it; its tenant shown to an admin only."""
+    tenant = view.tenant if viewer.is_admin else None
+    return JobPublic.of(view.job, version_ref=view.version_ref, running_done=view.running_done, tenant=tenant)
+
+
 def job_public(session: Session, job: Job, viewer: Principal | None = None) -> JobPublic:
     ref = job_reads.version_ref(session, model_version_id=job.model_version_id)
     running = job_repo.running_progress(session, job_id=job.id) if job.status == "running" else 0
@@ -107,7 +113,6 @@ def _accept_job(
             assert body.input_file_id is not None
             stored = input_file(session, principal, body.input_file_id, param="input_file_id")
             items = intake.items_from_file(body.kind, stored, settings)
-    end_reads(session)
     order = JobOrder(
         tenant_id=principal.tenant_id,
         kind=body.kind,
@@ -120,7 +125,7 @@ def _accept_job(
         metadata=body.metadata,
     )
     try:
-        job = create_and_submit(sessions, client, order=order, settings=settings)
+        job = create_and_submit(sessions, client, order=order, settings=settings, reads=session)
     except FileNotFoundError:
         if body.input_file_id is None:
             raise
@@ -140,11 +145,14 @@ def list_jobs(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> JobList:
     anchor = owned_job(session, principal, after) if after else None
-    rows = job_reads.list_jobs(session, tenant_id=tenant_id, status=status, kind=kind, after=anchor, limit=limit + 1)
-    data = [job_public(session, job, principal) for job in rows[:limit]]
+    views = job_reads.list_job_views(
+        session, tenant_id=tenant_id, status=status, kind=kind, after=anchor, limit=limit + 1
+    )
+    end_reads(session)
+    data = [viewed_job(view, principal) for view in views[:limit]]
     return JobList(
         data=data,
-        has_more=len(rows) > limit,
+        has_more=len(views) > limit,
         first_id=data[0].id if data else None,
         last_id=data[-1].id if data else None,
     )
@@ -152,7 +160,12 @@ def list_jobs(
 
 @router.get("/jobs/{job_id}", response_model=JobPublic)
 def get_job(job_id: str, principal: CurrentPrincipal, session: SessionDep) -> JobPublic:
-    return job_public(session, owned_job(session, principal, job_id), principal)
+    # The poll clients repeat: the key, then this one statement, on the connection the key was checked on.
+    view = job_reads.job_view(session, tenant_id=visible_tenant(principal), job_id=job_id)
+    end_reads(session)  # here, in the route's thread: see api/deps.py
+    if view is None:
+        raise NotFound(f"no job {job_id!r}", param="job_id", code="job_not_found")
+    return viewed_job(view, principal)
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobPublic)
@@ -176,6 +189,7 @@ def get_results(
 ) -> ResultPage:
     job = owned_job(session, principal, job_id)
     rows = result_page(session, job_id=job.id, offset=offset, limit=limit)
+    end_reads(session)
     data = [ResultPublic(**public_result(row)) for row in rows]
     next_offset = rows[-1].index + 1 if rows and rows[-1].index + 1 < job.total else None
     return ResultPage(data=data, offset=offset, limit=limit, next_offset=next_offset)
@@ -218,4 +232,5 @@ def list_events(
     event id, so a client can follow along."""
     job = owned_job(session, principal, job_id)
     rows = events.events_after(session, job_id=job.id, after=after, limit=limit + 1)
+    end_reads(session)
     return JobEventList(data=[JobEventPublic.of(row) for row in rows[:limit]], has_more=len(rows) > limit)

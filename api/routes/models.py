@@ -3,7 +3,8 @@
 A caller sees the shared catalogue and its own tenant's models (an admin sees all); another tenant's model is the
 same 404 as one that does not exist, on every route. Names may hold one '/' (`acme/support-bot`, which the openai
 SDK sends percent-encoded and the server sees decoded), so the routes take `{name:path}`; the alias and version
-sub-routes are registered before the catch-all GET.
+sub-routes are registered before the catch-all GET. `POST /models/{ref}/quantize` starts a job that makes an int8
+version (api/services/quantize_intake.py).
 """
 
 from __future__ import annotations
@@ -13,14 +14,17 @@ from typing import TYPE_CHECKING
 
 from fastapi import APIRouter
 
-from api.deps import AdminPrincipal, CurrentPrincipal, SessionDep, SessionsDep, SettingsDep
+from api.deps import AdminPrincipal, CurrentPrincipal, RedisDep, SessionDep, SessionsDep, SettingsDep
 from api.errors import BadRequest, Conflict, Forbidden, NotFound
+from api.routes.jobs import job_public
+from api.schemas.jobs import JobPublic
 from api.schemas.models import (
     ALIAS_PATTERN,
     AliasSet,
     ModelAtVersion,
     ModelList,
     ModelPublic,
+    ModelQuantize,
     ModelRegister,
     ModelVersionDeleted,
     ModelVersionPublic,
@@ -28,8 +32,10 @@ from api.schemas.models import (
     Owners,
 )
 from api.services.model_import import import_model
+from api.services.quantize_intake import accept_quantize
+from api.services.submit import JobOrder, create_and_submit
 from db import registry
-from db.session import transaction
+from db.session import end_reads, transaction
 from workers.models.store import remove_stored
 
 if TYPE_CHECKING:
@@ -108,6 +114,33 @@ def register_model(
     version = import_model(sessions, settings=settings, name=body.name, path=body.path, aliases=body.aliases)
     with sessions() as session:
         return ModelVersionPublic.of(version, body.aliases, _owners(session, principal, [version]))
+
+
+@router.post("/models/{ref:path}/quantize", status_code=202, response_model=JobPublic)
+def quantize_model(
+    ref: str,
+    body: ModelQuantize,
+    principal: CurrentPrincipal,
+    session: SessionDep,
+    sessions: SessionsDep,
+    settings: SettingsDep,
+    client: RedisDep,
+) -> JobPublic:
+    """Start a `quantize` job making an int8 version of `ref` (any model the caller sees); the job registers it
+    (`model_version` once it succeeds) unless its quality check refuses."""
+    accepted = accept_quantize(session, principal=principal, ref=ref, params=body, settings=settings)
+    end_reads(session)
+    order = JobOrder(
+        tenant_id=principal.tenant_id,
+        kind="quantize",
+        model_ref=ref,
+        model_version_id=accepted.version.id,
+        params=accepted.params,
+        items=accepted.items,
+    )
+    job = create_and_submit(sessions, client, order=order, settings=settings)
+    with sessions() as read:
+        return job_public(read, job)
 
 
 @router.put("/models/{name:path}/aliases/{alias}", response_model=ModelWithVersions)

@@ -13,11 +13,11 @@ from pydantic import BaseModel, Field, model_validator
 from api.schemas.common import Metadata, ObjectId, Strict, epoch
 from api.schemas.usage import JobUsage
 from db.models import Job, JobEvent
-from db.names import JobKind
+from db.names import MODEL_MAKING_KINDS, SubmittedKind
 
 
 class JobCreate(Strict):
-    kind: JobKind
+    kind: SubmittedKind
     model: str = Field(min_length=1, max_length=200)
     inputs: list[dict[str, Any]] | None = None
     input_file_id: ObjectId | None = None
@@ -103,7 +103,7 @@ class JobPublic(BaseModel):
             id=job.id,
             kind=job.kind,
             model=job.model_ref,
-            model_version=job.result_model if job.kind == "finetune" else version_ref,
+            model_version=job.result_model if job.kind in MODEL_MAKING_KINDS else version_ref,
             status=job.status,
             counts=Counts(total=job.total, succeeded=job.succeeded, failed=job.failed),
             progress=round(min(done / total, 1.0), 4),

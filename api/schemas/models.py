@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field
 from api.schemas.common import Strict, epoch
 from db.models import ModelVersion
 from db.registry import ALIAS_PATTERN, MAX_NAME_CHARS, MODEL_NAME_PATTERN, Viewer, shows_lineage
+from workers.models.quantize_params import QuantizeParams
 
 # `owned_by` of the shared catalogue's models.
 CATALOGUE_OWNER = "lmbatch"
@@ -29,6 +30,12 @@ class ModelRegister(Strict):
     name: str = Field(pattern=f"^{MODEL_NAME_PATTERN}$", max_length=MAX_NAME_CHARS)
     path: str = Field(min_length=1, max_length=4096)
     aliases: list[Annotated[str, Field(pattern=ALIAS_PATTERN)]] = Field(default_factory=list, max_length=16)
+
+
+class ModelQuantize(QuantizeParams):
+    """Make an int8 version of the model the path's `{ref}` names: a `quantize` job (`GET /v1/jobs/{id}`), which
+    registers the version once its quality check passes. `output_name` defaults to `<namespace>/<name>-int8`; a
+    tenant's name always goes under its namespace, an admin's bare name into the shared catalogue."""
 
 
 class AliasSet(Strict):

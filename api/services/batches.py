@@ -90,7 +90,7 @@ def create_batch(
             model_version_id=version.id,
             params={},
             items=parsed.items,
-            shard_size=settings.shard_size,
+            shard_size=settings.shard_sizing,
             sort_window=settings.shard_sort_window,
             input_file_id=stored.id,
             metadata={"batch_id": batch_id},

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from api.services.intake import check_tenant_quota, require_items
 from db import jobs
-from db.session import transaction
+from db.session import transaction, writing
 from workers.shards.wake import wake_dispatcher
 
 if TYPE_CHECKING:
@@ -37,12 +37,20 @@ class JobOrder:
 
 
 def create_and_submit(
-    sessions: sessionmaker[Session], client: redis.Redis, *, order: JobOrder, settings: Settings
+    sessions: sessionmaker[Session],
+    client: redis.Redis,
+    *,
+    order: JobOrder,
+    settings: Settings,
+    reads: Session | None = None,
 ) -> Job:
     """Write the job and its shards in one transaction, then wake the dispatcher. Any refusal while writing (a bad
     line of an input file, an empty file, the tenant's queue limit) rolls all of it back. If Redis is away the job
-    still stands: the dispatcher's timer sends its shards once it is back."""
-    with transaction(sessions) as write:
+    still stands: the dispatcher's timer sends its shards once it is back.
+
+    `reads`: the request's session, which read the key and the model; the write goes on from it on the same
+    connection (db.session.writing). Without it, the write is a transaction of its own from `sessions`."""
+    with writing(reads) if reads is not None else transaction(sessions) as write:
         new = jobs.create_job(
             write,
             tenant_id=order.tenant_id,
@@ -51,7 +59,7 @@ def create_and_submit(
             model_version_id=order.model_version_id,
             params=order.params,
             items=order.items,
-            shard_size=settings.shard_size,
+            shard_size=settings.shard_sizing,
             sort_window=settings.shard_sort_window,
             input_file_id=order.input_file_id,
             priority=order.priority,

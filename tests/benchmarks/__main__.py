@@ -1,12 +1,17 @@
 """``python -m tests.benchmarks [--quick] [ID ...]``: run the benchmarks, write var/bench/latest.json, print a table.
 
 Exit status 0 whatever the speeds; 1 only when a benchmark crashed (its entry then carries ``error``). Entries of
-benchmarks not selected this time are kept from the previous latest.json, each with its own ``measured_at``.
+benchmarks not selected this time are kept from the previous output file, each with its own ``measured_at``.
+
+``--engines-only [--device cpu|cuda]`` runs the engine benchmarks alone, on torch and transformers only (no
+database, Redis, Celery or pydantic is imported), on random-weight models of the built-ins' shapes read from
+var/bench/engine-bundle/ (``python -m tests.benchmarks.engine_models bundle``): the form a bare GPU host runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -25,34 +30,33 @@ for _key in [k for k in os.environ if k.startswith("LMBATCH_")]:
 
 from tests.benchmarks import common  # noqa: E402
 from tests.benchmarks.common import BENCH_DIR, Result, log  # noqa: E402
-from tests.benchmarks.services import prune_run_dirs  # noqa: E402
+
+# Each id's function as "module:function", imported only when that id runs: `--help` and a typo cost no torch
+# import, engines-only imports nothing of the stack, and a module that is missing or broken crashes its own entry
+# (with the import error in it), not the run.
+REGISTRY = {
+    "gen-engine": "generation:bench_gen_engine",
+    "gen-long": "gen_long:bench_gen_long",
+    "gen-e2e": "generation:bench_gen_e2e",
+    "cls-engine": "engines:bench_cls_engine",
+    "cls-e2e": "classification:bench_cls_e2e",
+    "padding": "padding:bench_padding",
+    "api": "api_latency:bench_api",
+    "scale": "scale:bench_scale",
+    "dispatch": "dispatch:bench_dispatch",
+    "writes": "writes:bench_writes",
+    "ft-step": "finetune_step:bench_ft_step",
+    "quant": "quantization:bench_quant",
+}
+IDS = tuple(REGISTRY)
+# What runs on torch and transformers alone.
+ENGINE_IDS = ("gen-engine", "gen-long", "cls-engine", "quant")
 
 
-def _registry() -> dict[str, Callable[[], Result]]:
-    # Imported here so that `--help` and a typo in an id cost no torch import.
-    from tests.benchmarks.api_latency import bench_api
-    from tests.benchmarks.classification import bench_cls_e2e
-    from tests.benchmarks.dispatch import bench_dispatch
-    from tests.benchmarks.finetune_step import bench_ft_step
-    from tests.benchmarks.generation import bench_gen_e2e, bench_gen_engine
-    from tests.benchmarks.padding import bench_padding
-    from tests.benchmarks.scale import bench_scale
-    from tests.benchmarks.writes import bench_writes
-
-    return {
-        "gen-engine": bench_gen_engine,
-        "gen-e2e": bench_gen_e2e,
-        "cls-e2e": bench_cls_e2e,
-        "padding": bench_padding,
-        "api": bench_api,
-        "scale": bench_scale,
-        "dispatch": bench_dispatch,
-        "writes": bench_writes,
-        "ft-step": bench_ft_step,
-    }
-
-
-IDS = ("gen-engine", "gen-e2e", "cls-e2e", "padding", "api", "scale", "dispatch", "writes", "ft-step")
+def bench_function(bench_id: str) -> Callable[[], Result]:
+    module, function = REGISTRY[bench_id].split(":")
+    bench: Callable[[], Result] = getattr(importlib.import_module(f"tests.benchmarks.{module}"), function)
+    return bench
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,16 +69,44 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="torch threads per process, both sides of every ratio (default 1; 0: torch's default, all cores)",
     )
-    parser.add_argument("--output", type=Path, default=BENCH_DIR / "latest.json")
+    parser.add_argument(
+        "--engines-only",
+        action="store_true",
+        help=f"only {', '.join(ENGINE_IDS)}, on torch and transformers alone, random weights of the built-ins' "
+        "shapes (default output: var/bench/engines-only-DEVICE.json)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="with --engines-only: where the models run (default: CUDA when there is one)",
+    )
+    parser.add_argument(
+        "--output", type=Path, help="default: var/bench/latest.json (engines-only: var/bench/engines-only-DEVICE.json)"
+    )
     args = parser.parse_args(argv)
-    unknown = [i for i in args.ids if i not in IDS]
+    allowed = ENGINE_IDS if args.engines_only else IDS
+    unknown = [i for i in args.ids if i not in allowed]
+    if unknown and args.engines_only and set(unknown) <= set(IDS):
+        parser.error(f"{unknown} need the stack; --engines-only runs {', '.join(ENGINE_IDS)}")
     if unknown:
-        parser.error(f"unknown benchmark(s) {unknown}; choose from {', '.join(IDS)}")
-    selected = args.ids or list(IDS)
-    common.configure(chosen_sizes=common.QUICK if args.quick else common.FULL, ids=selected, threads=args.threads)
-    prune_run_dirs()
+        parser.error(f"unknown benchmark(s) {unknown}; choose from {', '.join(allowed)}")
+    if args.device != "auto" and not args.engines_only:
+        parser.error("--device goes with --engines-only (the other benchmarks run where a worker would)")
+    selected = args.ids or list(allowed)
+    output = args.output or BENCH_DIR / (f"engines-only-{args.device}.json" if args.engines_only else "latest.json")
+    common.configure(
+        chosen_sizes=common.QUICK if args.quick else common.FULL,
+        ids=selected,
+        threads=args.threads,
+        engines_only=args.engines_only,
+        device=args.device,
+    )
+    if not args.engines_only:
+        from tests.benchmarks.services import prune_run_dirs
 
-    registry = _registry()
+        prune_run_dirs()
+
     results: list[Result] = []
     crashed = False
     started = time.perf_counter()
@@ -82,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{bench_id}: starting")
         began, load_before = time.perf_counter(), os.getloadavg()[0]
         try:
-            result = registry[bench_id]()
+            result = bench_function(bench_id)()
         except Exception as error:  # one crashed benchmark must not cost the others' figures
             traceback.print_exc()
             crashed = True
@@ -94,15 +126,17 @@ def main(argv: list[str] | None = None) -> int:
         result.extra["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         if args.quick:
             result.extra["quick"] = "smoke run with tiny workloads: figures are not meaningful"
+        if args.engines_only:
+            result.extra["engines_only"] = True
         results.append(result)
         log(f"{bench_id}: done in {result.extra['seconds']} s")
     total = time.perf_counter() - started
 
-    entries = _merge(args.output, [r.to_json() for r in results])
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(entries, indent=2) + "\n")
+    entries = _merge(output, [r.to_json() for r in results])
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(entries, indent=2) + "\n")
     print(_table([r.to_json() for r in results]))
-    print(f"\n{len(results)} benchmark(s) in {total:.0f} s on {os.cpu_count()} CPUs; written to {args.output}")
+    print(f"\n{len(results)} benchmark(s) in {total:.0f} s on {os.cpu_count()} CPUs; written to {output}")
     return 1 if crashed else 0
 
 

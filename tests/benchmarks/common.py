@@ -10,19 +10,22 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
-
-from db.settings import Settings
-from tests.stack import REPO
 
 T = TypeVar("T")
 
+# From this file's place rather than tests.stack (which imports the database layer): ``--engines-only`` runs on a
+# host with torch and transformers alone, and everything it imports starts here.
+REPO = Path(__file__).resolve().parents[2]
 BENCH_DIR = REPO / "var" / "bench"
 
 # The production defaults of the settings that shape the job path, read from Settings itself so the benchmarks
 # follow a change of default. tests/stack.py shortens all of these for fast tests.
 PRODUCTION_JOB_SETTINGS = (
     "shard_size",
+    "shard_target_seconds",
+    "shard_max_items",
     "shard_sort_window",
     "batch_size",
     "generate_batch_tokens",
@@ -38,7 +41,11 @@ class Sizes:
     (``--quick``) is a smoke run that checks every benchmark still works, its figures meaningless."""
 
     gen_prompts: int = 64
+    gen_new_tokens: int = 32
+    gen_long_prompts: int = 64
+    gen_long_new_tokens: int = 256
     cls_items: int = 5_000
+    cls_engine_items: int = 1_000
     api_clients: int = 50
     api_posts_per_client: int = 40
     api_gets_per_client: int = 60
@@ -50,9 +57,15 @@ class Sizes:
 
 
 FULL = Sizes()
+# The engine benchmarks' quick sizes keep each under ~20 s of one CPU core on SmolLM2's shape: the engines-only
+# quick run is a test in the suite.
 QUICK = Sizes(
-    gen_prompts=8,
+    gen_prompts=4,
+    gen_new_tokens=8,
+    gen_long_prompts=4,
+    gen_long_new_tokens=16,
     cls_items=300,
+    cls_engine_items=64,
     api_clients=8,
     api_posts_per_client=4,
     api_gets_per_client=8,
@@ -70,11 +83,18 @@ _selected: tuple[str, ...] = ()
 # SmolLM2 took 8.7-14 s per prompt with 2 threads and 2.1-2.2 s with 1 (OpenMP threads wait at every op for a
 # sibling the scheduler has parked). Both sides of every ratio use the same count.
 _threads = 1
+# ``--engines-only``: the engines alone, on torch and transformers only (no database, Redis, Celery or pydantic),
+# on random-weight models of the built-ins' shapes, so the run fits a bare GPU host. ``--device``: where they run.
+_engines_only = False
+_device = "auto"
 
 
-def configure(*, chosen_sizes: Sizes, ids: list[str], threads: int) -> None:
-    global _sizes, _selected, _threads
+def configure(
+    *, chosen_sizes: Sizes, ids: list[str], threads: int, engines_only: bool = False, device: str = "auto"
+) -> None:
+    global _sizes, _selected, _threads, _engines_only, _device
     _sizes, _selected, _threads = chosen_sizes, tuple(ids), threads
+    _engines_only, _device = engines_only, device
     if threads:
         import torch
 
@@ -94,7 +114,24 @@ def torch_threads() -> int:
     return _threads
 
 
+def engines_only() -> bool:
+    return _engines_only
+
+
+def device_choice() -> str:
+    """``auto`` (a worker's own choice), ``cpu`` or ``cuda``."""
+    return _device
+
+
 def production_defaults() -> dict[str, Any]:
+    """The job-path settings' production defaults. Under ``--engines-only`` (no pydantic, so no Settings) they
+    come from the engine bundle, which recorded them where Settings could be read."""
+    if _engines_only:
+        from tests.benchmarks.engine_models import bundle_settings
+
+        return bundle_settings()
+    from db.settings import Settings
+
     return {name: Settings.model_fields[name].default for name in PRODUCTION_JOB_SETTINGS}
 
 

@@ -2,7 +2,8 @@
 
 gen-engine: the engine (length-bucketed padded batches) against a plain loop calling ``model.generate`` once per
 prompt. gen-e2e: the same items as a job through API → PostgreSQL → Redis → a real worker → PostgreSQL, against
-the engine called in this process.
+the engine called in this process. Under ``--engines-only`` gen-engine runs the same workload on a random-weight
+model of SmolLM2's shape (engine_models.py); gen-e2e needs the stack and is not offered there.
 """
 
 from __future__ import annotations
@@ -11,53 +12,73 @@ import contextlib
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from tests.benchmarks.common import Paired, Result, log, median, production_defaults, selected, sizes, timed
 from tests.benchmarks.compute import matmul_peak_flops, useful_flops
-from tests.benchmarks.services import bench_stack, load_builtin
+from tests.benchmarks.engine_models import engine_items, engine_model, engine_params, model_facts
 from tests.benchmarks.workloads import chat_prompts
-from workers.engines.params import GenerateParams, parse_item
 from workers.engines.types import EngineItem, ItemResult
 
+if TYPE_CHECKING:
+    from workers.engines.generate import DecodeStats
+
 MODEL = "smollm2-135m-instruct"
-NEW_TOKENS = 32
 
 
-def engine_items(raw_items: list[dict[str, Any]], kind: str) -> list[EngineItem]:
-    """The EngineItems a worker would build from these request items (tests the same normalisation)."""
-    items = []
-    for index, raw in enumerate(raw_items):
-        normalized = parse_item(kind, raw)
-        custom_id = normalized.pop("custom_id", None)
-        items.append(EngineItem(index=index, custom_id=custom_id, input=normalized))
-    return items
+def greedy_params(max_new_tokens: int) -> Any:
+    """Greedy decoding params, every field the engine reads given (engines-only params have no defaults)."""
+    return engine_params(
+        "generate", max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, stop=[], seed=None
+    )
 
 
-def run_engine(model: Any, items: list[EngineItem], batch_size: int) -> list[ItemResult]:
-    """The engine as a worker runs it: the production batch size and token budget."""
+def run_engine(
+    model: Any,
+    items: list[EngineItem],
+    batch_size: int,
+    *,
+    max_new_tokens: int | None = None,
+    stats: DecodeStats | None = None,
+) -> list[ItemResult]:
+    """The engine as a worker runs it: the production batch size and token budget; ``max_new_tokens`` defaults to
+    gen-engine's (32; fewer with ``--quick``)."""
     from workers.engines.generate import batch_token_budget, generate
 
-    params = GenerateParams(max_new_tokens=NEW_TOKENS, temperature=0.0)
+    params = greedy_params(max_new_tokens or sizes().gen_new_tokens)
     budget = batch_token_budget(model, production_defaults()["generate_batch_tokens"])
-    return generate(model, items, params, batch_size=batch_size, max_batch_tokens=budget)
+    return generate(model, items, params, batch_size=batch_size, max_batch_tokens=budget, stats=stats)
 
 
-def plain_loop(model: Any, raw_items: list[dict[str, Any]]) -> list[str]:
-    """What one would write without lmbatch: template, tokenize, ``generate`` one prompt at a time."""
+def plain_loop_answers(
+    model: Any, raw_items: list[dict[str, Any]], max_new_tokens: int | None = None
+) -> list[tuple[str, int]]:
+    """What one would write without lmbatch: template, tokenize, ``generate`` one prompt at a time. Returns each
+    answer's text and the tokens generated for it (its EOS included). An item's own ``max_new_tokens`` (gen-long
+    under ``--engines-only``) overrides ``max_new_tokens``, which defaults to gen-engine's."""
     tokenizer = model.tokenizer
-    texts = []
+    default = max_new_tokens or sizes().gen_new_tokens
+    answers = []
     with torch.inference_mode():
         for raw in raw_items:
             prompt = tokenizer.apply_chat_template(raw["messages"], add_generation_prompt=True, tokenize=False)
             encoded = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").to(model.device)
             output = model.model.generate(
-                **encoded, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id
+                **encoded,
+                max_new_tokens=raw.get("max_new_tokens", default),
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
             )
-            texts.append(tokenizer.decode(output[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True))
-    return texts
+            new = output[0, encoded["input_ids"].shape[1] :]
+            answers.append((tokenizer.decode(new, skip_special_tokens=True), int(new.shape[0])))
+    return answers
+
+
+def plain_loop(model: Any, raw_items: list[dict[str, Any]]) -> list[str]:
+    """gen-engine's baseline: the plain loop's texts."""
+    return [text for text, _ in plain_loop_answers(model, raw_items)]
 
 
 ROUNDS = 2
@@ -76,6 +97,7 @@ class GenerationRun:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     compute: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
 
 
 _run: GenerationRun | None = None
@@ -94,18 +116,18 @@ def _generation_run() -> GenerationRun:
         return _run
     with_loop, with_e2e = "gen-engine" in selected(), "gen-e2e" in selected()
     batch_size = production_defaults()["batch_size"]
-    model = load_builtin(MODEL, "causal-lm")
+    model = engine_model(MODEL, "causal-lm")
     raw = chat_prompts(sizes().gen_prompts)
     items = engine_items(raw, "generate")
     body = {
         "kind": "generate",
         "model": MODEL,
         "inputs": raw,
-        "params": {"max_new_tokens": NEW_TOKENS, "temperature": 0},
+        "params": {"max_new_tokens": sizes().gen_new_tokens, "temperature": 0},
     }
     loop_positions = list(range(0, len(raw), 2)) if with_loop else []
     share = -(-len(loop_positions) // ROUNDS)
-    run = GenerationRun(prompts=len(items), loop_prompts=len(loop_positions))
+    run = GenerationRun(prompts=len(items), loop_prompts=len(loop_positions), model=model_facts(model))
     engine_texts: list[Any] = []
     loop_texts: dict[int, str] = {}
 
@@ -128,7 +150,11 @@ def _generation_run() -> GenerationRun:
         log(f"generation: plain loop, {len(positions)} prompts in {seconds:.1f} s")
 
     with contextlib.ExitStack() as resources:
-        stack = resources.enter_context(bench_stack("generation", worker=True)) if with_e2e else None
+        stack = None
+        if with_e2e:
+            from tests.benchmarks.services import bench_stack
+
+            stack = resources.enter_context(bench_stack("generation", worker=True))
         if stack is not None:
             # Warm the worker: the first job of a model version loads it and verifies its checksum (~3 s here),
             # once per worker process; a deployment pays that once, not per job.
@@ -174,7 +200,7 @@ def _compute_figures(model: Any, run: GenerationRun) -> dict[str, Any]:
         "target_6x_needs_gflop_s": round(needed / 1e9, 1),
         "target_6x_share_of_peak": share(needed),
         "compute_note": "peak: one MLP-shaped matmul (2,048 rows, prefill-sized; 32 rows, a decode step) on "
-        "this core now; useful FLOPs count no padding or attention",
+        "this device now; useful FLOPs count no padding or attention",
     }
 
 
@@ -198,11 +224,12 @@ def bench_gen_engine() -> Result:
             "prompts": run.prompts,
             "loop_prompts": run.loop_prompts,
             "batch_size": production_defaults()["batch_size"],
-            "new_tokens": NEW_TOKENS,
+            "new_tokens": sizes().gen_new_tokens,
             "same_text_as_loop": f"{run.same_text}/{run.loop_prompts}",
             "prompt_tokens": run.prompt_tokens,
             "completion_tokens": run.completion_tokens,
             **run.compute,
+            **run.model,
             "note": "the plain loop runs on every other prompt (half of them) to fit the time budget; "
             "rounds shared with gen-e2e when both run",
         },

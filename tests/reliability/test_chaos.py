@@ -39,9 +39,9 @@ pytestmark = pytest.mark.slow
 
 ITEMS = 320
 LABELS = ["positive", "negative"]
-# Shards of 160 items in batches of 4: long enough to be caught in the middle. A killed dispatcher's lock lapses
+# Shards of 160 items in batches of 8: long enough to be caught in the middle. A killed dispatcher's lock lapses
 # after 3 s, so another node takes over dispatching quickly.
-CHAOS_SETTINGS: dict[str, Any] = {"shard_size": 160, "batch_size": 4, "dispatch_lock_seconds": 3}
+CHAOS_SETTINGS: dict[str, Any] = {"shard_size": 160, "batch_size": 8, "dispatch_lock_seconds": 3}
 # Shards of stack_of_small_shards: a job of a few of them runs in seconds.
 SMALL_SHARD = 16
 # The workers here take classification (and the sweeper's task) only.

@@ -162,11 +162,13 @@ def test_given_cuda_oom_on_big_batches_when_generating_expect_halving_and_no_fai
     monkeypatch.setattr(tiny_lm.model, "generate", generate_or_oom)
     params = GenerateParams(max_new_tokens=4)
     # When generating eight prompts in batches of eight
-    results = generate(tiny_lm, prompt_items([*PROMPTS, "one", "two"]), params, batch_size=8)
+    # (transformers' generate: the compact decoder's halving is tested in test_generation_decoding.py)
+    eight = prompt_items([*PROMPTS, "one", "two"])
+    results = generate(tiny_lm, eight, params, batch_size=8, decoder="transformers")
     # Expect every item answered as without the limit, after 8 -> 4 -> 2 halving
     assert all(r.error is None for r in results)
     monkeypatch.undo()
-    assert texts(results) == texts(generate(tiny_lm, prompt_items([*PROMPTS, "one", "two"]), params, batch_size=8))
+    assert texts(results) == texts(generate(tiny_lm, eight, params, batch_size=8, decoder="transformers"))
     assert batch_sizes == [8, 4, 2, 2, 4, 2, 2]
 
 
@@ -177,7 +179,8 @@ def test_given_oom_on_a_single_item_when_generating_expect_an_item_error_not_a_c
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(tiny_lm.model, "generate", always_oom)
-    results = generate(tiny_lm, prompt_items()[:2], GenerateParams(max_new_tokens=2), batch_size=2)
+    params = GenerateParams(max_new_tokens=2)
+    results = generate(tiny_lm, prompt_items()[:2], params, batch_size=2, decoder="transformers")
     assert [r.error["code"] if r.error else None for r in results] == ["out_of_memory", "out_of_memory"]
 
 

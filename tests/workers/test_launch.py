@@ -78,7 +78,7 @@ def test_default_queues_are_the_configured_kinds_plus_maintenance() -> None:
     everything = plan_workers(settings(), gpus="none")[0]
     generation = plan_workers(settings(worker_kinds=["generate"]), gpus="none")[0]
     # Expect each kind's queue and maintenance, in a stable order
-    assert flag(everything, "-Q") == "generate,classify,embed,finetune,maintenance"
+    assert flag(everything, "-Q") == "generate,classify,embed,finetune,quantize,maintenance"
     assert generation.queues == ("generate", "maintenance")
 
 

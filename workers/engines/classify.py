@@ -9,15 +9,18 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from workers.engines.common import Prepared, encode_sequences, pad_batch, pad_id, run_batches, tokenize_texts
-from workers.engines.params import ClassifyParams
 from workers.engines.types import EngineItem, ItemResult
 from workers.errors import PermanentJobError
 from workers.models.loading import LoadedModel
+
+if TYPE_CHECKING:
+    # Annotations only: the engines run without pydantic (benchmarks' --engines-only, on a bare GPU host).
+    from workers.engines.params import ClassifyParams
 
 # Cosine similarities of sentence embeddings differ by a few hundredths between labels; softmax over them raw
 # would give near-uniform scores. CLIP multiplies by ~100 for the same reason.

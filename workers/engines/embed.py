@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from workers.engines.common import Prepared, encode_sequences, run_batches, tokenize_texts
-from workers.engines.params import EmbedParams
 from workers.engines.types import EngineItem, ItemResult
 from workers.models.loading import LoadedModel
+
+if TYPE_CHECKING:
+    # Annotations only: the engines run without pydantic (benchmarks' --engines-only, on a bare GPU host).
+    from workers.engines.params import EmbedParams
 
 
 def embed(

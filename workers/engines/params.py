@@ -188,11 +188,23 @@ class ChatMessage(_StrictItem):
 
 # Only the door parses items (a worker reads them as stored), so this cap can be a plain field constraint.
 CustomId = Annotated[str, Field(max_length=MAX_CUSTOM_ID_CHARS)]
+# An item's own cap on new tokens, under the job's: lengths vary per item (the engine ends that row at its cap).
+ItemMaxNewTokens = Annotated[int, Field(ge=1, le=4096)]
+
+
+def check_item_max_new_tokens(max_new_tokens: int | None, info: ValidationInfo) -> int | None:
+    caps = door_caps(info)
+    if max_new_tokens is not None and caps is not None and max_new_tokens > caps.max_new_tokens:
+        raise over_limit(f"at most {caps.max_new_tokens} (max_new_tokens_cap), not {max_new_tokens}")
+    return max_new_tokens
 
 
 class PromptItem(_StrictItem):
     prompt: str
     custom_id: CustomId | None = None
+    max_new_tokens: ItemMaxNewTokens | None = None
+
+    _capped_tokens = field_validator("max_new_tokens")(check_item_max_new_tokens)
 
     @field_validator("prompt")
     @classmethod
@@ -204,6 +216,9 @@ class PromptItem(_StrictItem):
 class ChatItem(_StrictItem):
     messages: list[ChatMessage]
     custom_id: CustomId | None = None
+    max_new_tokens: ItemMaxNewTokens | None = None
+
+    _capped_tokens = field_validator("max_new_tokens")(check_item_max_new_tokens)
 
     @field_validator("messages")
     @classmethod
@@ -231,12 +246,15 @@ class InvalidItem(ValueError):
         self.over_limit = over_limit
 
 
-def parse_item(kind: str, raw: dict[str, Any], *, caps: InputCaps | None = None) -> dict[str, Any]:
+def parse_item(
+    kind: str, raw: dict[str, Any], *, caps: InputCaps | None = None, max_new_tokens: int | None = None
+) -> dict[str, Any]:
     """Validate one raw input item for a job kind and return it normalized (``custom_id`` always present).
 
-    generate takes ``{"prompt": ...}`` or ``{"messages": [...]}``; classify and embed take ``{"text": ...}``.
-    With ``caps`` (the door), an item over them is refused too. Raises InvalidItem (a ValueError) with a message
-    naming the problem.
+    generate takes ``{"prompt": ...}`` or ``{"messages": [...]}``, either with an optional ``max_new_tokens`` of its
+    own (kept only when given); classify and embed take ``{"text": ...}``. With ``caps`` (the door), an item over
+    them is refused too; with ``max_new_tokens`` (the job's), so is an item asking for more than the job. Raises
+    InvalidItem (a ValueError) with a message naming the problem.
     """
     if not isinstance(raw, dict):
         raise InvalidItem(f"an item must be a JSON object, got {type(raw).__name__}")
@@ -248,9 +266,19 @@ def parse_item(kind: str, raw: dict[str, Any], *, caps: InputCaps | None = None)
     else:
         raise InvalidItem(f"unknown job kind {kind!r}; expected one of {', '.join(PARAMS_BY_KIND)}")
     try:
-        return model.model_validate(raw, context=caps).model_dump()
+        item = model.model_validate(raw, context=caps).model_dump()
     except ValidationError as exc:
         errors = exc.errors()
         problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'item'}: {err['msg']}" for err in errors)
         capped = any(err["type"] == LIMIT_EXCEEDED for err in errors)
         raise InvalidItem(f"invalid {kind} item: {problems}", over_limit=capped) from None
+    if kind == "generate":
+        own = item.pop("max_new_tokens")
+        if own is not None:
+            if max_new_tokens is not None and own > max_new_tokens:
+                raise InvalidItem(
+                    f"invalid {kind} item: max_new_tokens: at most the job's max_new_tokens ({max_new_tokens}), "
+                    f"not {own}"
+                )
+            item["max_new_tokens"] = own
+    return item

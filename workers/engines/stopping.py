@@ -51,38 +51,46 @@ class StopStrings(StoppingCriteria):
     def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
         if self._done is None:
             self._done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
-        generated = input_ids.shape[1] - self._prompt_length
         # A row whose newest token is the pad token has ended already (generate pads finished rows): its text no
         # longer grows, so it is not decoded again.
         newest = input_ids[:, -1].tolist()
         rows = [row for row in range(input_ids.shape[0]) if not self._done[row] and newest[row] != self._pad_id]
-        for row in [row for row in rows if newest[row] in self._stop_ids]:
-            self._done[row] = True
-            rows.remove(row)
-        if rows and generated > 0:
-            for row, text in zip(rows, self._tails(input_ids, rows, generated), strict=True):
-                if any(stop in text for stop in self._stops):
+        if rows and input_ids.shape[1] > self._prompt_length:
+            generated = input_ids[rows, self._prompt_length :].tolist()
+            for row, hit in zip(rows, self.completed(generated), strict=True):
+                if hit:
                     self._done[row] = True
         return self._done.to(input_ids.device)
 
-    def _tails(self, input_ids: torch.Tensor, rows: list[int], generated: int) -> list[str]:
-        """The decoded tail of each row's generated tokens, long enough to hold any stop string ending at its last
-        token. Most tokens decode to one character or more, so a window of as many tokens as characters needed
-        usually suffices; rows whose window decodes shorter (byte pieces, skipped special tokens) widen it."""
-        texts: dict[int, str] = {}
-        pending = rows
-        window = min(generated, self._needed_chars)
+    def completed(self, rows: Sequence[Sequence[int]]) -> list[bool]:
+        """Per row of generated tokens (at least one each): whether its newest token completes a stop string.
+
+        Stateless, so a decode loop whose batch changes between steps (rows leaving, rows joining) asks it about
+        whichever rows are live.
+        """
+        hits = [bool(tokens) and tokens[-1] in self._stop_ids for tokens in rows]
+        pending = [row for row, hit in enumerate(hits) if not hit and rows[row]]
+        for row, text in zip(pending, self._tails([rows[row] for row in pending]), strict=True):
+            hits[row] = any(stop in text for stop in self._stops)
+        return hits
+
+    def _tails(self, rows: Sequence[Sequence[int]]) -> list[str]:
+        """The decoded tail of each row's tokens, long enough to hold any stop string ending at its last token. Most
+        tokens decode to one character or more, so a window of as many tokens as characters needed usually
+        suffices; rows whose window decodes shorter (byte pieces, skipped special tokens) widen it."""
+        texts: list[str] = [""] * len(rows)
+        pending = list(range(len(rows)))
+        window = self._needed_chars
         while pending:
-            tails = input_ids[pending, input_ids.shape[1] - window :].tolist()
-            decoded = self._tokenizer.batch_decode(tails, skip_special_tokens=True)
+            decoded = self._tokenizer.batch_decode([rows[row][-window:] for row in pending], skip_special_tokens=True)
             short = []
             for row, text in zip(pending, decoded, strict=True):
                 texts[row] = text
-                if len(text) < self._needed_chars and window < generated:
+                if len(text) < self._needed_chars and window < len(rows[row]):
                     short.append(row)
             pending = short
-            window = min(generated, window * 2)
-        return [texts[row] for row in rows]
+            window *= 2
+        return texts
 
 
 class StopRequested(StoppingCriteria):

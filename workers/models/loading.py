@@ -1,4 +1,7 @@
-"""Load a model directory into memory for the engines: weights, tokenizer, and what the cache needs to know."""
+"""Load a model directory into memory for the engines: weights, tokenizer, and what the cache needs to know.
+
+An int8 version's directory holds its parent's fp32 safetensors and a quantization recipe
+(workers/models/quantize.py): it is quantized here, as it loads, and only on the CPU."""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from transformers import (
 )
 
 from workers.errors import PermanentJobError
+from workers.models.quantize import QuantizedOnGpuError, apply_recipe, module_bytes, read_recipe
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +39,7 @@ class LoadedModel:
     device: torch.device
     nbytes: int  # parameters + buffers: what the model cache budgets
     path: Path
+    quantization: str | None = None  # the recipe's method ("int8") of a quantized version
 
     def context_window(self) -> int:
         """Most tokens one sequence may hold (prompt plus generated)."""
@@ -53,6 +58,14 @@ def load_model(path: Path, *, task: str, device: torch.device) -> LoadedModel:
         raise PermanentJobError(f"unknown model task {task!r}; expected one of {', '.join(_MODEL_CLASSES)}")
     if not (Path(path) / "config.json").is_file():
         raise PermanentJobError(f"{path} is not a transformers model directory (no config.json)")
+    # Read before any weight: a quantized version is refused on a GPU without loading anything.
+    recipe = read_recipe(Path(path))
+    if recipe is not None and device.type != "cpu":
+        raise QuantizedOnGpuError(
+            f"this model version is {recipe.method} (quantized from {recipe.parent or 'its parent'}): its dynamic "
+            f"int8 layers have CPU kernels only, so a {device.type} worker cannot run it; run its jobs on a CPU worker "
+            "(lmbatch worker --gpus none), or use the fp32 parent on GPUs"
+        )
     # bf16 halves GPU memory at no quality cost worth noting for inference; CPUs lack fast bf16 kernels.
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     common: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
@@ -65,6 +78,8 @@ def load_model(path: Path, *, task: str, device: torch.device) -> LoadedModel:
         model = model_class.from_pretrained(path, dtype=dtype, **common)
     model.to(device)
     model.eval()
+    if recipe is not None:
+        apply_recipe(model, recipe)
 
     tokenizer = AutoTokenizer.from_pretrained(path, **common)
     if task == "causal-lm":
@@ -72,12 +87,12 @@ def load_model(path: Path, *, task: str, device: torch.device) -> LoadedModel:
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-    nbytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
         task=cast(Task, task),
         device=device,
-        nbytes=nbytes,
+        nbytes=module_bytes(model),
         path=Path(path),
+        quantization=recipe.method if recipe is not None else None,
     )

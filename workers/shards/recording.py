@@ -3,10 +3,10 @@
 A batch of results the database refuses (a custom_id over the column's width on PostgreSQL, a value it cannot
 store, a trigger) is written again row by row; a row still refused is stored with its custom_id cut to the column's
 width, then as an item error with a fixed message, then also without its custom_id, and the shard goes on. A
-shard's end is written with its error, then with a fixed message, then with none. Each try has a transaction of its
-own: after a failed statement PostgreSQL refuses every other one in the same transaction. Only a database that
-cannot be reached at all stops this (the error is raised): the shard's lease then lapses and it runs again, which
-is what a lost connection calls for anyway.
+shard's end is written with its error, then with a fixed message, then with none; with what its items cost
+(db/shard_costs.py), then without it. Each try has a transaction of its own: after a failed statement PostgreSQL
+refuses every other one in the same transaction. Only a database that cannot be reached at all stops this (the error
+is raised): the shard's lease then lapses and it runs again, which is what a lost connection calls for anyway.
 
 What a tenant reads (a job's or an item's error) names the failure kind and says what happened in a sentence, never
 a traceback, SQL, parameters or a server path: those go to the worker's log.
@@ -20,12 +20,14 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
+from sqlalchemy import Engine
 from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import jobs
-from db.results import CUSTOM_ID_CHARS, upsert_results
+from db.results import CUSTOM_ID_CHARS, write_results
 from db.session import transaction
+from db.shard_costs import CostSample, record_cost
 from workers.engines.types import ItemResult
 from workers.errors import JobError
 from workers.shards.work import Tally
@@ -71,14 +73,13 @@ def database_unreachable(error: BaseException) -> bool:
     return isinstance(error, OperationalError | InterfaceError) or bool(getattr(error, "connection_invalidated", False))
 
 
-def record_results(sessions: sessionmaker[Session], *, job_id: str, results: Sequence[ItemResult]) -> list[ItemResult]:
+def record_results(engine: Engine, *, job_id: str, results: Sequence[ItemResult]) -> list[ItemResult]:
     """Write ``results`` (one transaction when the database takes them); return what was stored for each item,
     which is an item error where the database refused the result itself."""
     if not results:
         return []
     try:
-        with transaction(sessions) as session:
-            upsert_results(session, job_id=job_id, rows=[_row(result) for result in results])
+        write_results(engine, job_id=job_id, rows=[_row(result) for result in results])
         return list(results)
     except Exception as error:
         if database_unreachable(error):
@@ -90,10 +91,10 @@ def record_results(sessions: sessionmaker[Session], *, job_id: str, results: Seq
             type(error).__name__,
             error,
         )
-    return [_record_one(sessions, job_id, result) for result in results]
+    return [_record_one(engine, job_id, result) for result in results]
 
 
-def _record_one(sessions: sessionmaker[Session], job_id: str, result: ItemResult) -> ItemResult:
+def _record_one(engine: Engine, job_id: str, result: ItemResult) -> ItemResult:
     """The result as it is; with its custom_id cut to the column's width (the work is kept, under the custom_id's
     first 512 characters); as a fixed item error; as that error without a custom_id. The first the database takes."""
     fits = result.custom_id[:CUSTOM_ID_CHARS] if result.custom_id is not None else None
@@ -106,8 +107,7 @@ def _record_one(sessions: sessionmaker[Session], job_id: str, result: ItemResult
     ]
     for candidate in tries:
         try:
-            with transaction(sessions) as session:
-                upsert_results(session, job_id=job_id, rows=[_row(candidate)])
+            write_results(engine, job_id=job_id, rows=[_row(candidate)])
             return candidate
         except Exception as error:
             if database_unreachable(error):
@@ -128,18 +128,24 @@ def record_shard_end(
     tally: Tally,
     duration_seconds: float,
     error: dict[str, Any] | None = None,
+    cost: CostSample | None = None,
 ) -> bool:
-    """running → ``status`` with the shard's counts, exactly once (db.jobs.finish_shard). If the database refuses
-    ``error``, the shard ends with a fixed one, then with none: it ends either way. False: another worker holds
-    the shard now, or the database refused every try (logged; the lease lapses and the shard runs again)."""
-    tries: list[dict[str, Any] | None] = [None]
+    """running → ``status`` with the shard's counts, exactly once (db.jobs.finish_shard), and ``cost`` folded into
+    its model's estimate in the same transaction (one statement more, no transaction of its own). If the database
+    refuses ``error``, the shard ends with a fixed one, then with none; if it refuses the cost, without it: it ends
+    either way. False: another worker holds the shard now, or the database refused every try (logged; the lease
+    lapses and the shard runs again)."""
+    details: list[dict[str, Any] | None] = [None]
     if error is not None:
         short = {"code": str(error.get("code", "error"))[:64], "message": public_message(str(error.get("message")))}
-        tries = [short, dict(SHARD_ERROR_NOT_STORED), None]
-    for detail in tries:
+        details = [short, dict(SHARD_ERROR_NOT_STORED), None]
+    tries: list[tuple[dict[str, Any] | None, CostSample | None]] = [(detail, None) for detail in details]
+    if cost is not None:
+        tries.insert(0, (details[0], cost))
+    for detail, sample in tries:
         try:
             with transaction(sessions) as session:
-                return jobs.finish_shard(
+                won = jobs.finish_shard(
                     session,
                     shard_id=shard_id,
                     worker=worker,
@@ -151,6 +157,10 @@ def record_shard_end(
                     duration_seconds=duration_seconds,
                     error=detail,
                 )
+                # Last, after the shard's and the job's rows: every ender locks in that order.
+                if won and sample is not None:
+                    record_cost(session, sample=sample)
+                return won
         except Exception as refused:
             if database_unreachable(refused):
                 raise

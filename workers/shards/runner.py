@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,6 +27,7 @@ from sqlalchemy.exc import OperationalError
 
 from db import events, job_reads, jobs
 from db.session import transaction
+from db.shard_costs import CostSample
 from db.sharding import item_index
 from workers.engines.params import PARAMS_BY_KIND
 from workers.engines.types import EngineItem, ItemResult
@@ -79,14 +81,21 @@ def run_shard(runtime: Runtime, shard_id: int, *, on_progress: ProgressCallback 
         interval=min(STOP_CHECK_SECONDS, settings.heartbeat_seconds),
     )
 
+    computed: float | None = None
     try:
         if work.kind == "finetune":
             # Imported here: a fine-tune pulls in DeepSpeed, which a worker that only runs inference never needs.
             from workers.shards.finetune_runner import run_finetune_work
 
             run_finetune_work(runtime, work, should_stop=should_stop, keeper=keeper, tally=tally)
+        elif work.kind == "quantize":
+            from workers.shards.quantize_runner import run_quantize_work
+
+            run_quantize_work(runtime, work, should_stop=should_stop, keeper=keeper, tally=tally)
         else:
-            _run_inference(runtime, work, should_stop=should_stop, keeper=keeper, tally=tally, on_progress=on_progress)
+            computed = _run_inference(
+                runtime, work, should_stop=should_stop, keeper=keeper, tally=tally, on_progress=on_progress
+            )
     except PermanentJobError as error:
         keeper.stop()
         log.error("shard %s failed: %s", shard_id, error)
@@ -106,7 +115,11 @@ def run_shard(runtime: Runtime, shard_id: int, *, on_progress: ProgressCallback 
         if parked is not None:
             return parked
     status = "succeeded" if tally.done >= len(work.items) else "cancelled"
-    _finish(runtime, work, status, tally)
+    cost = None
+    if status == "succeeded" and computed is not None:
+        # What the next job of this model is sized by (db/shard_costs.py); a cancelled shard's partial run is not.
+        cost = CostSample(work.version.id, work.kind, runtime.device.type, tally.done, computed)
+    _finish(runtime, work, status, tally, cost=cost)
     return ShardOutcome(status, done=tally.done)
 
 
@@ -118,12 +131,14 @@ def _run_inference(
     keeper: LeaseKeeper,
     tally: Tally,
     on_progress: ProgressCallback | None,
-) -> None:
+) -> float:
+    """Run the shard's items; the seconds they took once the model was loaded (their results' writes included)."""
     model = load_version(runtime, work.version)
     engine = _engine_for(work.kind)
+    started = time.monotonic()
 
     def on_batch(results: list[ItemResult]) -> None:
-        tally.add(record_results(runtime.sessions, job_id=work.job_id, results=results))
+        tally.add(record_results(runtime.engine, job_id=work.job_id, results=results))
         keeper.progress = tally.done
         if on_progress is not None:
             on_progress(tally.done, len(work.items))
@@ -137,6 +152,7 @@ def _run_inference(
         if should_stop():
             break
         engine(model, items, params, should_stop=should_stop, on_batch=on_batch, **batching)
+    return time.monotonic() - started
 
 
 def _engine_for(kind: str) -> Callable[..., list[ItemResult]]:
@@ -223,7 +239,14 @@ def _job_is_stopping(runtime: Runtime, job_id: str) -> bool:
         return jobs.job_status(session, job_id=job_id) in ("cancelling", "cancelled", "paused")
 
 
-def _finish(runtime: Runtime, work: ShardWork, status: str, tally: Tally, error: dict[str, Any] | None = None) -> None:
+def _finish(
+    runtime: Runtime,
+    work: ShardWork,
+    status: str,
+    tally: Tally,
+    error: dict[str, Any] | None = None,
+    cost: CostSample | None = None,
+) -> None:
     won = record_shard_end(
         runtime.sessions,
         shard_id=work.shard_id,
@@ -232,6 +255,7 @@ def _finish(runtime: Runtime, work: ShardWork, status: str, tally: Tally, error:
         tally=tally,
         duration_seconds=work.elapsed(),
         error=error,
+        cost=cost,
     )
     if not won:
         log.warning("shard %s did not end here (taken over, or its end was refused); see above", work.shard_id)
@@ -247,7 +271,7 @@ def _fail(runtime: Runtime, work: ShardWork, detail: dict[str, str], tally: Tall
     still has one result line; then the shard ends as failed, whatever the database refuses on the way."""
     missing = [item for item in work.items if item.index not in tally.indexes]
     failed = [ItemResult.failed(item, detail["code"], detail["message"]) for item in missing]
-    tally.add(record_results(runtime.sessions, job_id=work.job_id, results=failed))
+    tally.add(record_results(runtime.engine, job_id=work.job_id, results=failed))
     _finish(runtime, work, "failed", tally, error=detail)
     return ShardOutcome("failed", done=tally.done)
 
