@@ -3,11 +3,15 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# The web console's vendor scripts (htmx, uPlot), pinned by api/console/package-lock.json.
+CONSOLE_MODULES := api/console/node_modules
+NPM_STAMP := $(CONSOLE_MODULES)/.installed
 
 .PHONY: install demo test lint bench lock clean
 
-# Idempotent: re-runs pip only when pyproject.toml or constraints.txt changed since the last install.
-install: $(STAMP)
+# Idempotent: re-runs pip only when pyproject.toml or constraints.txt changed since the last install, npm only when
+# the console's lock file did.
+install: $(STAMP) $(NPM_STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +22,14 @@ $(STAMP): pyproject.toml constraints.txt
 	# DeepSpeed's CPU comm op, built now rather than inside the first fine-tune (workers/torch_extensions.py).
 	$(BIN)/python -m workers.torch_extensions
 	@touch $(STAMP)
+
+# Without npm the console still serves every page, only without self-refresh and loss charts: a warning, not a stop.
+$(NPM_STAMP): api/console/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+		npm ci --prefix api/console --no-audit --no-fund --loglevel=error && touch $(NPM_STAMP); \
+	else \
+		echo "npm not found: the web console runs without htmx and uPlot (pages do not refresh themselves)"; \
+	fi
 
 demo: install
 	$(BIN)/lmbatch demo
@@ -41,4 +53,4 @@ lock:
 	@rm constraints.body
 
 clean:
-	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(CONSOLE_MODULES) var .pytest_cache .mypy_cache .ruff_cache

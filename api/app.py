@@ -12,6 +12,8 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.console import UPLOAD_PATHS, install_console
+from api.console.sign_in_attempts import SignInAttempts
 from api.deps import refuse_nul_bytes
 from api.errors import error_body, install_error_handlers
 from api.rate_limit import TenantRateLimiter
@@ -99,6 +101,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # must not hang on a Redis that does not answer (/healthz reports it instead).
         app.state.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=3, socket_connect_timeout=2)
         app.state.rate_limiter = TenantRateLimiter(app.state.redis)
+        app.state.sign_in_attempts = SignInAttempts(app.state.redis)
         try:
             yield
         finally:
@@ -112,7 +115,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         BodySizeLimit,
         max_bytes=settings.max_request_bytes,
         max_json_bytes=settings.max_json_body_bytes,
-        upload_paths=frozenset({"/v1/files"}),
+        upload_paths=frozenset({"/v1/files", *UPLOAD_PATHS}),
     )
     install_error_handlers(app)
     app.include_router(health.router)
@@ -120,4 +123,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(tenant_metrics.router)  # /metrics/tenants: an admin key, not the metrics token
     for module in (files, jobs, batches, fine_tuning, models, webhooks, usage, workers):
         app.include_router(module.router, prefix="/v1")
+    install_console(app)  # the web console under /ui, outside the OpenAPI document
     return app

@@ -3,16 +3,18 @@ unfinished work (its quota); what a claimed shard runs. The writes are in db/job
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, bindparam, case, func, select
+from sqlalchemy import Select, and_, bindparam, case, func, or_, select
 from sqlalchemy.orm import Session
 
 from db.jobs import ACTIVE_JOB_STATES
 from db.models import Job, ModelVersion, Shard, Tenant
-from db.pagination import listed_after
+from db.pagination import listed_after, listed_before
+from db.sharding import item_index
 
 
 def get_job(session: Session, *, tenant_id: int | None, job_id: str, kind: str | None = None) -> Job | None:
@@ -89,10 +91,16 @@ def list_job_views(
     status: str | None = None,
     kind: str | None = None,
     after: Job | None = None,
+    before: Job | None = None,
 ) -> list[JobView]:
-    """list_jobs with what each job's public form shows, in one statement."""
-    query = _listed(tenant_id=tenant_id, status=status, kind=kind, after=after).limit(limit)
-    return [_view(row) for row in session.execute(_viewed(query))]
+    """list_jobs with what each job's public form shows, in one statement. `before` (the first job a client saw):
+    the `limit` jobs listed just before it instead, still newest first (a "newer" page)."""
+    if before is None:
+        query = _listed(tenant_id=tenant_id, status=status, kind=kind, after=after).limit(limit)
+        return [_view(row) for row in session.execute(_viewed(query))]
+    query = _filtered(tenant_id=tenant_id, status=status, kind=kind).where(listed_before(Job, before))
+    query = query.order_by(Job.created_at.asc(), Job.id.asc()).limit(limit)
+    return [_view(row) for row in session.execute(_viewed(query))][::-1]
 
 
 def list_jobs(
@@ -110,6 +118,13 @@ def list_jobs(
 
 
 def _listed(*, tenant_id: int | None, status: str | None, kind: str | None, after: Job | None) -> Select[Job]:
+    query = _filtered(tenant_id=tenant_id, status=status, kind=kind)
+    if after is not None:
+        query = query.where(listed_after(Job, after))
+    return query.order_by(Job.created_at.desc(), Job.id.desc())
+
+
+def _filtered(*, tenant_id: int | None, status: str | None, kind: str | None) -> Select[Job]:
     query = select(Job)
     if tenant_id is not None:
         query = query.where(Job.tenant_id == tenant_id)
@@ -117,9 +132,7 @@ def _listed(*, tenant_id: int | None, status: str | None, kind: str | None, afte
         query = query.where(Job.status == status)
     if kind:
         query = query.where(Job.kind == kind)
-    if after is not None:
-        query = query.where(listed_after(Job, after))
-    return query.order_by(Job.created_at.desc(), Job.id.desc())
+    return query
 
 
 def version_ref(session: Session, *, model_version_id: int) -> str | None:
@@ -132,6 +145,23 @@ def first_item_input(session: Session, *, job_id: str) -> dict[str, Any]:
     """The input of a job's first item: for a fine-tune, the one item, which names its training files."""
     items = session.scalar(select(Shard.items).where(Shard.job_id == job_id, Shard.index == 0)) or [{}]
     return dict(items[0].get("input", {}))
+
+
+def item_inputs(session: Session, *, job_id: str, indexes: Collection[int]) -> dict[int, dict[str, Any]]:
+    """The inputs of a job's items at `indexes`, by index: read from the shards whose range holds one of them only
+    (results that finished far apart, say items 0 and 60,000, never read the shards between)."""
+    if not indexes:
+        return {}
+    holds = [and_(Shard.start <= index, Shard.end > index) for index in sorted(set(indexes))]
+    rows = session.execute(select(Shard.start, Shard.items).where(Shard.job_id == job_id, or_(*holds)))
+    wanted = set(indexes)
+    found: dict[int, dict[str, Any]] = {}
+    for start, items in rows:
+        for offset, item in enumerate(items):
+            index = item_index(item, shard_start=start, offset=offset)
+            if index in wanted:
+                found[index] = dict(item.get("input") or {})
+    return found
 
 
 # Built once: every job submitted runs it (see _TENANTS_JOB).

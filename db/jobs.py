@@ -109,7 +109,10 @@ def create_job(
             shard_ids.extend(session.scalars(insert(Shard).returning(Shard.id), pending))
             pending.clear()
 
-    size, max_chars = shard_limits(session, shard_size, kind=kind, model_version_id=model_version_id)
+    labels = len(params.get("labels") or ()) or 1
+    size, max_chars = shard_limits(
+        session, shard_size, kind=kind, model_version_id=model_version_id, labels_per_item=labels
+    )
     for cut in cut_shards(items, shard_size=size, sort_window=sort_window, max_chars=max_chars):
         pending.append(
             {

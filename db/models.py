@@ -23,6 +23,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -249,6 +250,17 @@ class Shard(Base):
 
 class ItemResult(Base):
     __tablename__ = "item_results"
+    __table_args__ = (
+        # A job's failed items, paged on its console page (db.results.failed_page): only failed rows are in it, so a
+        # page of them costs its rows even when a 100,000-item job has one failure at the end.
+        Index(
+            "ix_item_results_failed",
+            "job_id",
+            "index",
+            postgresql_where=text("error IS NOT NULL"),
+            sqlite_where=text("error IS NOT NULL"),
+        ),
+    )
 
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
     index: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -271,6 +283,10 @@ class ShardCost(Base):
     device: Mapped[str] = mapped_column(String(16), primary_key=True)  # torch's device type: cpu, cuda, mps
     seconds_per_item: Mapped[float] = mapped_column(Float)
     measured_items: Mapped[int] = mapped_column(BigInteger, default=0)  # over all its samples
+    # What those items were, smoothed the same way: a new job unlike them (longer texts, more labels) gets smaller
+    # shards, so a cheap workload measured by one tenant cannot make another tenant's expensive job's shards huge.
+    chars_per_item: Mapped[float] = mapped_column(Float, server_default="0")
+    labels_per_item: Mapped[float] = mapped_column(Float, server_default="1")
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -412,3 +428,34 @@ class WebhookAttempt(Base):
     status_code: Mapped[int | None] = mapped_column(Integer)
     latency_ms: Mapped[float | None] = mapped_column(Float)
     error: Mapped[str | None] = mapped_column(Text)  # what went wrong, for the tenant: no traceback
+
+
+class ConsoleSession(Base):
+    """A signed-in web console (/ui): the cookie holds a random token, this row only its sha256. It stands for the
+    API key that signed in, and ends with it (revoked or expired), on sign-out, when idle and at its absolute end."""
+
+    __tablename__ = "console_sessions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    api_key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), index=True)
+    # The synchronizer token every form that changes something carries back (compared in constant time).
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Written at most once a minute per session (a write per page view would cost more than the page).
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime]  # the absolute end, whatever the activity
+    ended_at: Mapped[datetime | None]  # signed out
+
+
+class ConsoleSignInLink(Base):
+    """A one-time sign-in link (`lmbatch demo` prints one): its token hashed, used once, short-lived."""
+
+    __tablename__ = "console_sign_in_links"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    api_key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime]
+    used_at: Mapped[datetime | None]

@@ -10,3 +10,8 @@ from sqlalchemy import ColumnElement
 def listed_after(model: Any, anchor: Any) -> ColumnElement[bool]:
     """Rows that come after `anchor` in newest-first order; ties on created_at are broken by id."""
     return (model.created_at < anchor.created_at) | ((model.created_at == anchor.created_at) & (model.id < anchor.id))
+
+
+def listed_before(model: Any, anchor: Any) -> ColumnElement[bool]:
+    """Rows that come before `anchor` in newest-first order (newer ones): the page a "newer" link shows."""
+    return (model.created_at > anchor.created_at) | ((model.created_at == anchor.created_at) & (model.id > anchor.id))

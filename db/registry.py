@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVarTuple
 
-from sqlalchemy import Select, delete, exists, func, or_, select
+from sqlalchemy import Select, delete, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -194,6 +194,14 @@ def headline(rows: Sequence[ModelVersion], viewer: Viewer) -> ModelVersion:
     return _meaning(rows, viewer) or rows[-1]
 
 
+def _headlines(rows: Iterable[ModelVersion], viewer: Viewer) -> list[ModelVersion]:
+    """Each name's headline version among `rows` (ordered by name, then version)."""
+    by_name: dict[str, list[ModelVersion]] = {}
+    for row in rows:
+        by_name.setdefault(row.name, []).append(row)
+    return [headline(group, viewer) for group in by_name.values()]
+
+
 def listed_versions(session: Session, *, viewer: Viewer) -> list[ModelVersion]:
     """Every model name the viewer sees, each at its headline version, by name."""
     rows = session.scalars(
@@ -201,10 +209,48 @@ def listed_versions(session: Session, *, viewer: Viewer) -> list[ModelVersion]:
             ModelVersion.name, ModelVersion.version
         )
     )
-    by_name: dict[str, list[ModelVersion]] = {}
-    for row in rows:
-        by_name.setdefault(row.name, []).append(row)
-    return [headline(group, viewer) for group in by_name.values()]
+    return _headlines(rows, viewer)
+
+
+def listed_page(
+    session: Session, *, viewer: Viewer, limit: int, after: str | None = None, before: str | None = None
+) -> list[ModelVersion]:
+    """A page of listed_versions, by name: up to `limit` model names after the name `after`, or the `limit` just
+    before the name `before`, each at its headline version."""
+    names = _visible(select(ModelVersion.name).where(ModelVersion.deleted_at.is_(None)), viewer).distinct()
+    if before is not None:
+        names = names.where(ModelVersion.name < before).order_by(ModelVersion.name.desc())
+    else:
+        names = names.where(ModelVersion.name > (after or "")).order_by(ModelVersion.name)
+    page = list(session.scalars(names.limit(limit)))
+    if not page:
+        return []
+    rows = session.scalars(
+        _visible(
+            select(ModelVersion).where(ModelVersion.deleted_at.is_(None), ModelVersion.name.in_(page)), viewer
+        ).order_by(ModelVersion.name, ModelVersion.version)
+    )
+    return _headlines(rows, viewer)
+
+
+def visible_versions(session: Session, *, ids: Iterable[int], viewer: Viewer) -> dict[int, ModelVersion]:
+    """The versions among `ids` the viewer sees, deleted ones included (a lineage names its parent after it
+    went), by id."""
+    wanted = set(ids)
+    if not wanted:
+        return {}
+    rows = session.scalars(_visible(select(ModelVersion).where(ModelVersion.id.in_(wanted)), viewer))
+    return {row.id: row for row in rows}
+
+
+def derived_versions(session: Session, *, parent_ids: Iterable[int], viewer: Viewer, limit: int) -> list[ModelVersion]:
+    """Live versions made from any of `parent_ids` (fine-tuned or quantized from them) that the viewer sees,
+    oldest first, at most `limit`."""
+    wanted = set(parent_ids)
+    if not wanted:
+        return []
+    query = select(ModelVersion).where(ModelVersion.parent_id.in_(wanted), ModelVersion.deleted_at.is_(None))
+    return list(session.scalars(_visible(query, viewer).order_by(ModelVersion.id).limit(limit)))
 
 
 def aliases_by_version(session: Session, *, name: str, viewer: Viewer) -> dict[int, list[str]]:
@@ -314,6 +360,16 @@ def register_version(
 def version_exists(session: Session, *, name: str, version: int) -> bool:
     """Whether `name@version` was ever registered: a deleted version keeps its number, which is never reused."""
     return bool(session.scalar(select(exists().where(ModelVersion.name == name, ModelVersion.version == version))))
+
+
+def record_missing_size(session: Session, *, name: str, version: int, size: int) -> None:
+    """Give `name@version` its size on disk where it has none (a built-in registered before sizes were kept): what
+    a fine-tune or quantization of it reserves of its tenant's storage quota while it runs (db/tenant_limits.py)."""
+    session.execute(
+        update(ModelVersion)
+        .where(ModelVersion.name == name, ModelVersion.version == version, ModelVersion.bytes.is_(None))
+        .values(bytes=size)
+    )
 
 
 def version_made_by(session: Session, *, job_id: str) -> ModelVersion | None:

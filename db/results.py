@@ -159,6 +159,19 @@ def result_page(session: Session, *, job_id: str, offset: int, limit: int) -> li
     )
 
 
+def failed_page(session: Session, *, job_id: str, after: int, limit: int) -> list[ItemResult]:
+    """A job's failed items in index order, those after index `after` (-1: from the first), through the partial
+    index of failed results: a page costs its rows, however many items the job has."""
+    return list(
+        session.scalars(
+            select(ItemResult)
+            .where(ItemResult.job_id == job_id, ItemResult.error.is_not(None), ItemResult.index > after)
+            .order_by(ItemResult.index)
+            .limit(limit)
+        )
+    )
+
+
 def iter_results(session: Session, *, job_id: str, chunk: int = 1000) -> Iterator[ItemResult]:
     """All results in input order, read in keyset chunks so a million rows never sit in memory."""
     next_index = 0

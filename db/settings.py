@@ -64,10 +64,18 @@ class Settings(BaseSettings):
     tenant_weight: float = Field(1.0, gt=0, le=1000)
     max_running_shards_per_tenant: int = Field(0, ge=0)
     max_concurrent_finetunes_per_tenant: int = Field(2, ge=0)
+    # A quantization holds a whole model twice in a worker's memory (fp32 and int8) for a minute or two: one at a
+    # time per tenant, the rest wait their turn.
+    max_concurrent_quantizations_per_tenant: int = Field(1, ge=0)
     batch_size: int = Field(32, ge=1, le=4096)
     # Generation on the CPU: padded positions (rows x (prompt + new tokens)) per batch, so long prompts go in
-    # smaller batches. On a GPU the budget comes from free memory instead (workers/engines/generate.py).
-    generate_batch_tokens: int = Field(6144, ge=1)
+    # smaller batches. On a GPU the budget comes from free memory instead (workers/engines/generate.py). Sized for
+    # the compact decoder, whose decode step costs mostly a fixed pass over the weights: on SmolLM2, one thread,
+    # 64 chat prompts of 34-250 tokens with answers of up to 256, 6,144 let ~12 rows in (9.5 per step on average,
+    # 0.46 items/s) and 16,384 fills the 32 rows (17.8 per step as batches drain, 0.90 items/s: 1.97x), the same
+    # tokens. Its memory: SmolLM2's fp32 keys and values take 2 x 30 layers x 3 heads x 64 x 4 B = 45 KiB a
+    # position, 720 MiB for 16,384 (the decoder reserves batch_size rows of widest prompt + new tokens anyway).
+    generate_batch_tokens: int = Field(16384, ge=1)
     max_new_tokens_cap: int = Field(4096, ge=1)
 
     # Caps on every input, checked at the door (a 400 or 413 naming the field). Jobs accepted earlier keep the
@@ -145,6 +153,9 @@ class Settings(BaseSettings):
     flower_state_file: Path = Path("./var/flower.db")
     # Flower listens on loopback unless told otherwise: it can cancel any tenant's tasks.
     flower_host: str = "127.0.0.1"
+    # Where an operator's browser reaches Flower: the console's admin page links to it. The default is where
+    # `lmbatch up` starts it; behind a proxy, set the proxy's address.
+    flower_url: str = "http://127.0.0.1:5555/"
     # `/metrics` answers only a request carrying `Authorization: Bearer <metrics_token>` (Prometheus's
     # `authorization` scrape setting); empty: `/metrics` is closed.
     metrics_token: str = ""
@@ -164,6 +175,15 @@ class Settings(BaseSettings):
     # API.
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+
+    # The web console (/ui). A session signed in with an API key ends after this long without a page view (counted
+    # to the minute: a session's last view is written at most once a minute) and, whatever the activity, this long
+    # after it began; and at once when its key is revoked or expires.
+    console_idle_seconds: int = Field(1800, ge=60, le=30 * 24 * 3600)
+    console_session_seconds: int = Field(12 * 3600, ge=60, le=90 * 24 * 3600)
+    # The session cookie's Secure flag. None: when the request came over https, as uvicorn sees it (behind a TLS
+    # proxy on another host, uvicorn must trust its X-Forwarded-Proto: FORWARDED_ALLOW_IPS), or set it true.
+    console_secure_cookie: bool | None = None
 
     @field_validator("worker_kinds")
     @classmethod

@@ -17,6 +17,7 @@ written before sorting existed) is at ``shard.start + its offset``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,10 @@ from typing import Any
 # max_new_tokens and where it stops: an estimate may shrink generation shards (a slow model), never grow them past
 # shard_size, so a shard stays short enough to re-run after a lost worker and to leave room to other tenants.
 GROWING_KINDS = ("classify", "embed")
+# A grown shard's text: at most this many times the estimate's measured characters per item (and never counting an
+# item as shorter than MIN_MEASURED_CHARS, so an estimate made on one-character texts still admits real ones).
+CHARS_SLACK = 2.0
+MIN_MEASURED_CHARS = 16.0
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,15 @@ class ShardSizing:
         floor = min(self.default, self.batch_size)
         ceiling = max(self.max_items, self.default) if kind in GROWING_KINDS else self.default
         return max(floor, min(ceiling, int(self.target_seconds / seconds_per_item)))
+
+    def max_chars_for(self, kind: str, size: int, *, chars_per_item: float) -> int:
+        """Characters of text per shard of ``size`` items sized from an estimate that measured ``chars_per_item``:
+        a shard grown past `shard_size` holds at most ``CHARS_SLACK`` times the measured text per item, so a job of
+        longer texts than the estimate's (another tenant's, say) gets proportionally fewer items a shard."""
+        if kind not in GROWING_KINDS or size <= self.default:
+            return self.max_chars
+        measured = max(chars_per_item, MIN_MEASURED_CHARS)
+        return max(1, min(self.max_chars, math.ceil(size * measured * CHARS_SLACK)))
 
     @property
     def max_chars(self) -> int:
@@ -100,16 +114,17 @@ def item_index(item: dict[str, Any], *, shard_start: int, offset: int) -> int:
 
 def length_hint(item: dict[str, Any]) -> int:
     """Characters of text in an item's input: a tokenizer-free stand-in for its token count."""
-    return _text_length(item.get("input"))
+    return text_length(item.get("input"))
 
 
-def _text_length(value: Any) -> int:
+def text_length(value: Any) -> int:
+    """Characters of text in a JSON value: its strings', at any depth."""
     if isinstance(value, str):
         return len(value)
     if isinstance(value, dict):
-        return sum(_text_length(v) for v in value.values())
+        return sum(text_length(v) for v in value.values())
     if isinstance(value, list):
-        return sum(_text_length(v) for v in value)
+        return sum(text_length(v) for v in value)
     return 0
 
 

@@ -15,7 +15,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from db.files import live as live_file
-from db.models import ModelVersion, StoredFile, Tenant
+from db.jobs import ACTIVE_JOB_STATES
+from db.models import Job, ModelVersion, StoredFile, Tenant
+from db.names import MODEL_MAKING_KINDS
 from db.settings import Settings
 
 
@@ -88,7 +90,8 @@ def all_tenants(session: Session) -> list[Tenant]:
 
 
 def stored_bytes(session: Session, *, tenant_id: int) -> int:
-    """What the tenant stores now: its live files (uploaded and produced) and its own live model versions."""
+    """What the tenant stores now: its live files (uploaded and produced) and its own live model versions, and what
+    its model-making jobs under way will store."""
     files = session.scalar(
         select(func.coalesce(func.sum(StoredFile.bytes), 0)).where(StoredFile.tenant_id == tenant_id, live_file())
     )
@@ -97,4 +100,16 @@ def stored_bytes(session: Session, *, tenant_id: int) -> int:
             ModelVersion.owner_tenant_id == tenant_id, ModelVersion.deleted_at.is_(None)
         )
     )
-    return int(files or 0) + int(models or 0)
+    # A fine-tune or quantization under way will store a version about its parent's size: counted from the start,
+    # so that many accepted at once cannot each pass the quota that only the first one fits.
+    promised = session.scalar(
+        select(func.coalesce(func.sum(ModelVersion.bytes), 0))
+        .join(Job, Job.model_version_id == ModelVersion.id)
+        .where(
+            Job.tenant_id == tenant_id,
+            Job.kind.in_(MODEL_MAKING_KINDS),
+            Job.status.in_(ACTIVE_JOB_STATES),
+            Job.result_model.is_(None),
+        )
+    )
+    return int(files or 0) + int(models or 0) + int(promised or 0)

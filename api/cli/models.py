@@ -147,14 +147,7 @@ def models_quantize(
         body["check"] = check
     with connect(url, api_key) as client:
         job = client.quantize_model(ref, body)
-        out.print(job["id"])
-        if not wait:
-            return
-        job = follow_finetune(client, job, console=err)
-    if job["status"] != "succeeded":
-        raise CliError(f"job {job['id']} {job['status']}{job_error(job)}")
-    err.print(f"job {job['id']} succeeded: the int8 version is {job['model_version']}")
-    out.print(job["model_version"] or "-")  # the last line on stdout, for scripts: `… | tail -n 1`
+        _follow_model_job(client, job, wait=wait, made="the int8 version")
 
 
 # ---------------------------------------------------------------------------------------------- finetune
@@ -250,11 +243,16 @@ def finetune(
                 with path.open("rb") as handle:
                     body[field] = client.upload_file(handle, filename=path.name, purpose="fine-tune")["id"]
         job = client.create_job(body)
-        out.print(job["id"])
-        if not wait:
-            return
-        job = follow_finetune(client, job, console=err)
+        _follow_model_job(client, job, wait=wait, made="the new model version")
+
+
+def _follow_model_job(client: Client, job: dict[str, Any], *, wait: bool, made: str) -> None:
+    """Print a model-making job's id; with ``wait``, follow it to its end and print the version it registered."""
+    out.print(job["id"])
+    if not wait:
+        return
+    job = follow_finetune(client, job, console=err)
     if job["status"] != "succeeded":
         raise CliError(f"job {job['id']} {job['status']}{job_error(job)}")
-    err.print(f"job {job['id']} succeeded: the new model version is {job['model_version']}")
+    err.print(f"job {job['id']} succeeded: {made} is {job['model_version']}")
     out.print(job["model_version"] or "-")  # the last line on stdout, for scripts: `… | tail -n 1`

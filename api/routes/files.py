@@ -7,9 +7,6 @@ it is refused with `file_expired` rather than `file_not_found`.
 
 from __future__ import annotations
 
-import hashlib
-import os
-import tempfile
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -18,11 +15,12 @@ from fastapi import APIRouter, Form, Query, UploadFile
 from fastapi.responses import FileResponse, JSONResponse
 
 from api.deps import CurrentPrincipal, SessionDep, SessionsDep, SettingsDep
-from api.errors import BadRequest, NotFound, PayloadTooLarge
+from api.errors import BadRequest, NotFound
 from api.idempotency import IdempotentPostDep, upload_fingerprint
 from api.schemas.common import MAX_EXPIRY_SECONDS, MIN_EXPIRY_SECONDS
 from api.schemas.files import FileDeleted, FileList, FilePublic, FilePurpose
 from api.services.intake import check_stored_bytes, file_expired
+from api.services.uploads import store_upload
 from db import files as file_repo
 from db.models import new_id, utcnow
 from db.session import transaction
@@ -31,8 +29,6 @@ if TYPE_CHECKING:
     from db.models import StoredFile
 
 router = APIRouter(tags=["files"])
-
-CHUNK = 1024 * 1024
 
 
 @router.post("/files", response_model=FilePublic)
@@ -55,7 +51,7 @@ def upload_file(
     settings.files_dir.mkdir(parents=True, exist_ok=True)
     file_id = new_id("file")
     target = settings.files_dir / file_id
-    size, lines, digest = _store(
+    size, lines, digest = store_upload(
         file, target, max_bytes=settings.max_request_bytes, max_line_bytes=settings.max_line_bytes
     )
     if size == 0:
@@ -104,52 +100,6 @@ def _lifetime(anchor: str | None, seconds: int | None) -> timedelta | None:
         message = f"expires_after[seconds] is required: {MIN_EXPIRY_SECONDS} to {MAX_EXPIRY_SECONDS}"
         raise BadRequest(message, param="expires_after[seconds]", code="invalid_expires_after")
     return timedelta(seconds=seconds)
-
-
-def _store(upload: UploadFile, target: Path, *, max_bytes: int, max_line_bytes: int) -> tuple[int, int, str]:
-    """Stream the upload to disk (never whole in memory) and move it into place only when complete,
-    so a crash leaves at most an unreferenced temp file. A line over `max_line_bytes` refuses the upload as soon
-    as it passes the limit, whatever chunk it spans."""
-    digest = hashlib.sha256()
-    size = lines = 0
-    line_bytes = 0  # of the line being read, so far (its newline left out)
-    last = b"\n"
-    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".upload-", delete=False) as out:
-        try:
-            while chunk := upload.file.read(CHUNK):
-                size += len(chunk)
-                if size > max_bytes:
-                    raise PayloadTooLarge(
-                        f"file over the limit of {max_bytes} bytes", param="file", code="file_too_large"
-                    )
-                line_bytes = _check_line_lengths(chunk, line_bytes, first_line=lines + 1, max_bytes=max_line_bytes)
-                digest.update(chunk)
-                lines += chunk.count(b"\n")
-                last = chunk[-1:]
-                out.write(chunk)
-        except BaseException:
-            out.close()
-            os.unlink(out.name)
-            raise
-    if last != b"\n":
-        lines += 1
-    os.replace(out.name, target)
-    return size, lines, digest.hexdigest()
-
-
-def _check_line_lengths(chunk: bytes, carried: int, *, first_line: int, max_bytes: int) -> int:
-    """Refuse a line of ``chunk`` longer than ``max_bytes`` (its first piece continues a line of ``carried``
-    bytes, numbered ``first_line``); returns the bytes of the line still open at the chunk's end."""
-    pieces = chunk.split(b"\n")
-    lengths = [carried + len(pieces[0]), *map(len, pieces[1:])]
-    if max(lengths) > max_bytes:
-        number = first_line + next(i for i, length in enumerate(lengths) if length > max_bytes)
-        raise PayloadTooLarge(
-            f"file: line {number} is over the limit of {max_bytes} bytes per line (max_line_bytes)",
-            param="file",
-            code="line_too_long",
-        )
-    return lengths[-1]
 
 
 @router.get("/files", response_model=FileList)

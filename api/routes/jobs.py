@@ -107,12 +107,14 @@ def _accept_job(
         params, items = accepted.params, accepted.items
     else:
         params = intake.validate_params(kind=body.kind, params=body.params, version=version, settings=settings)
+        # An item may ask for fewer new tokens than the job, never more: the job's value is the ceiling it was sized by.
+        job_max_new_tokens = params.get("max_new_tokens")
         if body.inputs is not None:
-            items = intake.items_from_request(body.kind, body.inputs, settings)
+            items = intake.items_from_request(body.kind, body.inputs, settings, max_new_tokens=job_max_new_tokens)
         else:
             assert body.input_file_id is not None
             stored = input_file(session, principal, body.input_file_id, param="input_file_id")
-            items = intake.items_from_file(body.kind, stored, settings)
+            items = intake.items_from_file(body.kind, stored, settings, max_new_tokens=job_max_new_tokens)
     order = JobOrder(
         tenant_id=principal.tenant_id,
         kind=body.kind,

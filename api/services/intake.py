@@ -27,16 +27,22 @@ if TYPE_CHECKING:
 ZERO_SHOT_TASKS = ("encoder", "causal-lm")
 
 
-def resolve_model(session: Session, *, ref: str, kind: str, viewer: Viewer) -> ModelVersion:
+def visible_version(session: Session, *, ref: str, viewer: Viewer, param: str) -> ModelVersion:
     """The version `ref` names for the caller; another tenant's model is the same 404 as a missing one."""
     try:
         version = resolve(session, ref, viewer=viewer)
     except InvalidModelRef as error:
-        raise BadRequest(str(error), param="model", code="invalid_model_ref") from error
+        raise BadRequest(str(error), param=param, code="invalid_model_ref") from error
     if version is None:
         raise NotFound(
-            f"no model {ref!r} in the registry (GET /v1/models lists them)", param="model", code="model_not_found"
+            f"no model {ref!r} in the registry (GET /v1/models lists them)", param=param, code="model_not_found"
         )
+    return version
+
+
+def resolve_model(session: Session, *, ref: str, kind: str, viewer: Viewer) -> ModelVersion:
+    """The version `ref` names for the caller, which must be able to do `kind` jobs."""
+    version = visible_version(session, ref=ref, viewer=viewer, param="model")
     if kind not in version.kinds:
         raise BadRequest(
             f"model {ref!r} cannot do {kind!r} jobs; it can do {', '.join(version.kinds)}",
@@ -79,11 +85,11 @@ def validate_params(*, kind: str, params: dict[str, Any], version: ModelVersion,
     return clean
 
 
-def _shard_item(kind: str, raw: Any, where: str, caps: InputCaps) -> dict[str, Any]:
+def _shard_item(kind: str, raw: Any, where: str, caps: InputCaps, max_new_tokens: int | None) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise BadRequest(f"{where}: an item must be a JSON object", param=where, code="invalid_item")
     try:
-        item = parse_item(kind, raw, caps=caps)
+        item = parse_item(kind, raw, caps=caps, max_new_tokens=max_new_tokens)
     except InvalidItem as error:
         code = LIMIT_EXCEEDED if error.over_limit else "invalid_item"
         raise BadRequest(f"{where}: {error}", param=where, code=code) from error
@@ -91,20 +97,33 @@ def _shard_item(kind: str, raw: Any, where: str, caps: InputCaps) -> dict[str, A
     return {"custom_id": custom_id, "input": item}
 
 
-def items_from_request(kind: str, inputs: list[dict[str, Any]], settings: Settings) -> list[dict[str, Any]]:
+def items_from_request(
+    kind: str, inputs: list[dict[str, Any]], settings: Settings, *, max_new_tokens: int | None = None
+) -> list[dict[str, Any]]:
+    """The request's items as shard items; an item asking for more new tokens than the job's ``max_new_tokens`` is
+    refused with the rest of the bad ones."""
     if not inputs:
         raise BadRequest("inputs: give at least one item", param="inputs", code="empty_inputs")
     _check_count(len(inputs), settings, param="inputs")
     caps = input_caps(settings)
-    return [_shard_item(kind, raw, f"inputs[{i}]", caps) for i, raw in enumerate(inputs)]
+    return [_shard_item(kind, raw, f"inputs[{i}]", caps, max_new_tokens) for i, raw in enumerate(inputs)]
 
 
-def items_from_file(kind: str, stored: StoredFile, settings: Settings) -> Iterator[dict[str, Any]]:
+def items_from_file(
+    kind: str, stored: StoredFile, settings: Settings, *, max_new_tokens: int | None = None
+) -> Iterator[dict[str, Any]]:
     """Read a JSONL input file line by line, yielding shard items; a bad line is refused with its (1-based)
     line number. A generator: the caller streams it into shard rows inside its transaction."""
+    return items_from_path(kind, Path(stored.storage_path), settings, max_new_tokens=max_new_tokens)
+
+
+def items_from_path(
+    kind: str, path: Path, settings: Settings, *, max_new_tokens: int | None = None
+) -> Iterator[dict[str, Any]]:
+    """items_from_file for JSONL bytes at `path` that no file row names (the console's upload of a new job)."""
     count = 0
     caps = input_caps(settings)
-    for number, line in _lines(Path(stored.storage_path), max_line_bytes=settings.max_line_bytes):
+    for number, line in _lines(path, max_line_bytes=settings.max_line_bytes):
         if not line.strip():
             continue
         try:
@@ -115,7 +134,7 @@ def items_from_file(kind: str, stored: StoredFile, settings: Settings) -> Iterat
             ) from error
         count += 1
         _check_count(count, settings, param="input_file_id")
-        yield _shard_item(kind, raw, f"input_file_id: line {number}", caps)
+        yield _shard_item(kind, raw, f"input_file_id: line {number}", caps, max_new_tokens)
 
 
 def require_items(total: int) -> None:

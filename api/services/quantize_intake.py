@@ -3,8 +3,9 @@ version it makes, and the owner's storage quota. The work itself is a `quantize`
 (workers/shards/quantize_runner.py); the API never imports torch.
 
 Tenancy mirrors fine-tunes: a tenant quantizes any model it may use (the catalogue's, its own), and the new version
-goes under its namespace, owned by it. An admin may also name a bare (catalogue) model, which puts the version in
-the shared catalogue, as an admin's `POST /v1/models` does.
+goes under its namespace, owned by it. An admin may also give a catalogue model's version a bare name, which puts
+it in the shared catalogue, as an admin's `POST /v1/models` does (never a tenant's own model's: that would publish
+it).
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from api.errors import BadRequest, NotFound
-from api.services.intake import check_stored_bytes
-from db.registry import InvalidModelRef, base_name, is_model_name, namespace_of, resolve, tenant_model_name
+from api.errors import BadRequest
+from api.services.intake import check_stored_bytes, visible_version
+from db.registry import base_name, is_model_name, namespace_of, tenant_model_name
 from workers.models.quantize_params import QuantizeParams
 from workers.models.store import TASKS, directory_bytes
 
@@ -55,15 +56,7 @@ def accept_quantize(
 
 
 def _parent(session: Session, ref: str, principal: Principal) -> ModelVersion:
-    try:
-        version = resolve(session, ref, viewer=principal)
-    except InvalidModelRef as error:
-        raise BadRequest(str(error), param="ref", code="invalid_model_ref") from error
-    if version is None:
-        # The same answer for a model that does not exist and one the caller may not see.
-        raise NotFound(
-            f"no model {ref!r} in the registry (GET /v1/models lists them)", param="ref", code="model_not_found"
-        )
+    version = visible_version(session, ref=ref, viewer=principal, param="ref")
     if version.params.get("quantization"):
         method = version.params["quantization"].get("method", "int8")
         raise BadRequest(
@@ -83,6 +76,14 @@ def _output_name(requested: str | None, *, parent: ModelVersion, principal: Prin
                 f"output_name: {requested!r} is not a model name (lowercase letters, digits, '.', '_' and '-')",
                 param="output_name",
                 code="invalid_output_name",
+            )
+        if parent.owner_tenant_id is not None:
+            # The catalogue is every tenant's: a tenant's private model (and its weights) must not enter it.
+            raise BadRequest(
+                f"output_name: a bare name puts the version in the shared catalogue, and {parent.name} is a tenant's "
+                "own model: leave output_name out, or give a name in your own namespace",
+                param="output_name",
+                code="private_parent",
             )
         return requested  # an admin's bare name: the shared catalogue's
     default = f"{base_name(parent.name)[: 100 - len(principal.namespace) - 1 - len(DEFAULT_SUFFIX)]}{DEFAULT_SUFFIX}"

@@ -37,6 +37,17 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], int, str]] = [
     ("unknown param", {**GOOD_CLASSIFY, "params": {"labels": ["a", "b"], "temperature": 1}}, 400, "params.temperature"),
     ("zero-shot without labels", {**GOOD_CLASSIFY, "params": {}}, 400, "params.labels"),
     ("unknown kind", {**GOOD_CLASSIFY, "kind": "summarize"}, 400, "kind"),
+    (
+        "an item asking for more new tokens than its job",
+        {
+            "kind": "generate",
+            "model": "smollm2-135m-instruct",
+            "inputs": [{"prompt": "a", "max_new_tokens": 8}, {"prompt": "b", "max_new_tokens": 33}],
+            "params": {"max_new_tokens": 32},
+        },
+        400,
+        "inputs[1]",
+    ),
     ("both sources", {**GOOD_CLASSIFY, "input_file_id": "file-x"}, 400, "body"),
     ("negative priority", {**GOOD_CLASSIFY, "priority": -1}, 400, "priority"),
     (

@@ -9,9 +9,11 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
+from db.models import ModelVersion
 from db.registry import register_version
 from db.session import transaction
 from db.settings import Settings
@@ -118,6 +120,43 @@ def test_an_admin_bare_name_puts_the_version_in_the_catalogue(door: Any) -> None
     assert shared.json()["params"]["output_name"] == f"{SMOLLM2}-int8"
     # Without a name, an admin's version goes under its own namespace, as a fine-tune's would.
     assert quantize(client, admin, SMOLLM2).json()["params"]["output_name"] == f"ops/{SMOLLM2}-int8"
+
+
+def test_an_admin_cannot_publish_a_tenants_own_model_under_a_bare_name(
+    door: Any, db_with_builtins: sessionmaker[Session]
+) -> None:
+    client, admin, _, _ = door
+    # Given acme's own model (an fp32 one: its int8 sibling cannot be quantized again)
+    with transaction(db_with_builtins) as session:
+        owner = get_or_create_tenant(session, name="acme")
+        session.flush()
+        register_version(
+            session, name="acme/secret", owner_tenant_id=owner.id, task="causal-lm", kinds=["generate"],
+            artifact_uri="/nowhere", sha256="0" * 64, params={"base": f"{SMOLLM2}@1"}, source="finetune:job-x",
+        )  # fmt: skip
+    # I expect an admin's bare name for its int8 version refused, naming the field, and no job made
+    refused = quantize(client, admin, "acme/secret@1", output_name="secret-int8")
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"]["param"] == "output_name" and refused.json()["error"]["code"] == "private_parent"
+    assert client.get("/v1/jobs", headers=admin).json()["data"] == []
+    # while the default name, in the admin's own namespace, goes through
+    accepted = quantize(client, admin, "acme/secret@1")
+    assert accepted.status_code == 202 and accepted.json()["params"]["output_name"] == "ops/secret-int8"
+
+
+def test_quantizations_under_way_count_against_the_storage_quota(
+    door: Any, db_with_builtins: sessionmaker[Session]
+) -> None:
+    client, _, acme, _ = door
+    # Given acme with quota for one int8 SmolLM2 (the built-in's size on disk), and nothing stored yet
+    first = quantize(client, acme, SMOLLM2)
+    assert first.status_code == 202, first.text
+    with transaction(db_with_builtins) as session:
+        size = session.scalar(select(ModelVersion.bytes).where(ModelVersion.name == SMOLLM2))
+        assert size and set_overrides(session, tenant_name="acme", values={"max_stored_bytes": size + 1024})
+    # I expect a second one refused while the first is under way: it would store as much again
+    second = quantize(client, acme, SMOLLM2, output_name="again")
+    assert second.status_code == 413 and second.json()["error"]["code"] == "storage_quota_exceeded"
 
 
 def test_another_tenant_can_neither_see_nor_quantize_a_tenants_int8_version(

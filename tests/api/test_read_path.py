@@ -190,13 +190,13 @@ def test_an_upload_holds_no_connection_while_its_bytes_are_stored(
 
     engine = api.app.state.engine  # type: ignore[attr-defined]
     held: list[int] = []
-    store = files._store
+    store = files.store_upload
 
     def watched_store(*args: Any, **kwargs: Any) -> Any:
         held.append(engine.pool.checkedout())
         return store(*args, **kwargs)
 
-    monkeypatch.setattr(files, "_store", watched_store)
+    monkeypatch.setattr(files, "store_upload", watched_store)
     # When a tenant uploads a file (a route that does not read through the request session)
     file_id = upload(api, tenant_a, [{"text": "hi"}], purpose="batch")
     # Then the connection its key was checked on was back in the pool while the bytes went to disk (a large upload

@@ -47,6 +47,7 @@ REGISTRY = {
     "writes": "writes:bench_writes",
     "ft-step": "finetune_step:bench_ft_step",
     "quant": "quantization:bench_quant",
+    "console": "console_pages:bench_console",
 }
 IDS = tuple(REGISTRY)
 # What runs on torch and transformers alone.

@@ -29,8 +29,11 @@ from db.tenants import get_or_create_tenant
 from tests.factories import add_model_row, make_job
 from tests.servers import create_postgres_database, drop_postgres_database, postgres_available
 from tests.stack import require
+from workers.engines.types import EngineItem
+from workers.models.versions import VersionInfo
 from workers.shards.recording import record_shard_end
-from workers.shards.work import Tally
+from workers.shards.runner import cost_sample
+from workers.shards.work import ShardWork, Tally
 
 SIZING = ShardSizing(default=16, target_seconds=2.0, max_items=100, batch_size=8, max_item_chars=1_000)
 
@@ -43,13 +46,28 @@ def _record(sessions: sessionmaker[Session], version_id: int, seconds_per_item: 
         record_cost(session, sample=sample)
 
 
+def _record_shaped(
+    sessions: sessionmaker[Session], version_id: int, seconds_per_item: float, *, chars: float, labels: float
+) -> None:
+    sample = CostSample(version_id, "classify", "cpu", 200, seconds_per_item * 200, chars, labels)
+    with transaction(sessions) as session:
+        record_cost(session, sample=sample)
+
+
 def _estimate(sessions: sessionmaker[Session], version_id: int, kind: str = "classify") -> float | None:
     with sessions() as session:
         return seconds_per_item(session, model_version_id=version_id, kind=kind)
 
 
 def _shard_sizes(
-    sessions: sessionmaker[Session], version_id: int, sizing: int | ShardSizing, *, items: int, kind: str = "classify"
+    sessions: sessionmaker[Session],
+    version_id: int,
+    sizing: int | ShardSizing,
+    *,
+    items: int,
+    kind: str = "classify",
+    text: str = "text",
+    labels: int = 0,
 ) -> list[int]:
     """The item counts of the shards a new job gets; rolled back, so no dispatcher ever sees the job."""
     with sessions() as session:
@@ -59,8 +77,8 @@ def _shard_sizes(
             kind=kind,
             model_ref="m",
             model_version_id=version_id,
-            params={},
-            items=[{"custom_id": f"c{i}", "input": {"text": f"text {i}"}} for i in range(items)],
+            params={"labels": [f"label {n}" for n in range(labels)]} if labels else {},
+            items=[{"custom_id": f"c{i}", "input": {"text": f"{text} {i}"}} for i in range(items)],
             shard_size=sizing,
             sort_window=2,
         )
@@ -90,6 +108,34 @@ def test_the_estimate_sizes_the_next_jobs_shards_within_bounds(empty_db: session
     _record(empty_db, version.id, 0.05, 200, kind="generate")
     assert _shard_sizes(empty_db, version.id, SIZING, items=48, kind="generate") == [16, 16, 16]
     assert _shard_sizes(empty_db, version.id, SIZING, items=48, kind="embed") == [16, 16, 16]
+
+
+def test_a_job_unlike_the_measured_items_gets_smaller_shards_never_larger(empty_db: sessionmaker[Session]) -> None:
+    # Given an estimate measured on cheap items: short texts (12 characters) with 2 labels, 0.01 s each, so 2 s of
+    # work would be 200 items, capped at max_items (100)
+    version = add_model_row(empty_db, "m")
+    _record_shaped(empty_db, version.id, 0.01, chars=12, labels=2)
+    assert _shard_sizes(empty_db, version.id, SIZING, items=200, labels=2) == [100, 100]
+    # Expect a job with 20 labels an item (10 times the measured) to get a tenth of the items a shard
+    assert _shard_sizes(empty_db, version.id, SIZING, items=40, labels=20) == [20, 20]
+    # and a job of 300-character texts to hold at most twice the measured text (16 characters counted at least) per
+    # item: 100 items x 16 x 2 = 3,200 characters, 10 items a shard
+    sizes = _shard_sizes(empty_db, version.id, SIZING, items=40, text="x" * 300)
+    assert sum(sizes) == 40 and max(sizes) <= 3_200 // 300
+    # while fewer labels than measured never grow a shard past what the estimate gives
+    assert _shard_sizes(empty_db, version.id, SIZING, items=200, labels=1) == [100, 100]
+
+
+def test_a_shard_of_refused_items_records_no_cost() -> None:
+    # Given a shard whose every item failed at once (an empty text costs nothing to refuse)
+    work = ShardWork(
+        shard_id=1, job_id="job_x", tenant_id=1, kind="classify", params={"labels": ["a", "b", "c"]}, attempts=1,
+        items=[EngineItem(0, None, {"text": ""}), EngineItem(1, None, {"text": "four"})],
+        version=VersionInfo(7, "m@1", "encoder", ("classify",), "/nowhere", "0" * 64),
+    )  # fmt: skip
+    # Expect no sample from it, and a sample of the succeeded items alone, with their text and labels, otherwise
+    assert cost_sample(work, device="cpu", succeeded=0, seconds=0.5) is None
+    assert cost_sample(work, device="cpu", succeeded=1, seconds=0.5) == CostSample(7, "classify", "cpu", 1, 0.5, 2, 3)
 
 
 def test_estimates_are_smoothed_and_the_slowest_device_type_sizes_shards(empty_db: sessionmaker[Session]) -> None:
@@ -226,6 +272,43 @@ def test_migration_0008_adds_shard_costs_and_takes_them_away(which: str, tmp_pat
         with check.connect() as connection:
             assert "shard_costs" not in sa.inspect(connection).get_table_names()
             assert "shards" in sa.inspect(connection).get_table_names()
+    finally:
+        check.dispose()
+        if which == "postgresql":
+            drop_postgres_database(name)
+
+
+@pytest.mark.parametrize("which", ["sqlite", "postgresql"])
+def test_migration_0010_drops_estimates_that_do_not_say_what_they_measured(which: str, tmp_path: Path) -> None:
+    name = f"lmbatch_mig10_{os.getpid()}"
+    if which == "sqlite":
+        url = f"sqlite:///{tmp_path / 'old.db'}"
+    else:
+        require(postgres_available(), "PostgreSQL")
+        url = create_postgres_database(name)
+    settings = Settings(database_url=url, var_dir=tmp_path)
+    check = sa.create_engine(url)
+    try:
+        # Given a 0009 database with an estimate of the old shape
+        upgrade(settings, "0009")
+        version = add_model_row(make_session_factory(check), "m")
+        with check.begin() as connection:
+            connection.execute(
+                sa.text(
+                    "INSERT INTO shard_costs (model_version_id, kind, device, seconds_per_item, measured_items, "
+                    "updated_at) VALUES (:id, 'classify', 'cpu', 0.001, 64, CURRENT_TIMESTAMP)"
+                ),
+                {"id": version.id},
+            )
+        # Expect the upgrade to drop it (its jobs get shard_size until a shard measures again) and add the columns
+        upgrade(settings)
+        with check.connect() as connection:
+            assert connection.execute(sa.text("SELECT count(*) FROM shard_costs")).scalar() == 0
+            assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+        command.downgrade(alembic_config(settings), "0009")
+        with check.connect() as connection:
+            columns = {column["name"] for column in sa.inspect(connection).get_columns("shard_costs")}
+        assert "seconds_per_item" in columns and not columns & {"chars_per_item", "labels_per_item"}
     finally:
         check.dispose()
         if which == "postgresql":

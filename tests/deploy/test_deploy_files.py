@@ -416,9 +416,10 @@ def test_every_image_is_pinned_to_a_version() -> None:
                 container["image"], container["image"]
             )
     text = (DEPLOY / "Dockerfile").read_text()
-    (python_version,) = re.findall(r"^ARG PYTHON_VERSION=(\S+)", text, re.M)
-    (base,) = re.findall(r"^FROM (\S+)", text, re.M)
-    images["Dockerfile FROM"] = base.replace("${PYTHON_VERSION}", python_version)
+    versions = dict(re.findall(r"^ARG (\w+_VERSION)=(\S+)", text, re.M))
+    # Every stage's base (the Python image, the node stage that installs the console's scripts)
+    for number, base in enumerate(re.findall(r"^FROM (\S+)", text, re.M)):
+        images[f"Dockerfile FROM #{number}"] = re.sub(r"\$\{(\w+)\}", lambda m: versions[m.group(1)], base)
     loose = {where: image for where, image in images.items() if not PINNED_IMAGE.fullmatch(image) or "latest" in image}
     assert not loose, f"images without a version: {loose}"
 

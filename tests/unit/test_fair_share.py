@@ -147,6 +147,20 @@ def test_the_fine_tune_cap_holds_back_fine_tune_queues_only() -> None:
     assert plan_picks({"finetune.multi": 1}, multi, [flying(1, 1, "finetune")], shares) == {}
 
 
+def test_the_quantization_cap_holds_back_a_tenants_next_quantize_job_only() -> None:
+    # Given tenant 1 allowed 1 quantization and 1 fine-tune at once, with one quantization running
+    jobs = [waiting("t1-q", 1, 1, queue="quantize"), waiting("t1-ft", 1, 1, queue="finetune")]
+    jobs.append(waiting("t2-q", 2, 1, queue="quantize", age_s=10))
+    shares = {1: Share(1.0, 0, 1, 1), 2: Share(1.0, 0, 1, 1)}
+    picks = plan_picks({"quantize": 2, "finetune": 1}, jobs, [flying(1, 1, "quantize")], shares)
+    # I expect its next quantization to wait while tenant 2's goes, and its fine-tune (a cap of its own) to go
+    assert picks == {"quantize": ["t2-q"], "finetune": ["t1-ft"]}
+    # With no quantization in flight, or no cap, it goes
+    assert plan_picks({"quantize": 1}, jobs[:1], [], shares) == {"quantize": ["t1-q"]}
+    no_cap = {1: Share(1.0, 0, 1, 0)}
+    assert plan_picks({"quantize": 1}, jobs[:1], [flying(1, 1, "quantize")], no_cap) == {"quantize": ["t1-q"]}
+
+
 def test_ties_go_round_robin_within_a_pass_and_across_passes() -> None:
     jobs = [waiting("a", 1, 10), waiting("b", 2, 10), waiting("c", 3, 10)]
     shares = {1: EQUAL, 2: EQUAL, 3: EQUAL}

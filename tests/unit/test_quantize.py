@@ -147,7 +147,8 @@ def test_a_gpu_worker_refuses_an_int8_version_before_reading_its_weights(tmp_pat
     (target / "model.safetensors").unlink()  # nothing to load: the refusal must come first
     with pytest.raises(QuantizedOnGpuError, match=r"CPU kernels only.*CPU worker") as refused:
         load_model(target, task="causal-lm", device=torch.device("cuda"))
-    assert isinstance(refused.value, PermanentJobError) and "acme/tiny@1" in str(refused.value)
+    # The message goes to whoever runs the job: it never names the parent, which may be another tenant's model
+    assert isinstance(refused.value, PermanentJobError) and "acme/tiny" not in str(refused.value)
 
 
 def test_only_a_language_models_output_head_is_named_as_one(tiny_lm: LoadedModel, tiny_encoder: LoadedModel) -> None:

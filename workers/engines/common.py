@@ -26,6 +26,31 @@ class BatchInterrupted(Exception):
     the batch loop drops them and stops, and the items stay without a result for a re-run to take up."""
 
 
+class ResultSink:
+    """Every result of a shard so far, in the order they came, each group handed on to ``on_batch`` (which persists
+    it) as it arrives: what a caller that stops early gets back is exactly what ``on_batch`` saw."""
+
+    def __init__(self, on_batch: OnBatch | None) -> None:
+        self.results: list[ItemResult] = []
+        self._on_batch = on_batch
+
+    def emit(self, batch_results: list[ItemResult]) -> None:
+        self.results.extend(batch_results)
+        if self._on_batch is not None:
+            self._on_batch(batch_results)
+
+    def emit_rejected(self, rejected: Sequence[ItemResult], should_stop: ShouldStop) -> bool:
+        """Report the items refused before batching as a group of their own; False: stop before anything runs."""
+        if rejected:
+            if should_stop():
+                return False
+            self.emit(list(rejected))
+        return True
+
+    def in_order(self) -> list[ItemResult]:
+        return sorted(self.results, key=lambda r: r.index)
+
+
 def too_long(item: EngineItem, n_tokens: int, limit: int, what: str) -> ItemResult:
     return ItemResult.failed(
         item,
@@ -52,17 +77,9 @@ def run_batches(
     was passed to ``on_batch``, so a caller that persists in ``on_batch`` and stops early can resume with the items
     it has no result for.
     """
-    results: list[ItemResult] = []
-
-    def emit(batch_results: list[ItemResult]) -> None:
-        results.extend(batch_results)
-        if on_batch is not None:
-            on_batch(batch_results)
-
-    if rejected:
-        if should_stop():
-            return results
-        emit(list(rejected))
+    sink = ResultSink(on_batch)
+    if not sink.emit_rejected(rejected, should_stop):
+        return sink.results
     runner = _HalvingRunner(run_batch)
     lengths = [len(ids) for _, ids in prepared]
     for positions in bucket_by_length(lengths, batch_size, max_tokens, extra_tokens=extra_tokens):
@@ -72,8 +89,8 @@ def run_batches(
             batch_results = runner.run([prepared[p] for p in positions])
         except BatchInterrupted:
             break
-        emit(batch_results)
-    return sorted(results, key=lambda r: r.index)
+        sink.emit(batch_results)
+    return sink.in_order()
 
 
 class _HalvingRunner:

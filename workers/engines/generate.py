@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from workers.engines.common import BatchInterrupted, Prepared, pad_batch, pad_id, run_batches, too_long
+from workers.engines.common import BatchInterrupted, Prepared, ResultSink, pad_batch, pad_id, run_batches, too_long
 from workers.engines.decoding import CompactDecoder, Decoded, DecodeRequest, DecodeStats, supports_compact
 from workers.engines.picking import Sampling
 from workers.engines.stopping import StopRequested, StopStrings
@@ -124,7 +124,8 @@ def batch_token_budget(model: LoadedModel, cpu_budget: int, *, memory_share: flo
     ``cpu_budget``, the setting's value. It was set for transformers' static batches, where every padded position
     costs a full forward pass (6,144 measured best on SmolLM2, 10-20% over fixed batches of 32); the compact
     decoder prefills in groups that pad little, so larger budgets pay there (SmolLM2, one thread, 64 chat
-    prompts: 16,384 against 6,144 gave 1.06x with 32 new tokens and 1.49x with answers of up to 256).
+    prompts: 16,384 against 6,144 gave 1.06x with 32 new tokens and 1.5-2x with answers of up to 256), hence the
+    default of 16,384 (db/settings.py).
     """
     if model.device.type != "cuda":
         return cpu_budget
@@ -208,17 +209,9 @@ def _generate_compact(
     stats: DecodeStats | None,
 ) -> list[ItemResult]:
     """The compact decoder over every prepared item: results reach ``on_batch`` in groups as rows finish."""
-    results: list[ItemResult] = []
-
-    def emit(batch_results: list[ItemResult]) -> None:
-        results.extend(batch_results)
-        if on_batch is not None:
-            on_batch(batch_results)
-
-    if rejected:
-        if should_stop():
-            return results
-        emit(list(rejected))
+    sink = ResultSink(on_batch)
+    if not sink.emit_rejected(rejected, should_stop):
+        return sink.results
     sampling = Sampling(params.temperature, params.top_p, params.top_k) if params.temperature > 0 else None
     requests = [
         DecodeRequest(
@@ -237,7 +230,7 @@ def _generate_compact(
     )
 
     def on_finished(done: list[Decoded]) -> None:
-        emit([_compact_result(model, prepared[d.key], d, params) for d in done])
+        sink.emit([_compact_result(model, prepared[d.key], d, params) for d in done])
 
     # An interrupted run leaves its unfinished rows without a result, for a re-run to take up.
     with contextlib.suppress(BatchInterrupted):
@@ -248,7 +241,7 @@ def _generate_compact(
             should_stop=should_stop,
             on_finished=on_finished,
         )
-    return sorted(results, key=lambda r: r.index)
+    return sink.in_order()
 
 
 def _compact_result(model: LoadedModel, prepared: Prepared, decoded: Decoded, params: GenerateParams) -> ItemResult:

@@ -18,11 +18,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from db.registry import register_version, version_exists
+from db.registry import record_missing_size, register_version, version_exists
 from db.session import make_engine, make_session_factory, transaction
 from db.settings import Settings
 from workers.errors import PermanentJobError
-from workers.models.store import MARKER, detect_task, directory_sha256, kinds_for_task
+from workers.models.store import MARKER, detect_task, directory_bytes, directory_sha256, kinds_for_task
 
 # Temp build directories older than this are leftovers of a crashed build, never a build still in progress
 # (the slowest built-in takes ~15 s).
@@ -181,7 +181,9 @@ def ensure_builtin_models(settings: Settings) -> list[str]:
         with transaction(make_session_factory(engine)) as session:
             for model in prepared:
                 # A deleted built-in stays deleted: its number is taken for good.
+                size = directory_bytes(model.path)
                 if version_exists(session, name=model.name, version=model.version):
+                    record_missing_size(session, name=model.name, version=model.version, size=size)
                     continue
                 register_version(
                     session,
@@ -192,6 +194,7 @@ def ensure_builtin_models(settings: Settings) -> list[str]:
                     kinds=list(model.kinds),
                     artifact_uri=str(model.path.resolve()),
                     sha256=model.sha256,
+                    size=size,
                     source=model.source,
                 )
                 registered.append(f"{model.name}@{model.version}")

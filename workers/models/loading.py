@@ -62,7 +62,7 @@ def load_model(path: Path, *, task: str, device: torch.device) -> LoadedModel:
     recipe = read_recipe(Path(path))
     if recipe is not None and device.type != "cpu":
         raise QuantizedOnGpuError(
-            f"this model version is {recipe.method} (quantized from {recipe.parent or 'its parent'}): its dynamic "
+            f"this model version is {recipe.method}: its dynamic "
             f"int8 layers have CPU kernels only, so a {device.type} worker cannot run it; run its jobs on a CPU worker "
             "(lmbatch worker --gpus none), or use the fp32 parent on GPUs"
         )

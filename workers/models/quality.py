@@ -48,7 +48,7 @@ class Batching:
     """How the check batches its engine calls: a worker's own settings."""
 
     batch_size: int = 32
-    generate_batch_tokens: int = 6144
+    generate_batch_tokens: int = 16384
 
 
 def quality_check(

@@ -99,7 +99,12 @@ class Dispatcher:
         shares = {}
         for tenant_id, tenant in tenants.items():
             limits = limits_of(tenant, self._settings)
-            shares[tenant_id] = Share(limits.weight, limits.max_running_shards, limits.max_concurrent_finetunes)
+            shares[tenant_id] = Share(
+                limits.weight,
+                limits.max_running_shards,
+                limits.max_concurrent_finetunes,
+                self._settings.max_concurrent_quantizations_per_tenant,
+            )
         return shares
 
     def _store_estimates(

@@ -32,9 +32,21 @@ class Share:
     weight: float
     max_running_shards: int  # 0: no limit
     max_concurrent_finetunes: int  # 0: no limit
+    max_concurrent_quantizations: int = 0  # 0: no limit
+
+    def heavy_cap(self, group: str) -> int:
+        return self.max_concurrent_finetunes if group == "finetune" else self.max_concurrent_quantizations
 
 
 FINETUNE_QUEUES = frozenset({"finetune", MULTI_GPU_QUEUE})
+
+
+def heavy_group(queue: str) -> str | None:
+    """The group of long, one-item jobs a queue's shard counts in against a tenant's concurrency cap: fine-tunes
+    (hours on GPUs) and quantizations (minutes of CPU and memory for a whole model), each with its own cap."""
+    if queue in FINETUNE_QUEUES:
+        return "finetune"
+    return "quantize" if queue == "quantize" else None
 
 
 @dataclass
@@ -63,22 +75,21 @@ def plan_picks(
     served_at = memory.served_at
     load: dict[tuple[int, str], int] = Counter()
     running: dict[int, int] = Counter()
-    finetunes: dict[int, int] = Counter()
+    heavy: dict[tuple[int, str], int] = Counter()
     for flight in in_flight:
         load[flight.tenant_id, flight.queue] += flight.shards
         running[flight.tenant_id] += flight.shards
-        if flight.queue in FINETUNE_QUEUES:
-            finetunes[flight.tenant_id] += flight.shards
+        group = heavy_group(flight.queue)
+        if group is not None:
+            heavy[flight.tenant_id, group] += flight.shards
 
     def under_caps(tenant: int, queue: str) -> bool:
         share = shares[tenant]
         if share.max_running_shards and running[tenant] >= share.max_running_shards:
             return False
-        return not (
-            queue in FINETUNE_QUEUES
-            and share.max_concurrent_finetunes
-            and finetunes[tenant] >= share.max_concurrent_finetunes
-        )
+        group = heavy_group(queue)
+        cap = 0 if group is None else share.heavy_cap(group)
+        return not (group is not None and cap and heavy[tenant, group] >= cap)
 
     def virtual_time(tenant: int, queue: str) -> float:
         by_load = memory.clock.get(queue, 0.0) + load[tenant, queue] / shares[tenant].weight
@@ -111,8 +122,9 @@ def plan_picks(
             picks.setdefault(queue, []).append(job_id)
             load[tenant, queue] += 1
             running[tenant] += 1
-            if queue in FINETUNE_QUEUES:
-                finetunes[tenant] += 1
+            group = heavy_group(queue)
+            if group is not None:
+                heavy[tenant, group] += 1
             turn += 1
             served_at[tenant] = turn
     return picks

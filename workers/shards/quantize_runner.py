@@ -66,12 +66,15 @@ def run_quantize_work(
     params = QuantizeParams.model_validate(work.params)
     version = _version_made_by(runtime, work.job_id)
     if version is None:
-        staging = _staging_dir(runtime, work.job_id)
+        staging = _staging_dir(runtime, work)
         try:
             made = _quantize(runtime, work, params, staging, should_stop=should_stop)
-            if made is None:
-                return  # stopped: cancelled or paused, or the lease was lost
-            version = _register(runtime, work, params, staging / "model", *made)
+            if made is None or keeper.lost:
+                return  # stopped: cancelled or paused, or the lease was lost (another attempt owns the job now)
+            # An earlier attempt whose lease lapsed may have registered while this one computed: one version a job.
+            version = _version_made_by(runtime, work.job_id) or _register(
+                runtime, work, params, staging / "model", *made
+            )
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     ref = f"{version.name}@{version.version}"
@@ -133,10 +136,11 @@ def _calibration_batches(parent: LoadedModel) -> list[dict[str, torch.Tensor]]:
     return calibration_batches(parent.tokenizer, task=parent.task, max_tokens=limit)
 
 
-def _staging_dir(runtime: Runtime, job_id: str) -> Path:
-    # Inside the store, so that hard links and the final rename stay on its filesystem.
-    staging = Path(runtime.settings.model_store) / f".quantize-{job_id}"
-    shutil.rmtree(staging, ignore_errors=True)  # left by an attempt that was killed
+def _staging_dir(runtime: Runtime, work: ShardWork) -> Path:
+    # Inside the store, so that hard links and the final rename stay on its filesystem. One per attempt: an earlier
+    # attempt that lost its lease may still be writing its own.
+    staging = Path(runtime.settings.model_store) / f".quantize-{work.job_id}-{work.attempts}"
+    shutil.rmtree(staging, ignore_errors=True)  # left by this attempt's number on a worker that was killed
     staging.mkdir(parents=True)
     return staging
 

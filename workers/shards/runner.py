@@ -28,7 +28,7 @@ from sqlalchemy.exc import OperationalError
 from db import events, job_reads, jobs
 from db.session import transaction
 from db.shard_costs import CostSample
-from db.sharding import item_index
+from db.sharding import item_index, text_length
 from workers.engines.params import PARAMS_BY_KIND
 from workers.engines.types import EngineItem, ItemResult
 from workers.errors import PermanentJobError, RetryableJobError
@@ -118,7 +118,7 @@ def run_shard(runtime: Runtime, shard_id: int, *, on_progress: ProgressCallback 
     cost = None
     if status == "succeeded" and computed is not None:
         # What the next job of this model is sized by (db/shard_costs.py); a cancelled shard's partial run is not.
-        cost = CostSample(work.version.id, work.kind, runtime.device.type, tally.done, computed)
+        cost = cost_sample(work, device=runtime.device.type, succeeded=tally.succeeded, seconds=computed)
     _finish(runtime, work, status, tally, cost=cost)
     return ShardOutcome(status, done=tally.done)
 
@@ -299,3 +299,13 @@ def _retry(runtime: Runtime, work: ShardWork, error: Exception, tally: Tally) ->
 
 def _attempts(count: int) -> str:
     return f"{count} attempt" if count == 1 else f"{count} attempts"
+
+
+def cost_sample(work: ShardWork, *, device: str, succeeded: int, seconds: float) -> CostSample | None:
+    """What this shard measured, for the next job's shard sizes (db/shard_costs.py): only its succeeded items count
+    (a refused item costs nothing), with the text and labels per item they carried."""
+    if succeeded < 1:
+        return None
+    chars = sum(text_length(item.input) for item in work.items) / len(work.items)
+    labels = len(work.params.get("labels") or ()) or 1
+    return CostSample(work.version.id, work.kind, device, succeeded, seconds, chars, labels)

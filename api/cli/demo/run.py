@@ -1,7 +1,9 @@
 """`lmbatch demo`: bring the stack up on the embedded defaults and run the three inference job kinds.
 
 The stack is `lmbatch up` in a child process (so the demo exercises exactly what an operator runs); the
-demo talks to it over HTTP like any client, with a progress bar per job.
+demo talks to it over HTTP like any client, with a progress bar per job. As soon as the stack is up it prints the
+web console's URL and a one-time sign-in link for the demo's key, so the jobs can be watched in a browser as they
+run; in a terminal, the stack then stays up until Enter is pressed.
 """
 
 from __future__ import annotations
@@ -22,10 +24,14 @@ from rich.table import Table
 
 from api.cli.demo.data import CHAT_PROMPTS, EMBED_TEXTS, REVIEWS
 from api.cli.stack.ports import free_port, port_is_free
+from db.console_sessions import create_sign_in_link
 from db.names import TERMINAL_JOB_STATES
 from db.session import make_engine, make_session_factory, transaction
 from db.settings import Settings
-from db.tenants import create_key
+from db.tenants import issue_key
+
+# Long enough to read the output and click; the link still works only once.
+LINK_TTL_SECONDS = 600
 
 
 def run_demo(settings: Settings, console: Console, *, keep_running: bool) -> int:
@@ -51,18 +57,28 @@ def run_demo(settings: Settings, console: Console, *, keep_running: bool) -> int
     )
     try:
         _wait_healthy(base, stack, console, metrics_token)
-        key = _demo_key(settings)
+        key, link = _demo_key(settings)
+        console.print(
+            f"Web console: [bold]{base}/ui/[/] · watch the jobs there, signed in as the demo tenant with one click "
+            f"(the link works once, for {LINK_TTL_SECONDS // 60} minutes):"
+        )
+        # Unwrapped, so a terminal keeps the whole link clickable.
+        console.print(f"  {base}/ui/sign-in/link/{link}", soft_wrap=True, highlight=False)
         with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=60) as client:
             _generation(client, console)
             _classification(client, console)
             _embedding(client, console)
         console.print(
-            f"\n[bold green]Done.[/] API {base}/docs · Flower http://{settings.api_host}:{flower_port} "
+            f"\n[bold green]Done.[/] Console {base}/ui/ · API {base}/docs · "
+            f"Flower http://{settings.api_host}:{flower_port} "
             f"(user [bold]{settings.flower_user}[/], password [bold]{password}[/]) · demo API key {key}"
         )
         if keep_running:
             console.print("The stack keeps running; Ctrl-C stops it.")
             stack.wait()
+        elif sys.stdin.isatty():
+            # Stopping at once would leave the console link pointing at nothing: a person gets to look first.
+            console.input("The stack stays up for the console; press Enter to stop it. ")
         return 0
     except KeyboardInterrupt:
         return 130
@@ -98,11 +114,13 @@ def _worker_present(base: str, metrics_token: str) -> bool:
     return any(line.startswith("lmbatch_workers_online ") and not line.endswith(" 0.0") for line in text.splitlines())
 
 
-def _demo_key(settings: Settings) -> str:
+def _demo_key(settings: Settings) -> tuple[str, str]:
+    """A new API key of the "demo" tenant, and the token of a one-time console sign-in link for it."""
     engine = make_engine(settings)
     try:
         with transaction(make_session_factory(engine)) as session:
-            return create_key(session, tenant_name="demo")
+            issued = issue_key(session, tenant_name="demo")
+            return issued.key, create_sign_in_link(session, api_key_id=issued.id, ttl_seconds=LINK_TTL_SECONDS)
     finally:
         engine.dispose()
 

@@ -1,0 +1,166 @@
+"""Models: the catalogue a tenant may use (as GET /v1/models decides: the shared names and its own), one model's
+versions with their aliases and lineage, and for admins the registry's actions (point an alias, delete a version).
+
+The actions call the API's own route functions, so a console refusal is the API's, word for word; a tenant, who
+is shown no action, gets the 404 page from them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated, Any
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Form, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+
+from api.console.errors import PageNotFound
+from api.console.keyset import cut_page
+from api.console.templating import render
+from api.console.viewer import ConsoleViewer, CsrfChecked
+from api.deps import SessionDep, SessionsDep, SettingsDep
+from api.errors import ApiError
+from api.routes import models as model_routes
+from api.schemas.models import AliasSet
+from db import registry
+from db.session import end_reads
+
+if TYPE_CHECKING:
+    from db.models import ModelVersion
+
+router = APIRouter(prefix="/ui", include_in_schema=False)
+
+PAGE_SIZE = 50
+DERIVED_SHOWN = 50
+# The fields of the alias form, by the names the API's refusals give them.
+ALIAS_FORM_FIELDS = ("alias", "version")
+
+
+@router.get("/models", response_class=HTMLResponse)
+def models_page(
+    request: Request,
+    viewer: ConsoleViewer,
+    session: SessionDep,
+    after: Annotated[str | None, Query(max_length=registry.MAX_NAME_CHARS)] = None,
+    before: Annotated[str | None, Query(max_length=registry.MAX_NAME_CHARS)] = None,
+) -> HTMLResponse:
+    principal = viewer.principal
+    before = None if after else before
+    rows = registry.listed_page(session, viewer=principal, after=after, before=before, limit=PAGE_SIZE + 1)
+    # Rows come by name: a page read before a name holds its extra row first, as cut_page expects.
+    page = cut_page(rows, size=PAGE_SIZE, after=bool(after), before=bool(before))
+    owners = registry.namespaces(session, tenant_ids={r.owner_tenant_id for r in page.rows if r.owner_tenant_id})
+    end_reads(session)
+    return render(
+        request,
+        "models.html",
+        viewer,
+        models=page.rows,
+        owners=owners,
+        prev_url=f"/ui/models?{urlencode({'before': page.rows[0].name})}" if page.has_newer else None,
+        next_url=f"/ui/models?{urlencode({'after': page.rows[-1].name})}" if page.has_older else None,
+    )
+
+
+def job_link(version: ModelVersion) -> str:
+    """The console page of the job that made a version (its `source` says which kind): a fine-tune's own page,
+    any other job's (a quantize) on the jobs pages."""
+    kind = version.source.split(":", 1)[0]
+    return f"/ui/fine-tunes/{version.job_id}" if kind == "finetune" else f"/ui/jobs/{version.job_id}"
+
+
+def _detail(session: SessionDep, viewer: ConsoleViewer, name: str) -> dict[str, Any]:
+    principal = viewer.principal
+    versions = registry.versions(session, name=name, viewer=principal) if registry.is_model_name(name) else []
+    if not versions:
+        raise PageNotFound(f"no model {name!r}")
+    traced = [v for v in versions if registry.shows_lineage(principal, v)]
+    parents = registry.visible_versions(
+        session, ids={v.parent_id for v in traced if v.parent_id is not None}, viewer=principal
+    )
+    derived = registry.derived_versions(
+        session, parent_ids=[v.id for v in versions], viewer=principal, limit=DERIVED_SHOWN
+    )
+    by_id = {v.id: v for v in versions}
+    owner_ids = {v.owner_tenant_id for v in versions if v.owner_tenant_id is not None}
+    return {
+        "model_name": name,
+        "versions": list(reversed(versions)),
+        "headline": registry.headline(versions, principal),
+        "aliases": registry.aliases_by_version(session, name=name, viewer=principal),
+        "owners": registry.namespaces(session, tenant_ids=owner_ids),
+        "lineage": [
+            {"version": v, "parent": parents.get(v.parent_id) if v.parent_id else None} for v in reversed(traced)
+        ],
+        "derived": [(by_id[d.parent_id], d) for d in derived if d.parent_id in by_id],
+        "job_link": job_link,
+        # A refusal of one of the admin forms, shown by it (see _refused).
+        "refused_form": None,
+        "refused_field": None,
+        "refusal": None,
+    }
+
+
+@router.get("/models/{name:path}", response_class=HTMLResponse)
+def model_page(request: Request, name: str, viewer: ConsoleViewer, session: SessionDep) -> HTMLResponse:
+    context = _detail(session, viewer, name)
+    end_reads(session)
+    return render(request, "models_detail.html", viewer, **context)
+
+
+def _refused(
+    request: Request, session: SessionDep, viewer: ConsoleViewer, name: str, error: ApiError, *, form: str
+) -> HTMLResponse:
+    """The model page again, with the API's refusal next to the field it names (or over the form that sent it)."""
+    context = _detail(session, viewer, name)
+    field = error.param if form == "alias" and error.param in ALIAS_FORM_FIELDS else None
+    context.update(refused_form=form, refused_field=field, refusal=error.message)
+    return render(request, "models_detail.html", viewer, status_code=error.status_code, **context)
+
+
+def _admin_only(viewer: ConsoleViewer, name: str) -> None:
+    # A tenant is shown no action: one posted anyway is the 404 page, as for a page it may not see.
+    if not viewer.principal.is_admin:
+        raise PageNotFound(f"no model {name!r}")
+
+
+@router.post("/models/{name:path}/aliases", response_class=HTMLResponse)
+def set_alias(
+    request: Request,
+    name: str,
+    viewer: CsrfChecked,
+    session: SessionDep,
+    sessions: SessionsDep,
+    alias: Annotated[str, Form(max_length=200)] = "",
+    version: Annotated[str, Form(max_length=20)] = "",
+) -> Response:
+    _admin_only(viewer, name)
+    try:
+        number = int(version)
+        body = AliasSet(version=number)
+    except ValueError:
+        refusal = ApiError(f"version {version!r}: a version number (1, 2, …)", param="version")
+        return _refused(request, session, viewer, name, refusal, form="alias")
+    try:
+        model_routes.set_model_alias(name, alias.strip(), body, viewer.principal, sessions)
+    except ApiError as error:
+        return _refused(request, session, viewer, name, error, form="alias")
+    return RedirectResponse(f"/ui/models/{name}", status_code=303)
+
+
+@router.post("/models/{name:path}/versions/{number}/delete", response_class=HTMLResponse)
+def delete_version(
+    request: Request,
+    name: str,
+    number: int,
+    viewer: CsrfChecked,
+    session: SessionDep,
+    sessions: SessionsDep,
+    settings: SettingsDep,
+) -> Response:
+    _admin_only(viewer, name)
+    try:
+        model_routes.delete_model_version(name, number, viewer.principal, sessions, settings)
+    except ApiError as error:
+        return _refused(request, session, viewer, name, error, form="delete")
+    remaining = registry.versions(session, name=name, viewer=viewer.principal)
+    return RedirectResponse(f"/ui/models/{name}" if remaining else "/ui/models", status_code=303)
