@@ -121,6 +121,21 @@ def require(ok: bool, what: str) -> None:
         pytest.skip(f"{what} is not reachable")
 
 
+@contextlib.contextmanager
+def scratch_database(which: str, directory: Path, *, name: str) -> Iterator[str]:
+    """The URL of an empty database of its own for a migration test: a SQLite file in `directory`, or the
+    PostgreSQL database `name` (the test skipped without PostgreSQL, failed under CI), dropped afterwards."""
+    if which == "sqlite":
+        yield f"sqlite:///{directory / 'old.db'}"
+        return
+    require(postgres_available(), "PostgreSQL")
+    url = create_postgres_database(name)
+    try:
+        yield url
+    finally:
+        drop_postgres_database(name)
+
+
 def require_services(*, redis_db: RedisDb | None = None, postgres: bool = False) -> None:
     if redis_db is not None:
         url = redis_db_url(redis_db)

@@ -24,8 +24,7 @@ from db.registry import register_version
 from db.session import make_engine, make_session_factory, transaction
 from db.settings import Settings
 from db.tenants import get_or_create_tenant
-from tests.servers import create_postgres_database, drop_postgres_database, postgres_available
-from tests.stack import require
+from tests.stack import scratch_database
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -321,14 +320,8 @@ def _write_rows_at_0005(url: str) -> None:
 
 @pytest.mark.parametrize("which", ["sqlite", "postgresql"])
 def test_migration_0006_gives_old_jobs_their_queue(which: str, tmp_path: Path) -> None:
-    name = f"lmbatch_mig6_{os.getpid()}"
-    if which == "sqlite":
-        url = f"sqlite:///{tmp_path / 'old.db'}"
-    else:
-        require(postgres_available(), "PostgreSQL")
-        url = create_postgres_database(name)
-    settings = Settings(database_url=url, var_dir=tmp_path)
-    try:
+    with scratch_database(which, tmp_path, name=f"lmbatch_mig6_{os.getpid()}") as url:
+        settings = Settings(database_url=url, var_dir=tmp_path)
         upgrade(settings, "0005")
         _write_rows_at_0005(url)
         upgrade(settings)
@@ -355,6 +348,3 @@ def test_migration_0006_gives_old_jobs_their_queue(which: str, tmp_path: Path) -
         with check.connect() as connection:
             assert set(connection.execute(sa.text("SELECT status FROM shards")).scalars()) == {"queued"}
         check.dispose()
-    finally:
-        if which == "postgresql":
-            drop_postgres_database(name)

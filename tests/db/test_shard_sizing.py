@@ -27,8 +27,7 @@ from db.shard_costs import MAX_WEIGHT, SMOOTHING_ITEMS, CostSample, record_cost,
 from db.sharding import ShardSizing
 from db.tenants import get_or_create_tenant
 from tests.factories import add_model_row, make_job
-from tests.servers import create_postgres_database, drop_postgres_database, postgres_available
-from tests.stack import require
+from tests.stack import scratch_database
 from workers.engines.types import EngineItem
 from workers.models.versions import VersionInfo
 from workers.shards.recording import record_shard_end
@@ -254,62 +253,48 @@ def test_a_write_leaves_its_pooled_connection_transactional(
 
 @pytest.mark.parametrize("which", ["sqlite", "postgresql"])
 def test_migration_0008_adds_shard_costs_and_takes_them_away(which: str, tmp_path: Path) -> None:
-    name = f"lmbatch_mig8_{os.getpid()}"
-    if which == "sqlite":
-        url = f"sqlite:///{tmp_path / 'old.db'}"
-    else:
-        require(postgres_available(), "PostgreSQL")
-        url = create_postgres_database(name)
-    settings = Settings(database_url=url, var_dir=tmp_path)
-    check = sa.create_engine(url)
-    try:
-        upgrade(settings, "0007")
-        upgrade(settings)
-        with check.connect() as connection:
-            # The migrated schema is the models' schema
-            assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
-        command.downgrade(alembic_config(settings), "0007")
-        with check.connect() as connection:
-            assert "shard_costs" not in sa.inspect(connection).get_table_names()
-            assert "shards" in sa.inspect(connection).get_table_names()
-    finally:
-        check.dispose()
-        if which == "postgresql":
-            drop_postgres_database(name)
+    with scratch_database(which, tmp_path, name=f"lmbatch_mig8_{os.getpid()}") as url:
+        settings = Settings(database_url=url, var_dir=tmp_path)
+        check = sa.create_engine(url)
+        try:
+            upgrade(settings, "0007")
+            upgrade(settings)
+            with check.connect() as connection:
+                # The migrated schema is the models' schema
+                assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+            command.downgrade(alembic_config(settings), "0007")
+            with check.connect() as connection:
+                assert "shard_costs" not in sa.inspect(connection).get_table_names()
+                assert "shards" in sa.inspect(connection).get_table_names()
+        finally:
+            check.dispose()
 
 
 @pytest.mark.parametrize("which", ["sqlite", "postgresql"])
 def test_migration_0010_drops_estimates_that_do_not_say_what_they_measured(which: str, tmp_path: Path) -> None:
-    name = f"lmbatch_mig10_{os.getpid()}"
-    if which == "sqlite":
-        url = f"sqlite:///{tmp_path / 'old.db'}"
-    else:
-        require(postgres_available(), "PostgreSQL")
-        url = create_postgres_database(name)
-    settings = Settings(database_url=url, var_dir=tmp_path)
-    check = sa.create_engine(url)
-    try:
-        # Given a 0009 database with an estimate of the old shape
-        upgrade(settings, "0009")
-        version = add_model_row(make_session_factory(check), "m")
-        with check.begin() as connection:
-            connection.execute(
-                sa.text(
-                    "INSERT INTO shard_costs (model_version_id, kind, device, seconds_per_item, measured_items, "
-                    "updated_at) VALUES (:id, 'classify', 'cpu', 0.001, 64, CURRENT_TIMESTAMP)"
-                ),
-                {"id": version.id},
-            )
-        # Expect the upgrade to drop it (its jobs get shard_size until a shard measures again) and add the columns
-        upgrade(settings)
-        with check.connect() as connection:
-            assert connection.execute(sa.text("SELECT count(*) FROM shard_costs")).scalar() == 0
-            assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
-        command.downgrade(alembic_config(settings), "0009")
-        with check.connect() as connection:
-            columns = {column["name"] for column in sa.inspect(connection).get_columns("shard_costs")}
-        assert "seconds_per_item" in columns and not columns & {"chars_per_item", "labels_per_item"}
-    finally:
-        check.dispose()
-        if which == "postgresql":
-            drop_postgres_database(name)
+    with scratch_database(which, tmp_path, name=f"lmbatch_mig10_{os.getpid()}") as url:
+        settings = Settings(database_url=url, var_dir=tmp_path)
+        check = sa.create_engine(url)
+        try:
+            # Given a 0009 database with an estimate of the old shape
+            upgrade(settings, "0009")
+            version = add_model_row(make_session_factory(check), "m")
+            with check.begin() as connection:
+                connection.execute(
+                    sa.text(
+                        "INSERT INTO shard_costs (model_version_id, kind, device, seconds_per_item, measured_items, "
+                        "updated_at) VALUES (:id, 'classify', 'cpu', 0.001, 64, CURRENT_TIMESTAMP)"
+                    ),
+                    {"id": version.id},
+                )
+            # Expect the upgrade to drop it (its jobs get shard_size until a shard measures again) and add the columns
+            upgrade(settings)
+            with check.connect() as connection:
+                assert connection.execute(sa.text("SELECT count(*) FROM shard_costs")).scalar() == 0
+                assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+            command.downgrade(alembic_config(settings), "0009")
+            with check.connect() as connection:
+                columns = {column["name"] for column in sa.inspect(connection).get_columns("shard_costs")}
+            assert "seconds_per_item" in columns and not columns & {"chars_per_item", "labels_per_item"}
+        finally:
+            check.dispose()

@@ -126,10 +126,11 @@ def test_a_responses_batch_answers_in_the_responses_shape(
 def test_a_batch_whose_window_closes_mid_run_expires_with_every_line_accounted_for(
     settings: Settings, db_with_builtins: sessionmaker[Session], worker: WorkerProcess
 ) -> None:
-    # Given an API whose batches get one second instead of 24 hours, and a batch of eight small shards
+    # Given an API whose batches get one second instead of 24 hours, and a batch of sixteen small shards: more work
+    # than the shared worker finishes in the window, however fast its decoder
     short = settings.model_copy(update={"batch_completion_window_seconds": 1, "shard_size": 4})
-    custom_ids = [f"story-{i}" for i in range(8 * 4)]
-    lines = [chat_line(c, f"Tell a story about castle {c}.", temperature=0, max_tokens=8) for c in custom_ids]
+    custom_ids = [f"story-{i}" for i in range(16 * 4)]
+    lines = [chat_line(c, f"Tell a story about castle {c}.", temperature=0, max_tokens=16) for c in custom_ids]
     with serve_in_thread(create_app(short)) as url:
         client = sdk(url, make_key(db_with_builtins, "window-user"))
         batch = client.batches.create(input_file_id=upload(client, lines), endpoint=CHAT, completion_window="24h")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workers.engines.generate import generate
+from workers.engines.generate import CPU_KV_CACHE_BYTES, batch_token_budget, generate, kv_bytes_per_position
 from workers.engines.params import GenerateParams
 from workers.engines.types import EngineItem, ItemResult
 from workers.errors import PermanentJobError
@@ -187,3 +187,14 @@ def test_given_oom_on_a_single_item_when_generating_expect_an_item_error_not_a_c
 def test_given_an_encoder_when_generating_expect_a_permanent_error(tiny_encoder: LoadedModel) -> None:
     with pytest.raises(PermanentJobError, match="causal LM"):
         generate(tiny_encoder, prompt_items(), GenerateParams(), batch_size=2)
+
+
+def test_given_a_cpu_model_the_token_budget_is_the_setting_within_a_cache_memory_cap(tiny_lm: LoadedModel) -> None:
+    # Given the tiny model's key/value cost per position
+    per_position = kv_bytes_per_position(tiny_lm)
+    config = tiny_lm.model.config
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    assert per_position == 2 * config.num_hidden_layers * heads * (config.hidden_size // config.num_attention_heads) * 4
+    # Expect the setting as it is, and never more positions than CPU_KV_CACHE_BYTES holds
+    assert batch_token_budget(tiny_lm, 16_384) == min(16_384, CPU_KV_CACHE_BYTES // per_position)
+    assert batch_token_budget(tiny_lm, 10**12) == CPU_KV_CACHE_BYTES // per_position

@@ -116,6 +116,12 @@ def default_decoder(model: LoadedModel) -> Decoder:
     return "compact" if model.device.type == "cpu" and supports_compact(model) else "transformers"
 
 
+# The most one CPU generation batch's key/value cache may take, whatever the token budget: what the old budget
+# (6,144 positions) gave a model of SmolLM2-1.7B's shape (384 KiB a position), so a large imported model does not
+# take 16,384 positions' worth (6 GiB) on a worker sized for the small ones.
+CPU_KV_CACHE_BYTES = int(2.25 * 1024**3)
+
+
 def batch_token_budget(model: LoadedModel, cpu_budget: int, *, memory_share: float = 0.5) -> int:
     """Padded positions (rows x (prompt + new tokens)) one generation batch may hold.
 
@@ -127,15 +133,21 @@ def batch_token_budget(model: LoadedModel, cpu_budget: int, *, memory_share: flo
     prompts: 16,384 against 6,144 gave 1.06x with 32 new tokens and 1.5-2x with answers of up to 256), hence the
     default of 16,384 (db/settings.py).
     """
+    bytes_per_position = kv_bytes_per_position(model)
     if model.device.type != "cuda":
-        return cpu_budget
+        # The setting was measured on SmolLM2 (45 KiB a position); a larger model's positions cost more memory.
+        return max(1, min(cpu_budget, CPU_KV_CACHE_BYTES // bytes_per_position))
+    free, _total = torch.cuda.mem_get_info(model.device)
+    return max(1, int(free * memory_share) // bytes_per_position)
+
+
+def kv_bytes_per_position(model: LoadedModel) -> int:
+    """What one position of one row costs in the key/value cache: 2 x layers x KV heads x head width values."""
     config = model.model.config
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    bytes_per_position = 2 * config.num_hidden_layers * kv_heads * head_dim * model.model.dtype.itemsize
-    free, _total = torch.cuda.mem_get_info(model.device)
-    return max(1, int(free * memory_share) // bytes_per_position)
+    return int(2 * config.num_hidden_layers * kv_heads * head_dim * model.model.dtype.itemsize)
 
 
 def _tokenize(

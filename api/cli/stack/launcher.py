@@ -75,6 +75,8 @@ def settings_env(settings: Settings, base: Mapping[str, str] | None = None) -> d
     """The environment that makes a child build the same ``Settings``: every field as ``LMBATCH_*``."""
     env = {k: v for k, v in (os.environ if base is None else base).items() if not k.startswith("LMBATCH_")}
     for name, value in settings.model_dump(mode="json").items():
+        if value is None:
+            continue  # an unset optional field ("None" would not parse back): the child's default is the same None
         env[f"LMBATCH_{name.upper()}"] = json.dumps(value) if isinstance(value, list | dict) else str(value)
     # Children write to a pipe; unbuffered, their lines reach the console as they happen.
     env["PYTHONUNBUFFERED"] = "1"
