@@ -152,3 +152,29 @@ def link(page: str, rel: str) -> str:
     found = re.search(rf'rel="{rel}" href="([^"]+)"', page)
     assert found is not None, rel
     return found.group(1)
+
+
+def test_a_tenant_makes_an_int8_version_from_the_model_page_in_the_apis_terms(
+    client: TestClient, tenant_a: dict[str, str], empty_db: sessionmaker[Session]
+) -> None:
+    # Given the shared tiny-base, tenant-a signed in on its page
+    seed_models(empty_db)
+    token = sign_in(client, bearer_key(tenant_a), next_page="/ui/models/tiny-base")
+    assert 'id="quantize"' in client.get("/ui/models/tiny-base").text
+    # When the form is posted without its token, or with a name the API refuses
+    assert client.post("/ui/models/tiny-base/quantize", data={"version": "1"}).status_code == 403
+    bad = client.post(
+        "/ui/models/tiny-base/quantize", data={"version": "1", "output_name": "tenant-b/mine", "csrf_token": token}
+    )
+    # I expect no job, and the API's message next to the field it names
+    assert bad.status_code == 400 and 'data-field="output_name"' in bad.text
+    assert client.get("/v1/jobs?kind=quantize", headers=tenant_a).json()["data"] == []
+    # When it is posted as it should be
+    made = client.post(
+        "/ui/models/tiny-base/quantize", data={"version": "1", "csrf_token": token}, follow_redirects=False
+    )
+    # I expect the quantize job's page, the job in the API naming tenant-a's future model
+    assert made.status_code == 303 and made.headers["location"].startswith("/ui/jobs/job")
+    (job,) = client.get("/v1/jobs?kind=quantize", headers=tenant_a).json()["data"]
+    assert job["kind"] == "quantize" and job["params"]["output_name"] == "tenant-a/tiny-base-int8"
+    assert made.headers["location"] == f"/ui/jobs/{job['id']}"

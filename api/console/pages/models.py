@@ -1,5 +1,6 @@
 """Models: the catalogue a tenant may use (as GET /v1/models decides: the shared names and its own), one model's
-versions with their aliases and lineage, and for admins the registry's actions (point an alias, delete a version).
+versions with their aliases and lineage, an int8 version made of one (any viewer who may use it, as the API's
+quantize route), and for admins the registry's actions (point an alias, delete a version).
 
 The actions call the API's own route functions, so a console refusal is the API's, word for word; a tenant, who
 is shown no action, gets the 404 page from them.
@@ -12,15 +13,16 @@ from urllib.parse import urlencode
 
 from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from pydantic import ValidationError
 
 from api.console.errors import PageNotFound
 from api.console.keyset import cut_page
 from api.console.templating import render
 from api.console.viewer import ConsoleViewer, CsrfChecked
-from api.deps import SessionDep, SessionsDep, SettingsDep
+from api.deps import RedisDep, SessionDep, SessionsDep, SettingsDep
 from api.errors import ApiError
 from api.routes import models as model_routes
-from api.schemas.models import AliasSet
+from api.schemas.models import AliasSet, ModelQuantize
 from db import registry
 from db.session import end_reads
 
@@ -31,8 +33,8 @@ router = APIRouter(prefix="/ui", include_in_schema=False)
 
 PAGE_SIZE = 50
 DERIVED_SHOWN = 50
-# The fields of the alias form, by the names the API's refusals give them.
-ALIAS_FORM_FIELDS = ("alias", "version")
+# The fields of each form, by the names the API's refusals give them.
+FORM_FIELDS = {"alias": ("alias", "version"), "quantize": ("ref", "output_name")}
 
 
 @router.get("/models", response_class=HTMLResponse)
@@ -112,7 +114,7 @@ def _refused(
 ) -> HTMLResponse:
     """The model page again, with the API's refusal next to the field it names (or over the form that sent it)."""
     context = _detail(session, viewer, name)
-    field = error.param if form == "alias" and error.param in ALIAS_FORM_FIELDS else None
+    field = error.param if error.param in FORM_FIELDS.get(form, ()) else None
     context.update(refused_form=form, refused_field=field, refusal=error.message)
     return render(request, "models_detail.html", viewer, status_code=error.status_code, **context)
 
@@ -145,6 +147,36 @@ def set_alias(
     except ApiError as error:
         return _refused(request, session, viewer, name, error, form="alias")
     return RedirectResponse(f"/ui/models/{name}", status_code=303)
+
+
+@router.post("/models/{name:path}/quantize", response_class=HTMLResponse)
+def quantize(
+    request: Request,
+    name: str,
+    viewer: CsrfChecked,
+    session: SessionDep,
+    sessions: SessionsDep,
+    settings: SettingsDep,
+    client: RedisDep,
+    version: Annotated[str, Form(max_length=20)] = "",
+    output_name: Annotated[str, Form(max_length=200)] = "",
+) -> Response:
+    """The API's `POST /v1/models/{ref}/quantize` for one of the page's versions: any viewer who may use it."""
+    if not version.isdigit():
+        refusal = ApiError(f"version {version!r}: a version number (1, 2, …)", param="ref")
+        return _refused(request, session, viewer, name, refusal, form="quantize")
+    try:
+        body = ModelQuantize(method="int8", output_name=output_name.strip() or None)
+        job = model_routes.quantize_model(
+            f"{name}@{version}", body, viewer.principal, session, sessions, settings, client
+        )
+    except ValidationError as error:
+        problem = error.errors()[0]
+        refusal = ApiError(f"output_name: {problem['msg']}", param="output_name")
+        return _refused(request, session, viewer, name, refusal, form="quantize")
+    except ApiError as error:
+        return _refused(request, session, viewer, name, error, form="quantize")
+    return RedirectResponse(f"/ui/jobs/{job.id}", status_code=303)
 
 
 @router.post("/models/{name:path}/versions/{number}/delete", response_class=HTMLResponse)
