@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import html
 import re
+from pathlib import Path
 
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
+from api.app import create_app
 from db import registry
 from db.models import ModelVersion
 from db.registry import TenantView
 from db.session import transaction
+from db.settings import Settings
 from db.tenants import get_or_create_tenant
 from tests.console.pages import bearer_key, csrf_token, sign_in
 from tests.console_data import seed_finetune
@@ -178,3 +181,30 @@ def test_a_tenant_makes_an_int8_version_from_the_model_page_in_the_apis_terms(
     (job,) = client.get("/v1/jobs?kind=quantize", headers=tenant_a).json()["data"]
     assert job["kind"] == "quantize" and job["params"]["output_name"] == "tenant-a/tiny-base-int8"
     assert made.headers["location"] == f"/ui/jobs/{job['id']}"
+
+
+def test_an_admin_registers_a_model_from_an_import_root_through_the_form(
+    settings: Settings, empty_db: sessionmaker[Session], import_root: Path, tenant_a: dict[str, str]
+) -> None:
+    app = create_app(settings.model_copy(update={"model_import_roots": [import_root]}))
+    with TestClient(app) as client:
+        # Given an admin signed in on the catalogue, with its register form
+        token = sign_in(client, bearer_key(auth_headers(empty_db, "ops", scope="admin")), next_page="/ui/models")
+        assert 'id="register-model"' in client.get("/ui/models").text
+        form = {"name": "sentiment", "path": str(import_root / "sentiment"), "aliases": "prod", "csrf_token": token}
+        # When it names a directory outside the import roots, or forgets the form's token
+        outside = client.post("/ui/models/register", data={**form, "path": "/etc"})
+        forged = client.post("/ui/models/register", data={k: v for k, v in form.items() if k != "csrf_token"})
+        # I expect the API's refusal next to the path, the 403 page, and nothing registered
+        assert outside.status_code == 400 and 'data-field="path"' in outside.text
+        assert forged.status_code == 403
+        assert client.get("/ui/models/sentiment").status_code == 404
+        # When the form is right, I expect the model's page with its version and alias
+        made = client.post("/ui/models/register", data=form)
+        assert made.status_code == 200 and made.url.path == "/ui/models/sentiment"
+        assert 'data-version="1"' in made.text and ":prod" in made.text
+    with TestClient(app) as client:
+        # and a tenant shown no form, its post answered by the 404 page
+        token = sign_in(client, bearer_key(tenant_a), next_page="/ui/models")
+        assert 'id="register-model"' not in client.get("/ui/models").text
+        assert client.post("/ui/models/register", data={**form, "csrf_token": token}).status_code == 404

@@ -1,6 +1,7 @@
 """Models: the catalogue a tenant may use (as GET /v1/models decides: the shared names and its own), one model's
 versions with their aliases and lineage, an int8 version made of one (any viewer who may use it, as the API's
-quantize route), and for admins the registry's actions (point an alias, delete a version).
+quantize route), and for admins the registry's actions (register a model from an import root, point an alias, delete
+a version).
 
 The actions call the API's own route functions, so a console refusal is the API's, word for word; a tenant, who
 is shown no action, gets the 404 page from them.
@@ -22,7 +23,7 @@ from api.console.viewer import ConsoleViewer, CsrfChecked
 from api.deps import RedisDep, SessionDep, SessionsDep, SettingsDep
 from api.errors import ApiError
 from api.routes import models as model_routes
-from api.schemas.models import AliasSet, ModelQuantize
+from api.schemas.models import AliasSet, ModelQuantize, ModelRegister
 from db import registry
 from db.session import end_reads
 
@@ -34,7 +35,11 @@ router = APIRouter(prefix="/ui", include_in_schema=False)
 PAGE_SIZE = 50
 DERIVED_SHOWN = 50
 # The fields of each form, by the names the API's refusals give them.
-FORM_FIELDS = {"alias": ("alias", "version"), "quantize": ("ref", "output_name")}
+FORM_FIELDS = {
+    "alias": ("alias", "version"),
+    "quantize": ("ref", "output_name"),
+    "register": ("name", "path", "aliases"),
+}
 
 
 @router.get("/models", response_class=HTMLResponse)
@@ -45,6 +50,46 @@ def models_page(
     after: Annotated[str | None, Query(max_length=registry.MAX_NAME_CHARS)] = None,
     before: Annotated[str | None, Query(max_length=registry.MAX_NAME_CHARS)] = None,
 ) -> HTMLResponse:
+    return _catalogue(request, viewer, session, after=after, before=before)
+
+
+@router.post("/models/register", response_class=HTMLResponse)
+def register(
+    request: Request,
+    viewer: CsrfChecked,
+    session: SessionDep,
+    sessions: SessionsDep,
+    settings: SettingsDep,
+    name: Annotated[str, Form(max_length=200)] = "",
+    path: Annotated[str, Form(max_length=4096)] = "",
+    aliases: Annotated[str, Form(max_length=1000)] = "",
+) -> Response:
+    """The API's `POST /v1/models` (admins): a transformers directory under an import root as a new version."""
+    _admin_only(viewer, "register")
+    try:
+        wanted = [alias.strip() for alias in aliases.split(",") if alias.strip()]
+        body = ModelRegister(name=name.strip(), path=path.strip(), aliases=wanted)
+        model_routes.register_model(body, viewer.principal, sessions, settings)
+    except ValidationError as error:
+        problem = error.errors()[0]
+        field = str(problem["loc"][0]) if problem.get("loc") else "name"
+        refusal = ApiError(f"{field}: {problem['msg']}", param=field)
+        return _catalogue(request, viewer, session, refusal=refusal)
+    except ApiError as error:
+        return _catalogue(request, viewer, session, refusal=error)
+    return RedirectResponse(f"/ui/models/{body.name}", status_code=303)
+
+
+def _catalogue(
+    request: Request,
+    viewer: ConsoleViewer,
+    session: SessionDep,
+    *,
+    after: str | None = None,
+    before: str | None = None,
+    refusal: ApiError | None = None,
+) -> HTMLResponse:
+    """The catalogue page; after a refused registration, with the API's message next to the field it names."""
     principal = viewer.principal
     before = None if after else before
     rows = registry.listed_page(session, viewer=principal, after=after, before=before, limit=PAGE_SIZE + 1)
@@ -60,6 +105,9 @@ def models_page(
         owners=owners,
         prev_url=f"/ui/models?{urlencode({'before': page.rows[0].name})}" if page.has_newer else None,
         next_url=f"/ui/models?{urlencode({'after': page.rows[-1].name})}" if page.has_older else None,
+        refusal=refusal.message if refusal else None,
+        refused_field=refusal.param if refusal and refusal.param in FORM_FIELDS["register"] else None,
+        status_code=refusal.status_code if refusal else 200,
     )
 
 
