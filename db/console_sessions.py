@@ -111,6 +111,7 @@ _LIVE_SESSION = (
         Tenant.name,
         Tenant.namespace,
         Tenant.max_requests_per_second,
+        Tenant.max_queued_items,
     )
     .join(ApiKey, ApiKey.id == ConsoleSession.api_key_id)
     .join(Tenant, Tenant.id == ApiKey.tenant_id)
@@ -138,6 +139,7 @@ def live_session(session: Session, *, token: str, idle_seconds: int) -> LiveSess
         scope=row.scope,
         namespace=row.namespace,
         max_requests_per_second=row.max_requests_per_second,
+        max_queued_items=row.max_queued_items,
     )
     return LiveSession(
         id=row.id,

@@ -125,6 +125,7 @@ def _accept_job(
         input_file_id=body.input_file_id,
         priority=body.priority,
         metadata=body.metadata,
+        queued_items_limit=intake.queued_items_limit(principal, settings),
     )
     try:
         job = create_and_submit(sessions, client, order=order, settings=settings, reads=session)

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
     from db.models import ModelVersion, StoredFile
     from db.settings import Settings
+    from db.tenants import Principal
 
 # Model tasks whose classify mode is zero-shot, so they need candidate labels.
 ZERO_SHOT_TASKS = ("encoder", "causal-lm")
@@ -176,11 +177,22 @@ def _check_count(count: int, settings: Settings, *, param: str) -> None:
         )
 
 
-def check_tenant_quota(session: Session, *, tenant_id: int, adding: int, settings: Settings) -> None:
+def queued_items_limit(principal: Principal, settings: Settings) -> int:
+    """The caller's tenant's max_queued_items, from the row its key was read with."""
+    if principal.max_queued_items is not None:
+        return principal.max_queued_items
+    return settings.max_queued_items_per_tenant
+
+
+def check_tenant_quota(
+    session: Session, *, tenant_id: int, adding: int, settings: Settings, limit: int | None = None
+) -> None:
     """Refuse when the tenant's unfinished items (including a job just written in this transaction) pass the
-    limit; the caller's transaction then rolls the new job back."""
+    limit; the caller's transaction then rolls the new job back. `limit`: the tenant's max_queued_items when the
+    caller has it already (queued_items_limit); None reads the tenant's row."""
     queued = unfinished_items(session, tenant_id=tenant_id)
-    limit = tenant_limits(session, tenant_id=tenant_id, settings=settings).max_queued_items
+    if limit is None:
+        limit = tenant_limits(session, tenant_id=tenant_id, settings=settings).max_queued_items
     if queued + adding > limit:
         raise TooManyRequests(
             f"this job would bring the tenant's unfinished items to {queued + adding}, over the limit of "

@@ -34,6 +34,9 @@ class JobOrder:
     priority: int = 0
     metadata: dict[str, str] | None = None
     job_id: str | None = None  # None: a `job-…` id
+    # The tenant's max_queued_items when the door has it already (intake.queued_items_limit); None: read its row.
+    # Re-reading the row the key was read with cost ~0.25 ms of a POST's CPU (measured).
+    queued_items_limit: int | None = None
 
 
 def create_and_submit(
@@ -65,8 +68,11 @@ def create_and_submit(
             priority=order.priority,
             metadata=order.metadata,
             job_id=order.job_id,
+            shard_ids=False,
         )
         require_items(new.job.total)
-        check_tenant_quota(write, tenant_id=order.tenant_id, adding=0, settings=settings)
+        check_tenant_quota(
+            write, tenant_id=order.tenant_id, adding=0, settings=settings, limit=order.queued_items_limit
+        )
     wake_dispatcher(client)
     return new.job
