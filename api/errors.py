@@ -87,11 +87,11 @@ class BadGateway(ApiError):
     error_type = "server_error"
 
 
-def invalid_field(error: ValidationError, *, prefix: str, code: str) -> BadRequest:
-    """The first problem pydantic found in a nested object the API validates itself (a job's `params`), as a
-    400 that names the field: `params.temperature: Input should be less than or equal to 2`."""
+def invalid_field(error: ValidationError, *, prefix: str = "", code: str) -> BadRequest:
+    """The first problem pydantic found in an object the API validates itself (a job's `params`, a console form),
+    as a 400 that names the field: `params.temperature: Input should be less than or equal to 2`."""
     first = error.errors()[0]
-    field = f"{prefix}." + ".".join(str(part) for part in first["loc"])
+    field = ".".join(str(part) for part in ([prefix] if prefix else []) + list(first["loc"]))
     return BadRequest(f"{field}: {first['msg']}", param=field, code=code)
 
 

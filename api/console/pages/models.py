@@ -21,7 +21,7 @@ from api.console.keyset import cut_page
 from api.console.templating import render
 from api.console.viewer import ConsoleViewer, CsrfChecked
 from api.deps import RedisDep, SessionDep, SessionsDep, SettingsDep
-from api.errors import ApiError
+from api.errors import ApiError, invalid_field
 from api.routes import models as model_routes
 from api.schemas.models import AliasSet, ModelQuantize, ModelRegister
 from db import registry
@@ -71,10 +71,7 @@ def register(
         body = ModelRegister(name=name.strip(), path=path.strip(), aliases=wanted)
         model_routes.register_model(body, viewer.principal, sessions, settings)
     except ValidationError as error:
-        problem = error.errors()[0]
-        field = str(problem["loc"][0]) if problem.get("loc") else "name"
-        refusal = ApiError(f"{field}: {problem['msg']}", param=field)
-        return _catalogue(request, viewer, session, refusal=refusal)
+        return _catalogue(request, viewer, session, refusal=invalid_field(error, code="invalid_value"))
     except ApiError as error:
         return _catalogue(request, viewer, session, refusal=error)
     return RedirectResponse(f"/ui/models/{body.name}", status_code=303)
@@ -106,7 +103,7 @@ def _catalogue(
         prev_url=f"/ui/models?{urlencode({'before': page.rows[0].name})}" if page.has_newer else None,
         next_url=f"/ui/models?{urlencode({'after': page.rows[-1].name})}" if page.has_older else None,
         refusal=refusal.message if refusal else None,
-        refused_field=refusal.param if refusal and refusal.param in FORM_FIELDS["register"] else None,
+        refused_field=_form_field(refusal, "register") if refusal else None,
         status_code=refusal.status_code if refusal else 200,
     )
 
@@ -162,9 +159,15 @@ def _refused(
 ) -> HTMLResponse:
     """The model page again, with the API's refusal next to the field it names (or over the form that sent it)."""
     context = _detail(session, viewer, name)
-    field = error.param if error.param in FORM_FIELDS.get(form, ()) else None
+    field = _form_field(error, form)
     context.update(refused_form=form, refused_field=field, refusal=error.message)
     return render(request, "models_detail.html", viewer, status_code=error.status_code, **context)
+
+
+def _form_field(error: ApiError, form: str) -> str | None:
+    """The field of `form` a refusal names (`aliases.0`: the aliases field), None for one the form does not hold."""
+    field = (error.param or "").split(".")[0]
+    return field if field in FORM_FIELDS.get(form, ()) else None
 
 
 def _admin_only(viewer: ConsoleViewer, name: str) -> None:
@@ -219,9 +222,7 @@ def quantize(
             f"{name}@{version}", body, viewer.principal, session, sessions, settings, client
         )
     except ValidationError as error:
-        problem = error.errors()[0]
-        refusal = ApiError(f"output_name: {problem['msg']}", param="output_name")
-        return _refused(request, session, viewer, name, refusal, form="quantize")
+        return _refused(request, session, viewer, name, invalid_field(error, code="invalid_value"), form="quantize")
     except ApiError as error:
         return _refused(request, session, viewer, name, error, form="quantize")
     return RedirectResponse(f"/ui/jobs/{job.id}", status_code=303)
