@@ -129,12 +129,18 @@ def dispatch_shards(session: Session, *, job_id: str, count: int) -> list[int]:
         .where(Shard.job_id == job_id, Shard.status == "queued")
         .order_by(Shard.index)
         .limit(count)
-        .scalar_subquery()
+        # A shard another transaction holds (a cancel or a pause changing it) is passed over, never waited for: the
+        # pass holds the shards it took while it writes the jobs' places, so waiting here could close a circle.
+        .with_for_update(skip_locked=True)
+        # Evaluated once: as a sub-select of the UPDATE, PostgreSQL may run it again for each row and take more
+        # than `count` (measured: 4 of 4 for a count of 2).
+        .cte("picked")
+        .prefix_with("MATERIALIZED", dialect="postgresql")
     )
     ids = session.scalars(
         update(Shard)
         # The job's state too: a pause that committed after the dispatcher read the job must win.
-        .where(Shard.id.in_(picked), Shard.status == "queued", dispatchable)
+        .where(Shard.id.in_(select(picked.c.id)), Shard.status == "queued", dispatchable)
         .values(status="dispatched", enqueued_at=now)
         .returning(Shard.id)
         .execution_options(synchronize_session=False)
@@ -149,7 +155,8 @@ def set_shards_ahead(session: Session, *, estimates: Mapping[str, int | None]) -
     jobs = cast(Table, Job.__table__)
     session.connection().execute(
         update(jobs).where(jobs.c.id == bindparam("job")).values(shards_ahead=bindparam("ahead")),
-        [{"job": job_id, "ahead": ahead} for job_id, ahead in estimates.items()],
+        # In job id order, the order every transaction takes several jobs' rows in (see db/jobs.py).
+        [{"job": job_id, "ahead": estimates[job_id]} for job_id in sorted(estimates)],
     )
 
 

@@ -21,6 +21,12 @@ lock while the bank is added: two enders cannot both bank one attempt, and concu
 A shard waits as `queued` until the dispatcher picks it (db/dispatch.py): the pick marks it `dispatched` in the
 same statement, and only then is its id sent to Redis. A worker claims only a dispatched shard, so a stray message
 cannot run a shard the dispatcher has not chosen.
+
+Lock order: a transaction that writes shard rows and job rows takes the shards first, several of them in id order,
+and then the jobs, several of them in id order. A worker's claim or finish changes its shard and then adds to its
+job, and the dispatcher marks shards and then stores the jobs' places; a cancel that took its job's row first and
+then waited for a shard one of those held would wait in a circle, and PostgreSQL would abort one side ("deadlock
+detected": a cancel that failed with a 500 under load). `lock_shards` takes a set of shards in that order.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, and_, exists, func, insert, or_, select, update
+from sqlalchemy import ColumnElement, Table, and_, exists, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.models import Job, Shard, new_id, utcnow
@@ -42,6 +48,7 @@ from db.sharding import ShardSizing, cut_shards
 from db.webhook_outbox import record_job_end
 
 ACTIVE_JOB_STATES = ("queued", "running", "cancelling", "paused")
+STOPPING_JOB_STATES = ("cancelling", "cancelled")
 OPEN_SHARD_STATES = ("queued", "dispatched", "running")
 # Sent to a worker or running on one: what counts against a tenant's share and its running-shard limit.
 IN_FLIGHT_SHARD_STATES = ("dispatched", "running")
@@ -324,9 +331,11 @@ def release_leases(session: Session, *, worker: str) -> int:
     which `lmbatch worker` makes a soft shutdown) and Celery puts the shards' messages back on the queue: the
     next worker claims them at once instead of waiting out the lease. The attempt is handed back, since the
     shard did not fail (its run time up to the last heartbeat is still billed). Returns how many were released."""
+    held = (Shard.status == "running", Shard.lease_owner == worker)
+    lock_shards(session, *held)  # in id order, as the sweeper's stamp takes them
     released = session.execute(
         update(Shard)
-        .where(Shard.status == "running", Shard.lease_owner == worker)
+        .where(*held)
         .values(
             status="dispatched",
             lease_owner=None,
@@ -337,7 +346,8 @@ def release_leases(session: Session, *, worker: str) -> int:
         )
         .returning(Shard.id, Shard.job_id, Shard.attempt_seconds, Shard.devices)
     ).all()
-    for shard_id, *ended in released:
+    # Their jobs' rows in id order (the module's lock order): two nodes releasing at once may share jobs.
+    for shard_id, *ended in sorted(released, key=lambda row: (row.job_id, row.id)):
         _bank_ended(session, shard_id=shard_id, ended=tuple(ended), seconds=None)
     return len(released)
 
@@ -376,15 +386,14 @@ def cancel_job(session: Session, *, job_id: str) -> str | None:
     """queued | running → cancelling; shards not yet running never run (those already sent to Redis are refused
     when a worker takes them). Returns the job's status after the call."""
     now = utcnow()
+    not_started = (Shard.job_id == job_id, Shard.status.in_(("queued", "dispatched")))
+    # The shards before the job (see the module's lock order): a claim holding one of them adds to this job next.
+    lock_shards(session, *not_started)
+    session.execute(update(Shard).where(*not_started).values(status="cancelled", finished_at=now))
     session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status.in_(("queued", "running", "paused")))
         .values(status="cancelling", cancelled_at=now)
-    )
-    session.execute(
-        update(Shard)
-        .where(Shard.job_id == job_id, Shard.status.in_(("queued", "dispatched")))
-        .values(status="cancelled", finished_at=now)
     )
     finish_job_if_done(session, job_id=job_id)
     return session.scalar(select(Job.status).where(Job.id == job_id))
@@ -393,28 +402,76 @@ def cancel_job(session: Session, *, job_id: str) -> str | None:
 def pause_job(session: Session, *, job_id: str) -> bool:
     """queued | running → paused. A running shard notices at its next step and parks itself; one sent but not
     started goes back to the dispatcher's queue, so it holds no place in the runway while the job is paused."""
+    sent = lock_shards(session, Shard.job_id == job_id, Shard.status == "dispatched")  # before the job: lock order
     if not changed(
         session, update(Job).where(Job.id == job_id, Job.status.in_(("queued", "running"))).values(status="paused")
     ):
         return False
-    session.execute(update(Shard).where(Shard.job_id == job_id, Shard.status == "dispatched").values(status="queued"))
+    # Only the shards locked above: one sent after them is refused by its claim, which sees the job paused.
+    _send_back(session, sent)
     return True
 
 
-def park_shard(session: Session, *, shard_id: int, worker: str, seconds: float | None = None) -> bool:
+def _send_back(session: Session, shard_ids: list[int]) -> None:
+    """dispatched → queued for shards this transaction holds."""
+    if shard_ids:
+        session.execute(
+            update(Shard).where(Shard.id.in_(shard_ids), Shard.status == "dispatched").values(status="queued")
+        )
+
+
+class Park(enum.Enum):
+    PARKED = "parked"  # queued again; the dispatcher sends it once the job is not paused
+    STOPPING = "stopping"  # the job is being cancelled: nothing changed, the caller ends the shard as cancelled
+    LOST = "lost"  # this worker no longer holds the shard
+
+
+def park_shard(session: Session, *, shard_id: int, worker: str, seconds: float | None = None) -> Park:
     """running → queued without counting an attempt: the job was paused, nothing went wrong. The dispatcher sends
     it again once the job is not paused. The attempt's `seconds` are billed all the same (None: to its last
     heartbeat)."""
+    held = lock_shards(session, Shard.id == shard_id, Shard.status == "running", Shard.lease_owner == worker)
+    if not held:
+        return Park.LOST
+    # The job's row after the shard's (the lock order), read as it stands: a cancel that committed since the caller
+    # looked left this shard to its worker, since it was running, and a queued shard under it would wait for ever.
+    # A cancel that overlaps this transaction may still miss it; the sweeper's cancel_stranded_shards ends it then.
+    job_id = session.scalar(select(Shard.job_id).where(Shard.id == shard_id))
+    state = session.scalar(select(Job.status).where(Job.id == job_id).with_for_update(key_share=True))
+    if state in STOPPING_JOB_STATES:
+        return Park.STOPPING
     ended = session.execute(
         update(Shard)
-        .where(Shard.id == shard_id, Shard.status == "running", Shard.lease_owner == worker)
+        .where(Shard.id == shard_id)
         .values(status="queued", lease_owner=None, lease_expires_at=None, attempts=Shard.attempts - 1, progress=0)
         .returning(Shard.job_id, Shard.attempt_seconds, Shard.devices)
-    ).one_or_none()
-    if ended is None:
-        return False
+    ).one()
     _bank_ended(session, shard_id=shard_id, ended=ended, seconds=seconds)
-    return True
+    return Park.PARKED
+
+
+def cancel_stranded_shards(session: Session) -> list[str]:
+    """Cancel shards still waiting under a job that is being cancelled, and end those jobs that can end; returns
+    the ids of the jobs whose shards it cancelled. A cancel leaves running shards to their workers; one that a
+    worker handed back as waiting (a pause's park, a retry) in the instant the cancel ran would otherwise wait for
+    ever. The sweeper calls this; shards another transaction holds are left for its next pass."""
+    stopping = select(Job.id).where(Job.status == "cancelling")
+    stranded = lock_shards(
+        session, Shard.job_id.in_(stopping), Shard.status.in_(("queued", "dispatched")), skip_locked=True
+    )
+    if not stranded:
+        return []
+    job_ids = session.scalars(
+        update(Shard)
+        .where(Shard.id.in_(stranded))
+        .values(status="cancelled", finished_at=utcnow())
+        .returning(Shard.job_id)
+        .execution_options(synchronize_session=False)
+    ).all()
+    touched = sorted(set(job_ids))
+    for job_id in touched:  # in id order, after the shards: the lock order
+        finish_job_if_done(session, job_id=job_id)
+    return touched
 
 
 def devices_for(kind: str, params: dict[str, Any] | None) -> int:
@@ -454,9 +511,10 @@ def _bank_attempt(
 def resume_job(session: Session, *, job_id: str) -> bool:
     """paused → queued: the dispatcher sends its queued shards again (wake it after commit). A shard still marked
     dispatched (its message was dropped while the job was paused) waits with them."""
+    sent = lock_shards(session, Shard.job_id == job_id, Shard.status == "dispatched")  # before the job: lock order
     if not changed(session, update(Job).where(Job.id == job_id, Job.status == "paused").values(status="queued")):
         return False
-    session.execute(update(Shard).where(Shard.job_id == job_id, Shard.status == "dispatched").values(status="queued"))
+    _send_back(session, sent)
     return True
 
 
@@ -506,8 +564,24 @@ def due_shards(session: Session, *, requeue_after: timedelta, limit: int = 1000)
     return [DueShard(shard_id, status, queue) for shard_id, status, queue in rows]
 
 
-def mark_enqueued(session: Session, *, shard_ids: Iterable[int]) -> None:
-    session.execute(update(Shard).where(Shard.id.in_(list(shard_ids))).values(enqueued_at=utcnow()))
+def mark_enqueued(session: Session, *, shard_ids: Iterable[int]) -> list[int]:
+    """Stamp the shards about to be sent again, and return those stamped: send only these. A shard another
+    transaction holds is being claimed, ended or cancelled right now; it is passed over, never waited for (the next
+    sweep looks again), so the sweeper takes no part in a lock circle."""
+    free = lock_shards(session, Shard.id.in_(list(shard_ids)), skip_locked=True)
+    if free:
+        session.execute(update(Shard).where(Shard.id.in_(free)).values(enqueued_at=utcnow()))
+    return free
+
+
+def lock_shards(session: Session, *conditions: ColumnElement[bool], skip_locked: bool = False) -> list[int]:
+    """Lock the shard rows that match, in id order, and return their ids: a statement that changes several shards
+    takes its locks in whatever order its plan meets the rows, and two of those meeting the same rows in opposite
+    orders deadlock. `skip_locked`: leave out rows another transaction holds instead of waiting for them. The lock
+    is the one an UPDATE takes (FOR NO KEY UPDATE). SQLite has no row locks (a writer holds the whole database)
+    and needs none."""
+    locked = select(Shard.id).where(*conditions).order_by(Shard.id)
+    return list(session.scalars(locked.with_for_update(key_share=True, skip_locked=skip_locked)))
 
 
 def running_progress(session: Session, *, job_id: str) -> int:

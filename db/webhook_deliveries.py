@@ -19,6 +19,10 @@ scheduler gives up (`give_up_expired`) what is still owed after the retry window
 Fairness: an attempt is "in flight" from its send until its outcome is recorded (or its send and claim lapse). An
 endpoint has at most one in flight and a tenant at most `webhook_max_in_flight_per_tenant`, and due deliveries are
 picked round-robin across tenants: one tenant's endpoints at a blackhole occupy a few delivery threads, not all.
+
+Lock order (PostgreSQL): a transaction that locks an endpoint's row and its deliveries' rows takes the endpoint's
+first, and several deliveries in id order, so two of them on one endpoint wait for each other instead of
+deadlocking. The give-up pass takes only deliveries nobody holds: it never waits on a row, so it closes no circle.
 """
 
 from __future__ import annotations
@@ -135,15 +139,23 @@ def due_deliveries(
     return list(session.scalars(query))
 
 
+def _lock_deliveries(session: Session, *where: ColumnElement[bool]) -> list[int]:
+    """Lock the deliveries `where` says, in id order (the lock order), for an update of them; returns their ids."""
+    query = select(WebhookDelivery.id).where(*where).order_by(WebhookDelivery.id).with_for_update(key_share=True)
+    return list(session.scalars(query))
+
+
 def mark_sent(session: Session, *, delivery_ids: Collection[int], now: datetime | None = None) -> int:
     """Stamp the moment a task was sent for each, and count the send, so the next pass does not send another until
     the (doubled, for a send that went unanswered before) lease lapses."""
     if not delivery_ids:
         return 0
+    pending = (WebhookDelivery.id.in_(list(delivery_ids)), WebhookDelivery.status == "pending")
+    _lock_deliveries(session, *pending)
     return changed(
         session,
         update(WebhookDelivery)
-        .where(WebhookDelivery.id.in_(list(delivery_ids)), WebhookDelivery.status == "pending")
+        .where(*pending)
         .values(sent_at=now or utcnow(), sends=WebhookDelivery.sends + 1)
         .execution_options(synchronize_session=False),
     )
@@ -153,13 +165,24 @@ def give_up_expired(session: Session, *, now: datetime, window: timedelta) -> in
     """Fail what is still owed `window` after its event, unless an attempt is under way (it records its own
     outcome): with no worker taking attempts, record_attempt would never give these up. Returns how many."""
     under_way = and_(WebhookDelivery.sent_at.is_not(None), WebhookDelivery.next_attempt_at > now)
-    return changed(
-        session,
-        update(WebhookDelivery)
+    # Only rows nobody holds (SKIP LOCKED): a held one is being recorded or disabled by its holder, and the next pass
+    # takes what is left. MATERIALIZED: the locking select runs once, not again for each row the update visits.
+    expired = (
+        select(WebhookDelivery.id)
         .where(WebhookDelivery.status == "pending", WebhookDelivery.created_at < now - window, ~under_way)
-        .values(status="failed")
-        .execution_options(synchronize_session=False),
+        .with_for_update(key_share=True, skip_locked=True)
+        .cte("expired")
+        .prefix_with("MATERIALIZED", dialect="postgresql")
     )
+    # (RETURNING counts them: SQLite's driver gives no row count for a statement that opens with WITH.)
+    given_up = session.scalars(
+        update(WebhookDelivery)
+        .where(WebhookDelivery.id.in_(select(expired.c.id)))
+        .values(status="failed")
+        .returning(WebhookDelivery.id)
+        .execution_options(synchronize_session=False)
+    ).all()
+    return len(given_up)
 
 
 @dataclass(frozen=True)
@@ -257,15 +280,15 @@ def record_attempt(
 ) -> Outcome:
     """Write the attempt and move the delivery on. `status_code` 2xx (and no error) is a delivery."""
     # The endpoint may have been deleted (its deliveries with it) while the POST was out: there is nothing left to
-    # record against. KEY SHARE (PostgreSQL; SQLite serializes writers anyway) keeps both rows until commit, so the
-    # attempt row's foreign keys hold.
-    present = session.execute(
-        select(WebhookDelivery.id)
-        .join(WebhookEndpoint, WebhookEndpoint.id == WebhookDelivery.endpoint_id)
-        .where(WebhookDelivery.id == claim.delivery_id, WebhookEndpoint.id == claim.endpoint_id)
-        .with_for_update(read=True, key_share=True)
-    ).first()
-    if present is None:
+    # record against. Both rows are locked until commit (PostgreSQL; SQLite serializes writers anyway), so the
+    # attempt row's foreign keys hold: the endpoint's first, the lock order, since a failure may go on to disable it
+    # and fail its other deliveries.
+    endpoint = session.scalar(
+        select(WebhookEndpoint.id).where(WebhookEndpoint.id == claim.endpoint_id).with_for_update(key_share=True)
+    )
+    if endpoint is None or not _lock_deliveries(
+        session, WebhookDelivery.id == claim.delivery_id, WebhookDelivery.endpoint_id == claim.endpoint_id
+    ):
         return Outcome("gone")
     session.add(
         WebhookAttempt(
@@ -351,12 +374,11 @@ def disable_endpoint(session: Session, *, endpoint_id: str, now: datetime) -> bo
         )
         .execution_options(synchronize_session=False),
     )
+    owed = (WebhookDelivery.endpoint_id == endpoint_id, WebhookDelivery.status == "pending")
+    _lock_deliveries(session, *owed)
     changed(
         session,
-        update(WebhookDelivery)
-        .where(WebhookDelivery.endpoint_id == endpoint_id, WebhookDelivery.status == "pending")
-        .values(status="failed")
-        .execution_options(synchronize_session=False),
+        update(WebhookDelivery).where(*owed).values(status="failed").execution_options(synchronize_session=False),
     )
     return bool(disabled)
 

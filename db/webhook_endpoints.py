@@ -121,6 +121,11 @@ def rotate_secret(
 def delete_endpoint(session: Session, *, endpoint_id: str) -> bool:
     """Delete the endpoint; its owed deliveries and its attempts go with it (the foreign keys cascade), while the
     events stay listable for the tenant. Returns whether it existed."""
+    # Its row before its deliveries', whatever removes them: the lock order of db/webhook_deliveries.py, so an
+    # attempt being recorded on the endpoint is waited for, not crossed.
+    locked = select(WebhookEndpoint.id).where(WebhookEndpoint.id == endpoint_id).with_for_update()
+    if session.scalar(locked) is None:
+        return False
     return changed(session, delete(WebhookEndpoint).where(WebhookEndpoint.id == endpoint_id)) > 0
 
 

@@ -53,10 +53,13 @@ def record_event(session: Session, *, tenant_id: int, event_type: str, object_id
     session.execute(
         insert(WebhookEvent).values(id=event_id, tenant_id=tenant_id, type=event_type, payload=payload, created_at=now)
     )
+    # KEY SHARE (PostgreSQL; SQLite serializes writers anyway): an endpoint read here is not deleted before the
+    # deliveries below commit, and one whose delete committed meanwhile is passed over. A delete between the read
+    # and the insert would fail the deliveries' foreign key, and with it the transaction that ends the job or batch.
     endpoints = session.execute(
-        select(WebhookEndpoint.id, WebhookEndpoint.event_types).where(
-            WebhookEndpoint.tenant_id == tenant_id, WebhookEndpoint.status == "enabled"
-        )
+        select(WebhookEndpoint.id, WebhookEndpoint.event_types)
+        .where(WebhookEndpoint.tenant_id == tenant_id, WebhookEndpoint.status == "enabled")
+        .with_for_update(read=True, key_share=True)
     ).all()
     # A tenant has a handful of endpoints: their JSON lists of types are read here rather than queried per dialect.
     owed = [endpoint_id for endpoint_id, types in endpoints if event_type in (types or [])]

@@ -111,6 +111,15 @@ def auth_headers(session_factory: sessionmaker[Session], tenant: str, scope: str
     return {"Authorization": f"Bearer {make_key(session_factory, tenant, scope)}"}
 
 
+def row_only_model(session: Session) -> ModelVersion:
+    """The embedding model "tiny", which exists only as a row (no files): enough for jobs that never run."""
+    version = session.scalar(select(ModelVersion).where(ModelVersion.name == "tiny")) or register_version(
+        session, name="tiny", task="encoder", kinds=["embed"], artifact_uri="/nowhere", sha256="0" * 64
+    )
+    session.flush()
+    return version
+
+
 def make_job(
     session_factory: sessionmaker[Session], *, items: int = 4, shard_size: int = 2, dispatched: bool = True
 ) -> jobs.NewJob:
@@ -118,10 +127,7 @@ def make_job(
     shards are dispatched, as the dispatcher leaves them for a worker to claim; `dispatched=False`: still queued."""
     with transaction(session_factory) as session:
         tenant = get_or_create_tenant(session, name="acme")
-        version = session.scalar(select(ModelVersion).where(ModelVersion.name == "tiny")) or register_version(
-            session, name="tiny", task="encoder", kinds=["embed"], artifact_uri="/nowhere", sha256="0" * 64
-        )
-        session.flush()
+        version = row_only_model(session)
         new = jobs.create_job(
             session,
             tenant_id=tenant.id,

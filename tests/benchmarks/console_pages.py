@@ -102,7 +102,9 @@ def _signed_in(stack: Stack, tenant: str, scope: str = "tenant") -> Iterator[htt
         key = issue_key(session, tenant_name=tenant, scope=scope)
         token = create_sign_in_link(session, api_key_id=key.id)
     with httpx.Client(base_url=stack.base_url, timeout=60) as client:
-        opened = client.get(f"/ui/sign-in/link/{token}")
+        client.get(f"/ui/sign-in/link/{token}")  # the page with the button, and its form cookie
+        form_token = client.cookies["lmbatch_console_form"]
+        opened = client.post(f"/ui/sign-in/link/{token}", data={"csrf_token": form_token})
         if opened.status_code != 303:
             raise RuntimeError(f"the sign-in link answered {opened.status_code}: {opened.text[:300]}")
         yield client

@@ -220,14 +220,22 @@ def test_a_one_time_link_signs_in_once(
         key_id = live_key_id(session, key=bearer_key(tenant_a))
         assert key_id is not None
         token = create_sign_in_link(session, api_key_id=key_id)
-    # When it is opened
-    first = console.get(f"/ui/sign-in/link/{token}")
-    # I expect a session and the jobs page
+    # When it is opened (as a mail scanner would, twice), I expect a button and nothing spent
+    for _ in range(2):
+        page = console.get(f"/ui/sign-in/link/{token}")
+        assert page.status_code == 200 and 'form id="sign-in-link"' in page.text
+    assert console.get("/ui/jobs").status_code == 303
+    # …the button refused without the token its page set (another site posting its own link)…
+    link = f"/ui/sign-in/link/{token}"
+    assert console.post(link, data={"csrf_token": "forged"}).status_code == 403
+    # …and, pressed, a session and the jobs page
+    first = console.post(link, data={"csrf_token": console.cookies["lmbatch_console_form"]})
     assert first.status_code == 303 and first.headers["location"] == "/ui/jobs"
     assert console.get("/ui/jobs").status_code == 200
     # and the same link refused the second time
     console.cookies.clear()
-    second = console.get(f"/ui/sign-in/link/{token}")
+    console.get(link)
+    second = console.post(link, data={"csrf_token": console.cookies["lmbatch_console_form"]})
     assert second.status_code == 400 and "already used" in second.text
     assert console.get("/ui/jobs").status_code == 303
 

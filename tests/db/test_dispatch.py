@@ -19,62 +19,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import jobs
 from db.dispatch import InFlight, dispatch_shards, in_flight, waiting_jobs
 from db.migrate import alembic_config, upgrade
-from db.models import Job, ModelVersion, Shard
-from db.registry import register_version
+from db.models import Job, Shard
 from db.session import make_engine, make_session_factory, transaction
 from db.settings import Settings
 from db.tenants import get_or_create_tenant
+from tests.db.job_rows import add_job, claim, statuses
 from tests.stack import scratch_database
-
-T0 = datetime(2026, 1, 1, tzinfo=UTC)
-
-
-def add_job(
-    session_factory: sessionmaker[Session],
-    job_id: str,
-    *,
-    tenant: str = "acme",
-    shards: int = 3,
-    kind: str = "embed",
-    params: dict[str, Any] | None = None,
-    priority: int = 0,
-    age_s: int = 0,
-    dispatched: int = 0,
-) -> list[int]:
-    """A job of one item per shard on a model that is only a row, created `age_s` before T0, with its first
-    `dispatched` shards dispatched; its shard ids in index order."""
-    with transaction(session_factory) as session:
-        owner = get_or_create_tenant(session, name=tenant)
-        version = session.scalar(select(ModelVersion).where(ModelVersion.name == "tiny")) or register_version(
-            session, name="tiny", task="encoder", kinds=["embed"], artifact_uri="/nowhere", sha256="0" * 64
-        )
-        session.flush()
-        new = jobs.create_job(
-            session,
-            tenant_id=owner.id,
-            kind=kind,
-            model_ref="tiny",
-            model_version_id=version.id,
-            params=params or {},
-            items=[{"custom_id": f"c{i}", "input": {"text": f"t{i}"}} for i in range(shards)],
-            shard_size=1,
-            priority=priority,
-            job_id=job_id,
-        )
-        session.execute(update(Job).where(Job.id == job_id).values(created_at=T0 - timedelta(seconds=age_s)))
-        dispatch_shards(session, job_id=job_id, count=dispatched)
-        return new.shard_ids
-
-
-def statuses(session_factory: sessionmaker[Session], shard_ids: list[int]) -> list[str]:
-    with session_factory() as session:
-        by_id = dict(session.execute(select(Shard.id, Shard.status).where(Shard.id.in_(shard_ids))).tuples().all())
-    return [by_id[shard_id] for shard_id in shard_ids]
-
-
-def claim(session_factory: sessionmaker[Session], shard_id: int, worker: str = "w") -> jobs.Claim:
-    with transaction(session_factory) as session:
-        return jobs.claim_shard(session, shard_id=shard_id, worker=worker, lease_seconds=60)
 
 
 def test_a_pick_takes_the_next_shards_in_index_order_in_one_statement(
@@ -87,7 +37,7 @@ def test_a_pick_takes_the_next_shards_in_index_order_in_one_statement(
     statements: list[str] = []
 
     def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        statements.append(statement.lstrip().split()[0].upper())
+        statements.append(" ".join(statement.split()).upper())
 
     # When the dispatcher picks 2 of its shards
     event.listen(engine, "before_cursor_execute", record)
@@ -98,7 +48,8 @@ def test_a_pick_takes_the_next_shards_in_index_order_in_one_statement(
         event.remove(engine, "before_cursor_execute", record)
     # I expect the next two by index, marked dispatched and stamped, by one UPDATE and nothing else.
     assert taken == [ids[1], ids[2]]
-    assert [s for s in statements if s not in ("BEGIN", "COMMIT")] == ["UPDATE"]
+    (pick,) = [s for s in statements if s.split()[0] not in ("BEGIN", "COMMIT")]
+    assert pick.startswith(("WITH PICKED AS", "UPDATE SHARDS")) and "UPDATE SHARDS SET" in pick
     assert statuses(empty_db, ids) == ["queued", "dispatched", "dispatched", "queued", "queued"]
     with empty_db() as session:
         stamped = dict(session.execute(select(Shard.id, Shard.enqueued_at).where(Shard.job_id == "job-a")).all())
@@ -111,7 +62,7 @@ def test_a_pick_takes_the_next_shards_in_index_order_in_one_statement(
     assert statuses(empty_db, ids) == ["dispatched"] * 5
 
 
-def test_two_dispatchers_at_once_never_take_the_same_shard(empty_db: sessionmaker[Session]) -> None:
+def test_two_dispatchers_at_once_never_take_the_same_shard(empty_db: sessionmaker[Session], engine: Engine) -> None:
     ids = add_job(empty_db, "job-a", shards=10)
     second: list[int] = []
 
@@ -126,10 +77,11 @@ def test_two_dispatchers_at_once_never_take_the_same_shard(empty_db: sessionmake
         racer = threading.Thread(target=pick_everything)
         racer.start()
         racer.join(0.5)
-        # I expect it to wait for the first one's rows (PostgreSQL: row locks; SQLite: the write lock)…
-        assert racer.is_alive()
+        # I expect it to pass over the first one's rows at once (PostgreSQL: SKIP LOCKED), or to wait for them
+        # (SQLite: the database's one write lock)…
+        assert racer.is_alive() == (engine.dialect.name == "sqlite")
     racer.join(15)
-    # …and then to get only the rest: every shard taken exactly once.
+    # …and to get only the rest: every shard taken exactly once.
     assert first == ids[:3] and second == ids[3:]
     assert statuses(empty_db, ids) == ["dispatched"] * 10
 
@@ -239,6 +191,54 @@ def test_a_shard_handed_back_as_dispatched_while_its_job_is_paused_waits_again_a
     assert statuses(empty_db, ids) == ["queued", "queued"]
     with empty_db() as session:
         assert [(job.job_id, job.queued_shards) for job in waiting_jobs(session)] == [("job", 2)]
+
+
+def test_a_pause_seen_too_late_does_not_park_a_shard_of_a_job_cancelled_since(empty_db: sessionmaker[Session]) -> None:
+    # Given a running shard whose worker saw its job paused, and the job cancelled before the worker parks it
+    ids = add_job(empty_db, "job", shards=2, dispatched=1)
+    assert claim(empty_db, ids[0]) is jobs.Claim.CLAIMED
+    with transaction(empty_db) as session:
+        assert jobs.pause_job(session, job_id="job")
+        assert jobs.cancel_job(session, job_id="job") == "cancelling"
+    # When the worker parks it, I expect nothing parked (a queued shard under a cancelled job would wait for ever)…
+    with transaction(empty_db) as session:
+        assert jobs.park_shard(session, shard_id=ids[0], worker="w") is jobs.Park.STOPPING
+    assert statuses(empty_db, ids) == ["running", "cancelled"]
+    # …so its worker ends it as cancelled, and that ends the job; another worker's park finds nothing of its own.
+    with transaction(empty_db) as session:
+        assert jobs.park_shard(session, shard_id=ids[0], worker="other") is jobs.Park.LOST
+        assert jobs.finish_shard(session, shard_id=ids[0], worker="w", status="cancelled", succeeded=0, failed=0)
+    assert statuses(empty_db, ids) == ["cancelled", "cancelled"]
+    with empty_db() as session:
+        assert session.get_one(Job, "job").status == "cancelled"
+
+
+def test_the_sweeper_ends_shards_left_waiting_under_a_cancelled_job(empty_db: sessionmaker[Session]) -> None:
+    # Given a cancelled job whose running shard was parked as the cancel ran (the two crossed: both committed)…
+    stranded = add_job(empty_db, "stranded", shards=3, dispatched=2)
+    assert claim(empty_db, stranded[0]) is jobs.Claim.CLAIMED
+    with transaction(empty_db) as session:
+        assert jobs.cancel_job(session, job_id="stranded") == "cancelling"
+        session.execute(update(Shard).where(Shard.id == stranded[0]).values(status="queued", lease_owner=None))
+    # …a cancelling job with a shard still running, and a job that runs on
+    running = add_job(empty_db, "running", shards=2, dispatched=1)
+    assert claim(empty_db, running[0]) is jobs.Claim.CLAIMED
+    busy = add_job(empty_db, "busy", shards=2, dispatched=2)
+    assert claim(empty_db, busy[0]) is jobs.Claim.CLAIMED
+    with transaction(empty_db) as session:
+        assert jobs.cancel_job(session, job_id="busy") == "cancelling"
+        # When the sweeper looks, I expect the stranded shard cancelled and its job ended, nothing else touched.
+        assert jobs.cancel_stranded_shards(session) == ["stranded"]
+        assert jobs.cancel_stranded_shards(session) == []
+    assert statuses(empty_db, stranded) == ["cancelled"] * 3
+    assert statuses(empty_db, running) == ["running", "queued"]
+    assert statuses(empty_db, busy) == ["running", "cancelled"]
+    with empty_db() as session:
+        assert [session.get_one(Job, job).status for job in ("stranded", "running", "busy")] == [
+            "cancelled",
+            "running",
+            "cancelling",
+        ]
 
 
 def test_the_pick_takes_nothing_of_a_job_paused_after_the_dispatcher_read_it(empty_db: sessionmaker[Session]) -> None:

@@ -27,7 +27,7 @@ from sqlalchemy import func, select, text
 from api.app import create_app
 from api.cli.stack.ports import free_port
 from db.dispatch import dispatch_shards
-from db.models import ItemResult, Shard
+from db.models import ItemResult, Job, Shard
 from db.session import transaction
 from tests.factories import count_results, wait_job
 from tests.servers import PrivateRedis
@@ -227,13 +227,14 @@ def test_the_dispatcher_killed_mid_pick_hands_over_and_loses_nothing(stack_of_sm
     stack, items = stack_of_small_shards, 4 * SMALL_SHARD
     assert stack.private_redis is not None
     broker = redis.Redis.from_url(stack.private_redis.url, decode_responses=True)
-    # Held by the test until the job's shards are row-locked, so that no pass picks them before.
+    # Held by the test until the job's row is locked, so that no pass picks its shards before.
     broker.set(DISPATCHER_LOCK, "test/holds-it", px=120_000)
     nodes = {worker.name: worker for worker in (stack.start_worker(n, queues=QUEUES) for n in ("a", "b"))}
     with TestClient(create_app(stack.settings)) as client, stack.session_factory() as locker:
         job = client.post("/v1/jobs", json=classify_body(items), headers=stack.headers).json()
-        locked = locker.scalars(select(Shard.id).where(Shard.job_id == job["id"]).with_for_update()).all()
-        assert len(locked) == 4
+        # The pass marks shards dispatched and then writes the job's place in its queue: it waits there, on the
+        # job's row, with its marks made and not committed.
+        assert locker.scalar(select(Job.id).where(Job.id == job["id"]).with_for_update()) == job["id"]
         locker_pid = int(locker.scalar(text("SELECT pg_backend_pid()")))
         broker.delete(DISPATCHER_LOCK)
 
@@ -242,7 +243,7 @@ def test_the_dispatcher_killed_mid_pick_hands_over_and_loses_nothing(stack_of_sm
             node = nodes.get(str(holder).split("/")[0]) if holder else None
             if node is None:
                 return None
-            # The lock's holder is waiting on the row lock, inside the UPDATE that marks shards dispatched.
+            # The lock's holder is waiting on the job's row, in the transaction that marked its shards dispatched.
             return node if _ports_of_picks_waiting_on(stack, locker_pid) & _tcp_ports_of(node.process.pid) else None
 
         victim = wait_for(dispatcher_blocked_in_its_pick, timeout=30, interval=0.05, what="a blocked pick")
@@ -257,7 +258,7 @@ def test_the_dispatcher_killed_mid_pick_hands_over_and_loses_nothing(stack_of_sm
     assert_each_item_once(stack, job["id"], items)
     with stack.session_factory() as session:
         runs = session.execute(select(Shard.lease_owner, Shard.attempts).where(Shard.job_id == job["id"])).all()
-    assert [tuple(run) for run in runs] == [(survivor.name, 1)] * len(locked)
+    assert [tuple(run) for run in runs] == [(survivor.name, 1)] * 4
     wait_for(
         lambda: str(broker.get(DISPATCHER_LOCK)).startswith(f"{survivor.name}/"),
         timeout=10,
@@ -266,13 +267,13 @@ def test_the_dispatcher_killed_mid_pick_hands_over_and_loses_nothing(stack_of_sm
 
 
 def _ports_of_picks_waiting_on(stack: Stack, locker_pid: int) -> set[int]:
-    """The client ports of the backends whose dispatcher pick (db/dispatch.py dispatch_shards, the one UPDATE of
-    queued shards) waits on a lock that the backend ``locker_pid`` holds."""
+    """The client ports of the backends whose dispatcher pass (db/dispatch.py set_shards_ahead, after the pick in the
+    same transaction) waits on a lock that the backend ``locker_pid`` holds."""
     with stack.session_factory() as session:
         ports = session.scalars(
             text(
                 "SELECT client_port FROM pg_stat_activity WHERE datname = current_database()"
-                " AND wait_event_type = 'Lock' AND query LIKE 'UPDATE shards SET status%'"
+                " AND wait_event_type = 'Lock' AND query LIKE 'UPDATE jobs SET shards_ahead%'"
                 " AND CAST(:locker AS integer) = ANY(pg_blocking_pids(pid))"
             ),
             {"locker": locker_pid},

@@ -227,8 +227,11 @@ def _park_unless_cancelled(runtime: Runtime, work: ShardWork, *, step: int) -> S
         state = jobs.job_status(session, job_id=work.job_id)
         if state in ("cancelling", "cancelled", None):
             return None
-        if not jobs.park_shard(session, shard_id=work.shard_id, worker=runtime.worker_name, seconds=work.elapsed()):
+        parked = jobs.park_shard(session, shard_id=work.shard_id, worker=runtime.worker_name, seconds=work.elapsed())
+        if parked is jobs.Park.LOST:
             return ShardOutcome("lost")
+        if parked is jobs.Park.STOPPING:  # cancelled since the look above
+            return None
         events.add_event(session, job_id=work.job_id, step=step or None, message="paused", metrics={"step": step})
     wake_dispatcher(runtime.broker)
     return ShardOutcome("paused") if state == "paused" else ShardOutcome("requeued")

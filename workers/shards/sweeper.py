@@ -44,9 +44,13 @@ QUEUE_READ_LIMIT = 10_000
 
 
 def sweep_once(settings: Settings, sessions: sessionmaker[Session], celery: Celery, client: redis.Redis) -> int:
-    """One sweep: shards first (work waits on them), then batches. Returns how many shards were re-sent.
-    ``client`` is the caller's Redis connection (one per sweeper, not one per sweep)."""
+    """One sweep: shards first (work waits on them; a cancelled job's stragglers end), then batches. Returns how
+    many shards were re-sent. ``client`` is the caller's Redis connection (one per sweeper, not one per sweep)."""
     sent = requeue_due_shards(settings, sessions, celery, client)
+    with transaction(sessions) as session:
+        stranded = jobs.cancel_stranded_shards(session)
+    if stranded:
+        log.warning("sweeper cancelled shards left waiting under %d cancelled job(s)", len(stranded))
     sweep_batches(settings, sessions)
     sweep_expired_files(sessions)
     return sent
@@ -71,11 +75,12 @@ def requeue_due_shards(settings: Settings, sessions: sessionmaker[Session], cele
         if shard.status == "running" or (in_queue is not None and shard.shard_id not in in_queue):
             by_queue.setdefault(queue, []).append(shard.shard_id)
     sent = 0
-    for queue, shard_ids in by_queue.items():
+    for queue, due_ids in by_queue.items():
         with transaction(sessions) as session:
-            jobs.mark_enqueued(session, shard_ids=shard_ids)
-        sent += enqueue_shards(celery, queue=queue, shard_ids=shard_ids)
-        log.info("sweeper re-enqueued %d shard(s) on %s", len(shard_ids), queue)
+            shard_ids = jobs.mark_enqueued(session, shard_ids=due_ids)
+        if shard_ids:
+            sent += enqueue_shards(celery, queue=queue, shard_ids=shard_ids)
+            log.info("sweeper re-enqueued %d shard(s) on %s", len(shard_ids), queue)
     return sent
 
 

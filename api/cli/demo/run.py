@@ -59,8 +59,8 @@ def run_demo(settings: Settings, console: Console, *, keep_running: bool) -> int
         _wait_healthy(base, stack, console, metrics_token)
         key, link = _demo_key(settings)
         console.print(
-            f"Web console: [bold]{base}/ui/[/] · watch the jobs there, signed in as the demo tenant with one click "
-            f"(the link works once, for {LINK_TTL_SECONDS // 60} minutes):"
+            f"Web console: [bold]{base}/ui/[/] · watch the jobs there as the demo tenant: open this link and press "
+            f"Sign in (it works once, for {LINK_TTL_SECONDS // 60} minutes):"
         )
         # Unwrapped, so a terminal keeps the whole link clickable.
         console.print(f"  {base}/ui/sign-in/link/{link}", soft_wrap=True, highlight=False)

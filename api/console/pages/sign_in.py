@@ -1,5 +1,6 @@
 """Signing in and out: /ui/sign-in (a form taking an API key), /ui/sign-out, and one-time sign-in links
-(/ui/sign-in/link/{token}, which `lmbatch demo` prints).
+(/ui/sign-in/link/{token}, which `lmbatch demo` prints). Opening a link shows a button; only pressing it (a POST)
+spends the link, so a mail or chat scanner that fetches every link it sees cannot use it up.
 
 The key becomes a server-side session (db/console_sessions.py); the browser keeps only its random token, in an
 HttpOnly, SameSite=Strict cookie (Secure over https). The key itself is never stored, logged or sent back. The
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import hmac
 import secrets
-from typing import Annotated
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Form, Request
@@ -39,20 +40,23 @@ def _secure(request: Request) -> bool:
 
 
 def _form(request: Request, *, next_page: str, error: str | None = None, status_code: int = 200) -> HTMLResponse:
-    form_token = request.cookies.get(FORM_COOKIE) or secrets.token_urlsafe(32)
     settings = request.app.state.settings
-    response = render(
-        request,
-        "sign_in.html",
-        None,
-        status_code=status_code,
-        form_token=form_token,
-        next=next_page,
-        error=error,
-        idle_minutes=settings.console_idle_seconds // 60,
-    )
+    context = {"next": next_page, "error": error, "idle_minutes": settings.console_idle_seconds // 60}
+    return _with_form_token(request, "sign_in.html", status_code=status_code, **context)
+
+
+def _with_form_token(request: Request, template: str, *, status_code: int = 200, **context: Any) -> HTMLResponse:
+    """A page whose form, posted before any session exists, must send back the token this page sets as a cookie."""
+    form_token = request.cookies.get(FORM_COOKIE) or secrets.token_urlsafe(32)
+    response = render(request, template, None, status_code=status_code, form_token=form_token, **context)
     response.set_cookie(FORM_COOKIE, form_token, path="/ui", httponly=True, samesite="strict", secure=_secure(request))
     return response
+
+
+def _check_form_token(request: Request, csrf_token: str) -> None:
+    expected = request.cookies.get(FORM_COOKIE, "")
+    if not csrf_token or not expected or not hmac.compare_digest(csrf_token.encode(), expected.encode()):
+        raise CsrfRefused()
 
 
 def safe_next(value: str | None) -> str:
@@ -99,9 +103,7 @@ def sign_in(
     csrf_token: Annotated[str, Form(max_length=100)] = "",
     next: Annotated[str, Form(max_length=2000)] = HOME,
 ) -> Response:
-    expected = request.cookies.get(FORM_COOKIE, "")
-    if not csrf_token or not expected or not hmac.compare_digest(csrf_token.encode(), expected.encode()):
-        raise CsrfRefused()
+    _check_form_token(request, csrf_token)
     next_page = safe_next(next)
     attempts = request.app.state.sign_in_attempts
     address = request.client.host if request.client else "unknown"
@@ -129,7 +131,17 @@ def sign_out(request: Request, viewer: CsrfChecked, sessions: SessionsDep) -> Re
 
 
 @router.get("/sign-in/link/{token}", response_class=HTMLResponse)
-def sign_in_link(request: Request, token: str, sessions: SessionsDep) -> Response:
+async def sign_in_link_page(request: Request, token: str) -> HTMLResponse:
+    """The button that uses the link; the page itself spends nothing and reads nothing."""
+    return _with_form_token(request, "sign_in_link.html", token=token)
+
+
+@router.post("/sign-in/link/{token}", response_class=HTMLResponse)
+def sign_in_link(
+    request: Request, token: str, sessions: SessionsDep, csrf_token: Annotated[str, Form(max_length=100)] = ""
+) -> Response:
+    # The page's token too: otherwise another site could post its own link's token and sign a browser in as itself.
+    _check_form_token(request, csrf_token)
     with transaction(sessions) as session:
         key_id = use_sign_in_link(session, token=token)
         started = None
