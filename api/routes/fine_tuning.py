@@ -177,7 +177,8 @@ def list_fine_tuning_checkpoints(
     items = [
         FineTuningJobCheckpoint.of(job, event, train_loss=losses.get(event.step) if event.step is not None else None)
         for event in rows
-        if "checkpoint" in event.metrics
+        # Only the saves: a `resumed` event names the checkpoint it started from, which was listed when it was saved.
+        if event.message == "checkpoint" and "checkpoint" in event.metrics
     ]
     shown, has_more = _page([item.id for item in items], after, limit)
     return FineTuningJobCheckpointList(data=items[shown], has_more=has_more)

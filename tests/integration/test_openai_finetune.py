@@ -124,3 +124,6 @@ def test_sdk_pause_keeps_the_checkpoint_and_resume_finishes(sdk: OpenAI) -> None
     messages = [e.message for e in sdk.fine_tuning.jobs.list_events(job.id, limit=1000)]
     assert done.status == "succeeded", (done, messages)
     assert "resumed" in messages, messages
+    # Each checkpoint listed once: the resume names the one it started from, which is not a new one.
+    saved = [c.fine_tuned_model_checkpoint for c in sdk.fine_tuning.jobs.checkpoints.list(job.id, limit=100)]
+    assert saved and len(saved) == len(set(saved)), saved
