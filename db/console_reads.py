@@ -9,11 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Select, case, func, or_, select
+from sqlalchemy import Select, or_, select
 from sqlalchemy.orm import Session
 
 from db.batches import Progress, get_batch
-from db.models import Batch, Job, JobEvent, Shard, Tenant
+from db.job_reads import running_progress_column
+from db.models import Batch, Job, JobEvent, Tenant
 from db.pagination import listed_after, listed_before
 
 # The events a fine-tune logs per step with a loss (workers/engines/finetune/run.py: `train` and `eval`).
@@ -31,12 +32,6 @@ class BatchView:
 
 
 def _batch_views(query: Select[Batch]) -> Select[Batch, str, int, int, int, int, int, float, int]:
-    # As db.job_reads: the running shards' progress is summed for a running job only.
-    running = (
-        select(func.coalesce(func.sum(Shard.progress), 0))
-        .where(Shard.job_id == Job.id, Shard.status == "running")
-        .scalar_subquery()
-    )
     return (
         query.add_columns(
             Tenant.name,
@@ -46,7 +41,7 @@ def _batch_views(query: Select[Batch]) -> Select[Batch, str, int, int, int, int,
             Job.prompt_tokens,
             Job.completion_tokens,
             Job.compute_seconds,
-            case((Job.status == "running", running), else_=0),
+            running_progress_column(),
         )
         .join(Tenant, Tenant.id == Batch.tenant_id)
         .outerjoin(Job, Job.id == Batch.job_id)

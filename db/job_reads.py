@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, and_, bindparam, case, func, or_, select
+from sqlalchemy import ColumnElement, Select, and_, bindparam, case, func, or_, select
 from sqlalchemy.orm import Session
 
 from db.jobs import ACTIVE_JOB_STATES
@@ -40,18 +40,21 @@ class JobView:
     tenant: str
 
 
-def _viewed(query: Select[Job]) -> Select[Job, str, int, int, str]:
-    # The running shards' progress is summed only for a running job (CASE evaluates its subquery lazily): a poll of
-    # a queued or finished job costs one index lookup per joined row and nothing more.
+def running_progress_column() -> ColumnElement[int]:
+    """Items done by the shards of the row's `Job` still running, which reach the job's counts only when they
+    finish. Summed only for a running job (CASE evaluates its subquery lazily): a queued or finished job costs one
+    index lookup per joined row and nothing more."""
     running = (
         select(func.coalesce(func.sum(Shard.progress), 0))
         .where(Shard.job_id == Job.id, Shard.status == "running")
         .scalar_subquery()
     )
+    return case((Job.status == "running", running), else_=0)
+
+
+def _viewed(query: Select[Job]) -> Select[Job, str, int, int, str]:
     return (
-        query.add_columns(
-            ModelVersion.name, ModelVersion.version, case((Job.status == "running", running), else_=0), Tenant.name
-        )
+        query.add_columns(ModelVersion.name, ModelVersion.version, running_progress_column(), Tenant.name)
         .outerjoin(ModelVersion, ModelVersion.id == Job.model_version_id)
         .join(Tenant, Tenant.id == Job.tenant_id)
     )

@@ -154,6 +154,10 @@ def model_page(request: Request, name: str, viewer: ConsoleViewer, session: Sess
     return render(request, "models_detail.html", viewer, **context)
 
 
+def _not_a_version(text: str, *, param: str) -> ApiError:
+    return ApiError(f"version {text!r}: a version number (1, 2, …)", param=param)
+
+
 def _refused(
     request: Request, session: SessionDep, viewer: ConsoleViewer, name: str, error: ApiError, *, form: str
 ) -> HTMLResponse:
@@ -191,8 +195,7 @@ def set_alias(
         number = int(version)
         body = AliasSet(version=number)
     except ValueError:
-        refusal = ApiError(f"version {version!r}: a version number (1, 2, …)", param="version")
-        return _refused(request, session, viewer, name, refusal, form="alias")
+        return _refused(request, session, viewer, name, _not_a_version(version, param="version"), form="alias")
     try:
         model_routes.set_model_alias(name, alias.strip(), body, viewer.principal, sessions)
     except ApiError as error:
@@ -214,8 +217,7 @@ def quantize(
 ) -> Response:
     """The API's `POST /v1/models/{ref}/quantize` for one of the page's versions: any viewer who may use it."""
     if not version.isdigit():
-        refusal = ApiError(f"version {version!r}: a version number (1, 2, …)", param="ref")
-        return _refused(request, session, viewer, name, refusal, form="quantize")
+        return _refused(request, session, viewer, name, _not_a_version(version, param="ref"), form="quantize")
     try:
         body = ModelQuantize(method="int8", output_name=output_name.strip() or None)
         job = model_routes.quantize_model(
