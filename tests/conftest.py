@@ -60,6 +60,14 @@ def redis_url() -> str:
     return url
 
 
+@pytest.fixture
+def no_dispatcher(redis_url: str) -> Iterator[None]:
+    """No dispatcher picks the queued shards the test writes: it holds their lock. The session's shared worker (which
+    the API and browser tests start on the same databases) would otherwise send and run them."""
+    with holding_dispatcher_lock(redis_url):
+        yield
+
+
 @pytest.fixture(scope="session")
 def postgres_database_url() -> Iterator[str]:
     name = f"lmbatch_test_{os.getpid()}"
